@@ -1,0 +1,174 @@
+# -*- test-case-name: tests.test_backends -*-
+"""
+The interfaces that storage backends and filters implement.
+
+Every operation returns a L{Deferred}; a backend may fire it before returning
+(the memory backend does) or later (the file backend runs its system calls in
+a thread pool). Failures that should reach the client with a particular NBD
+error number are L{twisted_nbd.errors.NBDError}; any other exception is
+logged by the server and sent to the client as C{EIO}.
+
+The server validates every request before calling a backend: offsets and
+lengths are within C{size}, aligned to C{capabilities.min_block}, no write
+reaches a device whose capabilities say it cannot write, and so on. Backends
+need not check again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
+
+from zope.interface import Attribute, Interface
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
+
+__all__ = ["Capabilities", "Extent", "IBlockDevice", "STATE_HOLE", "STATE_ZERO"]
+
+#: C{base:allocation} status bit: the range is not allocated.
+STATE_HOLE = 1
+#: C{base:allocation} status bit: the range reads as zeroes.
+STATE_ZERO = 2
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """
+    What a block device can do, decided once when it is opened (like
+    nbdkit's C{can_*} callbacks). The server advertises exactly these.
+
+    @ivar can_write: writes are possible; C{False} makes the export read-only.
+    @ivar can_flush: C{flush} makes acknowledged writes durable.
+    @ivar can_fua: C{fua=True} makes a single write durable before it returns.
+    @ivar can_trim: C{trim} may discard data.
+    @ivar can_zero: C{write_zeroes} is supported and WRITE_ZEROES is
+        advertised.
+    @ivar can_fast_zero: C{write_zeroes(fast=True)} can tell quickly
+        whether zeroing is cheap, failing with C{ENOTSUP} when it is not.
+    @ivar can_cache: C{cache} does something useful (prefetch).
+    @ivar can_extents: C{block_status} reports holes and zeroes.
+    @ivar can_multi_conn: every connection sees one shared state, so a
+        flush on any connection covers writes acknowledged on all of them.
+    @ivar rotational: a hint that the storage behaves like a spinning disk.
+    @ivar min_block: the smallest addressable unit (power of two).
+    @ivar preferred_block: the preferred I/O size (power of two).
+    @ivar max_block: the largest payload of one request.
+    """
+
+    can_write: bool = True
+    can_flush: bool = True
+    can_fua: bool = True
+    can_trim: bool = True
+    can_zero: bool = True
+    can_fast_zero: bool = False
+    can_cache: bool = False
+    can_extents: bool = False
+    can_multi_conn: bool = True
+    rotational: bool = False
+    min_block: int = 1
+    preferred_block: int = 4096
+    max_block: int = 32 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Extent:
+    """
+    A run of bytes with one C{base:allocation} status.
+
+    @ivar length: the number of bytes, greater than zero.
+    @ivar flags: a combination of L{STATE_HOLE} and L{STATE_ZERO}.
+    """
+
+    length: int
+    flags: int
+
+
+class IBlockDevice(Interface):
+    """
+    A fixed-size array of bytes that can be read and written at any offset.
+
+    Offsets and lengths passed in are always within C{size}; C{length} may be
+    zero only for C{read} (the server answers other zero-length requests
+    itself).
+    """
+
+    size = Attribute("The size of the device in bytes (an C{int}).")
+    capabilities = Attribute("A L{Capabilities} describing the device.")
+
+    def read(offset: int, length: int) -> "Deferred[bytes]":
+        """
+        Read C{length} bytes at C{offset}.
+
+        @return: a Deferred that fires with exactly C{length} bytes (any
+            bytes-like object), or fails with L{NBDError}.
+        """
+
+    def write(offset: int, data: bytes, fua: bool = False) -> "Deferred[None]":
+        """
+        Write C{data} at C{offset}. With C{fua}, the data is durable when the
+        Deferred fires.
+
+        @return: a Deferred that fires with C{None} once the data would be
+            returned by a later C{read}, or fails with L{NBDError}
+            (C{ENOSPC} when out of space).
+        """
+
+    def flush() -> "Deferred[None]":
+        """
+        Make every write that has already completed durable.
+
+        @return: a Deferred that fires with C{None}, or fails with
+            L{NBDError}.
+        """
+
+    def trim(offset: int, length: int, fua: bool = False) -> "Deferred[None]":
+        """
+        Discard a range: afterwards its contents are unspecified until
+        rewritten. Doing nothing is a valid implementation.
+
+        @return: a Deferred that fires with C{None}, or fails with
+            L{NBDError}.
+        """
+
+    def write_zeroes(
+        offset: int,
+        length: int,
+        fua: bool = False,
+        may_trim: bool = True,
+        fast: bool = False,
+    ) -> "Deferred[None]":
+        """
+        Make a range read back as zeroes. With C{may_trim} false the range
+        stays allocated (NBD_CMD_FLAG_NO_HOLE). With C{fast}, fail at once
+        with C{NBDError(ENOTSUP)} unless zeroing is much faster than
+        writing, leaving the data untouched.
+
+        @return: a Deferred that fires with C{None}, or fails with
+            L{NBDError}.
+        """
+
+    def cache(offset: int, length: int) -> "Deferred[None]":
+        """
+        Hint that a range will be read soon.
+
+        @return: a Deferred that fires with C{None}; a failure changes
+            nothing that follows.
+        """
+
+    def block_status(offset: int, length: int) -> "Deferred[Sequence[Extent]]":
+        """
+        Describe the allocation of the bytes from C{offset}.
+
+        @return: a Deferred that fires with one or more consecutive
+            L{Extent}s starting at C{offset}; together they may cover less
+            than C{length} (at least one byte) or run past it. Fails with
+            L{NBDError}.
+        """
+
+    def close() -> "Deferred[None]":
+        """
+        Release the device's resources; no other method is called afterwards.
+
+        @return: a Deferred that fires with C{None}.
+        """
