@@ -1,15 +1,374 @@
-# STUB: being written now by the lead developer; the factory signature below is final.
+# -*- test-case-name: tests.test_protocol -*-
+"""
+The Twisted side of the NBD server: glue between a transport, the sans-I/O
+L{ServerConnection}, and the export's L{IBlockDevice}.
+
+Flow control lives here and only here. Reading from the client stops
+(C{transport.pauseProducing()}) whenever any of these holds, and resumes when
+none does:
+
+  - the requests in flight reach C{max_queue_depth};
+  - the bytes in flight (WRITE payloads held, READ replies owed) reach
+    C{max_bytes_in_flight};
+  - the transport told us to pause because its send buffer is full (we are
+    registered on it as a streaming producer, as L{twisted.web.http}'s
+    C{HTTPChannel} is), so a client that does not read its replies stops
+    being read and its requests stop reaching the backend;
+  - the client sent NBD_CMD_DISC.
+
+The parse loop asks the connection for one event at a time and checks these
+conditions before each, so the limits hold exactly, even when the backend
+answers synchronously and replies are written from inside the loop.
+"""
+
 from __future__ import annotations
 
-from twisted.internet.protocol import Factory
+from typing import Any, Callable
 
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.interfaces import IPushProducer, ITCPTransport
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from twisted_nbd._connection import (
+    NEED_DATA,
+    Aborted,
+    BlockStatusRequest,
+    CacheRequest,
+    DisconnectRequest,
+    Event,
+    ExportChosen,
+    FlushRequest,
+    OptionRejected,
+    ReadRequest,
+    Request,
+    RequestRejected,
+    ServerConnection,
+    TrimRequest,
+    WriteRequest,
+    WriteZeroesRequest,
+)
+from twisted_nbd._wire import Errno
+from twisted_nbd.errors import NBDError, ProtocolViolation
 from twisted_nbd.exports import ExportRegistry
+from twisted_nbd.interfaces import IBlockDevice
+
+__all__ = [
+    "DEFAULT_MAX_BYTES_IN_FLIGHT",
+    "DEFAULT_MAX_QUEUE_DEPTH",
+    "NBDServerFactory",
+    "NBDServerProtocol",
+]
 
 DEFAULT_MAX_QUEUE_DEPTH = 64
 DEFAULT_MAX_BYTES_IN_FLIGHT = 64 * 1024 * 1024
 
 
+def _request_bytes(request: Request) -> int:
+    """The memory a request holds while in flight: its payload or its reply."""
+    if isinstance(request, (ReadRequest, WriteRequest)):
+        return request.length
+    return 0
+
+
+@implementer(IPushProducer)
+class NBDServerProtocol(Protocol):
+    """
+    One NBD connection.
+
+    @ivar in_flight: requests handed to the backend and not yet answered.
+    @ivar bytes_in_flight: payload and reply bytes those requests hold.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        registry: ExportRegistry,
+        max_queue_depth: int = DEFAULT_MAX_QUEUE_DEPTH,
+        max_bytes_in_flight: int = DEFAULT_MAX_BYTES_IN_FLIGHT,
+    ) -> None:
+        if max_queue_depth < 1 or max_bytes_in_flight < 1:
+            raise ValueError("the queue depth and byte limits must be at least 1")
+        self._registry = registry
+        self.max_queue_depth = max_queue_depth
+        self.max_bytes_in_flight = max_bytes_in_flight
+        self._conn = ServerConnection(registry.lookup, lambda: iter(registry))
+        self._device: IBlockDevice | None = None
+        self.in_flight = 0
+        self.bytes_in_flight = 0
+        # Writes (and trims, zeroes) not yet finished: FLUSH waits for them.
+        self._writes: set[Deferred[None]] = set()
+        self._transport_paused = False  # the transport asked us to pause
+        self._reading_paused = False  # we paused the transport's reading
+        self._disconnecting = False  # DISC or ABORT received: close when idle
+        self._closed = False
+        self._parsing = False
+
+    # ------------------------------------------------------------ IProtocol
+
+    def connectionMade(self) -> None:
+        transport = self.transport
+        assert transport is not None
+        if ITCPTransport.providedBy(transport):
+            # C-10: replies are small and latency matters more than packet count.
+            transport.setTcpNoDelay(True)
+        transport.registerProducer(self, True)
+        self._flush_outbox()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closed:
+            return
+        self._conn.receive_data(data)
+        self._parse()
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
+        # Late backend results are dropped from here on (see _send).
+        self._closed = True
+        self._device = None
+
+    # ------------------------------------------------------------ IPushProducer
+
+    def pauseProducing(self) -> None:
+        """The transport's send buffer is full: stop reading and starting work."""
+        self._transport_paused = True
+        self._update_reading()
+
+    def resumeProducing(self) -> None:
+        """The transport drained: read and start work again if under the limits."""
+        self._transport_paused = False
+        self._parse()
+
+    def stopProducing(self) -> None:
+        """The transport is going away."""
+        self._closed = True
+
+    # ------------------------------------------------------------ the loop
+
+    def _must_wait(self) -> bool:
+        return (
+            self._closed
+            or self._disconnecting
+            or self._transport_paused
+            or self.in_flight >= self.max_queue_depth
+            or self.bytes_in_flight >= self.max_bytes_in_flight
+        )
+
+    def _parse(self) -> None:
+        """Turn buffered bytes into events and act on them while allowed."""
+        if self._parsing:
+            # Re-entered from a synchronous backend or from transport.write;
+            # the outer loop re-checks the limits before every event.
+            return
+        self._parsing = True
+        try:
+            while not self._must_wait():
+                try:
+                    event = self._conn.next_event()
+                except ProtocolViolation as e:
+                    self.log.warn("Dropping client {peer}: {reason}", peer=self._peer(), reason=e)
+                    self._flush_outbox()
+                    self._closed = True
+                    assert self.transport is not None
+                    self.transport.abortConnection()  # type: ignore[attr-defined]
+                    return
+                self._flush_outbox()
+                if event is NEED_DATA:
+                    break
+                self._dispatch(event)
+        finally:
+            self._parsing = False
+        self._update_reading()
+
+    def _update_reading(self) -> None:
+        """Pause or resume the transport's reading to match our state."""
+        if self._closed or self.transport is None:
+            return
+        wait = self._must_wait()
+        if wait and not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+        elif not wait and self._reading_paused:
+            self._reading_paused = False
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
+
+    def _flush_outbox(self) -> None:
+        out = self._conn.data_to_send()
+        if out and not self._closed and self.transport is not None:
+            self.transport.writeSequence(out)
+
+    def _peer(self) -> str:
+        try:
+            return str(self.transport.getPeer())  # type: ignore[union-attr]
+        except Exception:
+            return "?"
+
+    # ------------------------------------------------------------ events
+
+    def _dispatch(self, event: Event) -> None:
+        if isinstance(event, ExportChosen):
+            self._device = event.export.device
+            self.log.info(
+                "Client {peer} uses export {name!r}", peer=self._peer(), name=event.export.name
+            )
+        elif isinstance(event, RequestRejected):
+            self.log.info(
+                "Refused a request from {peer}: {errno}: {reason}",
+                peer=self._peer(),
+                errno=event.errno.name,
+                reason=event.reason,
+            )
+        elif isinstance(event, OptionRejected):
+            self.log.debug(
+                "Refused option {option} from {peer}: {reason}",
+                option=event.option,
+                peer=self._peer(),
+                reason=event.reason,
+            )
+        elif isinstance(event, (Aborted, DisconnectRequest)):
+            self._disconnecting = True
+            self._maybe_close()
+        else:
+            self._start(event)
+
+    def _start(self, request: Request) -> None:
+        """Hand a request to the backend and send its reply when it is done."""
+        device = self._device
+        assert device is not None
+        size = _request_bytes(request)
+        self.in_flight += 1
+        self.bytes_in_flight += size
+        d: Deferred[Any]
+        done: Callable[[Any], list[bytes]]
+        if isinstance(request, ReadRequest):
+            d = maybeDeferred(device.read, request.offset, request.length)
+            done = self._read_done(request)
+        elif isinstance(request, WriteRequest):
+            d = self._track_write(maybeDeferred(device.write, request.offset, request.data, request.fua))
+            done = self._ok(request)
+        elif isinstance(request, FlushRequest):
+            # C-02: every write acknowledged before this FLUSH has finished in the
+            # backend; waiting for the ones still running too makes FLUSH cover
+            # everything received before it, which is stronger and simple to reason about.
+            pending = list(self._writes)
+            if pending:
+                d = DeferredList(pending, consumeErrors=True).addCallback(
+                    lambda _: device.flush()
+                )
+            else:
+                d = maybeDeferred(device.flush)
+            done = self._ok(request)
+        elif isinstance(request, TrimRequest):
+            d = self._track_write(
+                maybeDeferred(device.trim, request.offset, request.length, request.fua)
+            )
+            done = self._ok(request)
+        elif isinstance(request, WriteZeroesRequest):
+            d = self._track_write(
+                maybeDeferred(
+                    device.write_zeroes,
+                    request.offset,
+                    request.length,
+                    request.fua,
+                    request.may_trim,
+                    request.fast,
+                )
+            )
+            done = self._ok(request)
+        elif isinstance(request, CacheRequest):
+            d = maybeDeferred(device.cache, request.offset, request.length)
+            done = self._ok(request)
+        else:
+            assert isinstance(request, BlockStatusRequest)
+            d = maybeDeferred(device.block_status, request.offset, request.length)
+            done = self._block_status_done(request)
+        # A reply that cannot be built (a backend breaking its contract) is an
+        # error reply too, so the client hears about it.
+        d.addCallback(done)
+        d.addErrback(self._failed, request)
+        d.addCallback(self._send, size)
+        d.addErrback(self._bug)
+
+    def _track_write(self, d: Deferred[None]) -> Deferred[None]:
+        """Remember a writing request until it finishes, for FLUSH."""
+        settled: Deferred[None] = Deferred()
+        self._writes.add(settled)
+
+        def finished(result: object) -> object:
+            self._writes.discard(settled)
+            settled.callback(None)
+            return result
+
+        return d.addBoth(finished)
+
+    def _ok(self, request: Request) -> Callable[[object], list[bytes]]:
+        return lambda _: self._conn.reply_ok(request)
+
+    def _read_done(self, request: ReadRequest) -> Callable[[bytes], list[bytes]]:
+        def done(data: bytes) -> list[bytes]:
+            if len(data) != request.length:
+                raise RuntimeError(
+                    f"backend returned {len(data)} bytes for a read of {request.length}"
+                )
+            return self._conn.reply_read(request, data)
+
+        return done
+
+    def _block_status_done(self, request: BlockStatusRequest) -> Callable[[Any], list[bytes]]:
+        return lambda extents: self._conn.reply_block_status(request, extents)
+
+    def _failed(self, failure: Failure, request: Request) -> list[bytes]:
+        """Turn a backend failure into an error reply (NBDError's errno, else EIO)."""
+        error = failure.value
+        if isinstance(error, NBDError):
+            errno, message = error.errno, error.message
+            self.log.info(
+                "{request} failed: {error}", request=type(request).__name__, error=error
+            )
+        else:
+            errno, message = Errno.EIO, "internal error"
+            self.log.failure(
+                "Backend failed on {request}", failure, request=type(request).__name__
+            )
+        return self._conn.reply_error(request, errno, message)
+
+    def _send(self, reply: list[bytes], size: int) -> None:
+        """Write one finished request's reply and admit more work."""
+        self.in_flight -= 1
+        self.bytes_in_flight -= size
+        if self._closed or self.transport is None:
+            return  # nothing is written after connectionLost
+        # C-01: one writeSequence per message keeps replies whole.
+        self.transport.writeSequence(reply)
+        if self._disconnecting:
+            self._maybe_close()
+        else:
+            self._parse()
+
+    def _bug(self, failure: Failure) -> None:
+        self.log.failure("Unexpected error while replying", failure)
+        if not self._closed and self.transport is not None:
+            self._closed = True
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def _maybe_close(self) -> None:
+        """After DISC or ABORT: close once every reply has been written (C-06)."""
+        self._update_reading()
+        if self.in_flight == 0 and not self._closed and self.transport is not None:
+            self._flush_outbox()
+            self.transport.loseConnection()
+
+
 class NBDServerFactory(Factory):
+    """
+    Makes an L{NBDServerProtocol} for each client of the exports in
+    C{registry}.
+    """
+
+    protocol = NBDServerProtocol  # type: ignore[assignment]
+
     def __init__(
         self,
         registry: ExportRegistry,
@@ -20,3 +379,12 @@ class NBDServerFactory(Factory):
         self.registry = registry
         self.max_queue_depth = max_queue_depth
         self.max_bytes_in_flight = max_bytes_in_flight
+
+    def buildProtocol(self, addr: object) -> NBDServerProtocol:
+        proto = NBDServerProtocol(
+            self.registry,
+            max_queue_depth=self.max_queue_depth,
+            max_bytes_in_flight=self.max_bytes_in_flight,
+        )
+        proto.factory = self
+        return proto
