@@ -359,7 +359,8 @@ class ServerConnection:
         if len(self._buffer) < 4:
             return NEED_DATA
         (flags,) = w.CLIENT_FLAGS.unpack(self._buffer.take(4))
-        known = w.ClientFlags.C_FIXED_NEWSTYLE | w.ClientFlags.C_NO_ZEROES
+        # Plain ints: IntFlag's ~ only complements within the members it knows.
+        known = int(w.ClientFlags.C_FIXED_NEWSTYLE | w.ClientFlags.C_NO_ZEROES)
         if flags & ~known:
             raise ProtocolViolation(f"client flags {flags:#x} set bits we did not offer (H-02)")
         self.fixed_newstyle = bool(flags & w.ClientFlags.C_FIXED_NEWSTYLE)
@@ -565,6 +566,9 @@ class ServerConnection:
                 raise ProtocolViolation(f"request magic {header.magic:#x} is wrong (T-01)")
             rejection = self._validate(header)
             if header.type == Cmd.WRITE:
+                if rejection is None and header.length == 0:
+                    self._outbox.append(self._ok(header.cookie, header.offset))  # T-09
+                    return None
                 if rejection is not None:
                     # T-05: the payload is on the wire whatever we think of it.
                     self._discard = header.length
@@ -599,13 +603,14 @@ class ServerConnection:
             # DISC gets no reply, so there is nothing to reject: just stop.
             return None
         caps = self._caps
-        allowed = _COMMAND_FLAGS.get(command, CmdFlags(0))
+        # Plain ints: IntFlag's ~ only complements within the members it knows.
+        allowed = int(_COMMAND_FLAGS.get(command, 0))
         if not self.tx_flags & TxFlags.SEND_FUA:
-            allowed &= ~CmdFlags.FUA
+            allowed &= ~int(CmdFlags.FUA)
         if not self.tx_flags & TxFlags.SEND_DF:
-            allowed &= ~CmdFlags.DF
+            allowed &= ~int(CmdFlags.DF)
         if not self.tx_flags & TxFlags.SEND_FAST_ZERO:
-            allowed &= ~CmdFlags.FAST_ZERO
+            allowed &= ~int(CmdFlags.FAST_ZERO)
         if h.flags & ~allowed:
             return self._reject(
                 h, Errno.EINVAL, f"flags {h.flags:#x} are not valid for {command.name} (T-04)"
@@ -776,7 +781,9 @@ class ServerConnection:
             else:
                 out.append((length, flags))
             pos += length
-            if request.req_one:
+            if request.req_one or length < extent.length:
+                # Cut short: what follows in the backend's list would start at
+                # the wrong offset, so end here (returning less is allowed).
                 break
         if not out:
             # A backend that said nothing: status 0 ("allocated, not known to be zero")
