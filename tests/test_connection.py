@@ -86,9 +86,7 @@ def run(reg: ExportRegistry | None, data: bytes, chunk: int) -> tuple[list[Any],
 class TranscriptMixin:
     """Runs a transcript at every chunk size and checks they all agree."""
 
-    def transcript(
-        self, data: bytes, reg: ExportRegistry | None = None
-    ) -> tuple[list[Any], bytes]:
+    def transcript(self, data: bytes, reg: ExportRegistry | None = None) -> tuple[list[Any], bytes]:
         reg = reg or registry()
         whole = run(reg, data, max(len(data), 1))
         sizes = list(range(1, min(len(data), 64) + 1))
@@ -244,9 +242,7 @@ class HandshakeTests(TranscriptMixin, SynchronousTestCase):
         self.assertEqual(len(infos[w.Info.EXPORT]), 12)
         self.assertEqual(struct.unpack(">Q", infos[w.Info.EXPORT][2:10])[0], SIZE)
         self.assertEqual(infos[w.Info.DESCRIPTION][2:], b"the disk")
-        self.assertEqual(
-            struct.unpack(">III", infos[w.Info.BLOCK_SIZE][2:]), (1, 4096, 32 << 20)
-        )
+        self.assertEqual(struct.unpack(">III", infos[w.Info.BLOCK_SIZE][2:]), (1, 4096, 32 << 20))
         self.assertNotIn(999, infos)
         self.assertEqual(replies[-1], (Opt.GO, Rep.ACK, b""))
         self.assertEqual(after_go(out), b"")
@@ -449,9 +445,7 @@ class TransmissionTests(TranscriptMixin, SynchronousTestCase):
     def test_fast_zero_not_advertised_T04(self) -> None:
         """T-04: FAST_ZERO on an export that does not offer it gets EINVAL."""
         reg = registry(caps=Capabilities(can_fast_zero=False))
-        events, _ = self.requests(
-            b.request(Cmd.WRITE_ZEROES, 1, 0, 512, CmdFlags.FAST_ZERO), reg
-        )
+        events, _ = self.requests(b.request(Cmd.WRITE_ZEROES, 1, 0, 512, CmdFlags.FAST_ZERO), reg)
         self.assertRejected(events[0], Errno.EINVAL)
 
     def test_rejected_write_payload_drained_T05(self) -> None:
@@ -526,7 +520,9 @@ class TransmissionTests(TranscriptMixin, SynchronousTestCase):
     def test_over_max_payload_T10(self) -> None:
         """T-10: a WRITE over the maximum payload is drained and gets EINVAL; no close."""
         reg = registry(caps=Capabilities(max_block=4096))
-        events, out = self.requests(b.write(1, 0, b"y" * 5000) + b.read(2, 0, 5000) + b.read(3, 0, 1), reg)
+        events, out = self.requests(
+            b.write(1, 0, b"y" * 5000) + b.read(2, 0, 5000) + b.read(3, 0, 1), reg
+        )
         self.assertRejected(events[0], Errno.EINVAL)
         self.assertRejected(events[1], Errno.EINVAL)
         self.assertEqual(events[2], ReadRequest(3, 0, 1, 0))
@@ -544,7 +540,9 @@ class TransmissionTests(TranscriptMixin, SynchronousTestCase):
         events = []
         while (event := conn.next_event()) is not NEED_DATA:
             events.append(event)
-        self.assertEqual(b"".join(conn.reply_error(events[-1], Errno.EIO)), w.encode_simple_reply(5, 5))
+        self.assertEqual(
+            b"".join(conn.reply_error(events[-1], Errno.EIO)), w.encode_simple_reply(5, 5)
+        )
 
     def test_structured_read_T13_T14(self) -> None:
         """T-13/T-14: with structured replies READ gets one OFFSET_DATA chunk with DONE,
@@ -564,9 +562,7 @@ class TransmissionTests(TranscriptMixin, SynchronousTestCase):
         while conn.next_event() is not NEED_DATA:
             pass
         chunks = b.parse_chunks(b"".join(conn.reply_read(ReadRequest(1, 8, 4, 0), b"abcd")))
-        self.assertEqual(
-            chunks, [(1, w.ChunkType.OFFSET_DATA, 1, struct.pack(">Q", 8) + b"abcd")]
-        )
+        self.assertEqual(chunks, [(1, w.ChunkType.OFFSET_DATA, 1, struct.pack(">Q", 8) + b"abcd")])
         chunks = b.parse_chunks(b"".join(conn.reply_read(ReadRequest(2, 8, 0, 0), b"")))
         self.assertEqual(chunks, [(1, w.ChunkType.NONE, 2, b"")])
         chunks = b.parse_chunks(b"".join(conn.reply_error(ReadRequest(3, 8, 9, 0), 5, "bad")))
@@ -667,9 +663,7 @@ class BlockStatusTests(TranscriptMixin, SynchronousTestCase):
     def test_32_bit_overflow(self) -> None:
         """An extent longer than 32 bits is split, never wrapped (cf. CVE-2025-47712)."""
         conn = self.connect(self.BIG)
-        got = self.extents(
-            conn, BlockStatusRequest(1, 0, 0xFFFFFFFF, False), [Extent(self.BIG, 3)]
-        )
+        got = self.extents(conn, BlockStatusRequest(1, 0, 0xFFFFFFFF, False), [Extent(self.BIG, 3)])
         self.assertEqual(got, [(0xFFFF0000, 3)])
         self.assertTrue(all(0 < length <= 0xFFFFFFFF for length, _ in got))
 

@@ -268,6 +268,7 @@ _COMMAND_FLAGS = {
     Cmd.BLOCK_STATUS: CmdFlags.FUA | CmdFlags.REQ_ONE,
 }
 _WRITING = frozenset({Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES})
+_KNOWN_OPTIONS = frozenset(int(o) for o in Opt)
 
 
 class ServerConnection:
@@ -387,7 +388,7 @@ class ServerConnection:
                     raise ProtocolViolation("NBD_OPT_EXPORT_NAME data is too long")
                 return self._option_error(
                     header.option,
-                    Rep.ERR_UNSUP if header.option not in Opt._value2member_map_ else Rep.ERR_TOO_BIG,
+                    Rep.ERR_TOO_BIG if header.option in _KNOWN_OPTIONS else Rep.ERR_UNSUP,
                     f"option data of {header.length} bytes is over {MAX_OPTION_DATA}",
                 )
             self._pending_option = header
@@ -433,12 +434,13 @@ class ServerConnection:
             self._reply(option, Rep.ACK)
             return None
         if option in (Opt.LIST_META_CONTEXT, Opt.SET_META_CONTEXT):
-            return self._meta_context(option, data)
+            self._meta_context(option, data)
+            return None
         if option == Opt.STARTTLS:
             if data:
                 raise _OptionError(Rep.ERR_INVALID, "NBD_OPT_STARTTLS takes no data (H-07)")
             raise _OptionError(Rep.ERR_POLICY, "TLS is not configured on this server (S-02)")
-        name = Opt(option).name if option in Opt._value2member_map_ else str(option)
+        name = Opt(option).name if option in _KNOWN_OPTIONS else str(option)
         raise _OptionError(Rep.ERR_UNSUP, f"option {name} is not supported (H-04)")
 
     def _export_name(self, data: bytes) -> ExportChosen:
@@ -519,7 +521,6 @@ class ServerConnection:
         self._reply(option, Rep.ACK)
         if setting:
             self._meta = (name, tuple(chosen))
-        return None
 
     def _tx_flags(self, caps: Capabilities, read_only: bool) -> int:
         flags = TxFlags.HAS_FLAGS
@@ -630,8 +631,11 @@ class ServerConnection:
         if command == Cmd.WRITE_ZEROES and not caps.can_zero:
             return self._reject(h, Errno.EINVAL, "WRITE_ZEROES is not supported on this export")
         if command == Cmd.BLOCK_STATUS:
-            if self._meta is None or not self._meta[1] or self.export is None or (
-                self._lookup(self._meta[0]) is not self.export
+            if (
+                self._meta is None
+                or not self._meta[1]
+                or self.export is None
+                or (self._lookup(self._meta[0]) is not self.export)
             ):
                 return self._reject(
                     h, Errno.EINVAL, "BLOCK_STATUS without a selected meta context (T-17)"

@@ -23,11 +23,11 @@ answers synchronously and replies are written from inside the loop.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
-from twisted.internet.interfaces import IPushProducer, ITCPTransport
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.interfaces import IConsumer, IPushProducer, ITCPTransport
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -115,7 +115,7 @@ class NBDServerProtocol(Protocol):
         if ITCPTransport.providedBy(transport):
             # C-10: replies are small and latency matters more than packet count.
             transport.setTcpNoDelay(True)
-        transport.registerProducer(self, True)
+        cast(IConsumer, transport).registerProducer(self, True)
         self._flush_outbox()
 
     def dataReceived(self, data: bytes) -> None:
@@ -124,7 +124,7 @@ class NBDServerProtocol(Protocol):
         self._conn.receive_data(data)
         self._parse()
 
-    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         # Late backend results are dropped from here on (see _send).
         self._closed = True
         self._device = None
@@ -170,9 +170,7 @@ class NBDServerProtocol(Protocol):
                 except ProtocolViolation as e:
                     self.log.warn("Dropping client {peer}: {reason}", peer=self._peer(), reason=e)
                     self._flush_outbox()
-                    self._closed = True
-                    assert self.transport is not None
-                    self.transport.abortConnection()  # type: ignore[attr-defined]
+                    self._abort()
                     return
                 self._flush_outbox()
                 if event is NEED_DATA:
@@ -189,10 +187,10 @@ class NBDServerProtocol(Protocol):
         wait = self._must_wait()
         if wait and not self._reading_paused:
             self._reading_paused = True
-            self.transport.pauseProducing()  # type: ignore[attr-defined]
+            cast(IPushProducer, self.transport).pauseProducing()
         elif not wait and self._reading_paused:
             self._reading_paused = False
-            self.transport.resumeProducing()  # type: ignore[attr-defined]
+            cast(IPushProducer, self.transport).resumeProducing()
 
     def _flush_outbox(self) -> None:
         out = self._conn.data_to_send()
@@ -246,7 +244,9 @@ class NBDServerProtocol(Protocol):
             d = maybeDeferred(device.read, request.offset, request.length)
             done = self._read_done(request)
         elif isinstance(request, WriteRequest):
-            d = self._track_write(maybeDeferred(device.write, request.offset, request.data, request.fua))
+            d = self._track_write(
+                maybeDeferred(device.write, request.offset, request.data, request.fua)
+            )
             done = self._ok(request)
         elif isinstance(request, FlushRequest):
             # C-02: every write acknowledged before this FLUSH has finished in the
@@ -254,9 +254,7 @@ class NBDServerProtocol(Protocol):
             # everything received before it, which is stronger and simple to reason about.
             pending = list(self._writes)
             if pending:
-                d = DeferredList(pending, consumeErrors=True).addCallback(
-                    lambda _: device.flush()
-                )
+                d = DeferredList(pending, consumeErrors=True).addCallback(lambda _: device.flush())
             else:
                 d = maybeDeferred(device.flush)
             done = self._ok(request)
@@ -286,10 +284,11 @@ class NBDServerProtocol(Protocol):
             done = self._block_status_done(request)
         # A reply that cannot be built (a backend breaking its contract) is an
         # error reply too, so the client hears about it.
-        d.addCallback(done)
-        d.addErrback(self._failed, request)
-        d.addCallback(self._send, size)
-        d.addErrback(self._bug)
+        chain = cast("Deferred[Any]", d)
+        chain.addCallback(done)
+        chain.addErrback(self._failed, request)
+        chain.addCallback(self._send, size)
+        chain.addErrback(self._bug)
 
     def _track_write(self, d: Deferred[None]) -> Deferred[None]:
         """Remember a writing request until it finishes, for FLUSH."""
@@ -324,14 +323,10 @@ class NBDServerProtocol(Protocol):
         error = failure.value
         if isinstance(error, NBDError):
             errno, message = error.errno, error.message
-            self.log.info(
-                "{request} failed: {error}", request=type(request).__name__, error=error
-            )
+            self.log.info("{request} failed: {error}", request=type(request).__name__, error=error)
         else:
             errno, message = Errno.EIO, "internal error"
-            self.log.failure(
-                "Backend failed on {request}", failure, request=type(request).__name__
-            )
+            self.log.failure("Backend failed on {request}", failure, request=type(request).__name__)
         return self._conn.reply_error(request, errno, message)
 
     def _send(self, reply: list[bytes], size: int) -> None:
@@ -349,9 +344,14 @@ class NBDServerProtocol(Protocol):
 
     def _bug(self, failure: Failure) -> None:
         self.log.failure("Unexpected error while replying", failure)
-        if not self._closed and self.transport is not None:
-            self._closed = True
-            self.transport.abortConnection()  # type: ignore[attr-defined]
+        if not self._closed:
+            self._abort()
+
+    def _abort(self) -> None:
+        """Hard close: drop the connection without waiting for the send buffer."""
+        self._closed = True
+        if self.transport is not None:
+            cast(ITCPTransport, self.transport).abortConnection()
 
     def _maybe_close(self) -> None:
         """After DISC or ABORT: close once every reply has been written (C-06)."""
@@ -367,7 +367,7 @@ class NBDServerFactory(Factory):
     C{registry}.
     """
 
-    protocol = NBDServerProtocol  # type: ignore[assignment]
+    protocol = NBDServerProtocol
 
     def __init__(
         self,
