@@ -1,0 +1,66 @@
+"""
+Packaging for twisted-nbd.
+
+The package list is written out by hand on purpose: C{twisted/plugins} must
+not have an C{__init__.py} (Twisted would skip the directory, and a wheel
+that shipped one could overwrite Twisted's own), so C{find_packages()} cannot
+see it. C{tests/test_packaging.py} builds a wheel and checks the result.
+"""
+
+import re
+from pathlib import Path
+
+from setuptools import setup
+
+HERE = Path(__file__).resolve().parent
+
+
+def read_version() -> str:
+    """Read C{__version__} from C{twisted_nbd/__init__.py} without importing it."""
+    text = (HERE / "twisted_nbd" / "__init__.py").read_text(encoding="utf-8")
+    match = re.search(r'^__version__ = "([^"]+)"$', text, re.MULTILINE)
+    if match is None:
+        raise RuntimeError("no __version__ in twisted_nbd/__init__.py")
+    return match.group(1)
+
+
+setup(
+    name="twisted-nbd",
+    version=read_version(),
+    description="A Network Block Device (NBD) server on Twisted.",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=[
+        "twisted_nbd",
+        "twisted_nbd.backends",
+        # A namespace-less plugin directory: no __init__.py, never a dropin.cache.
+        "twisted.plugins",
+    ],
+    include_package_data=False,
+    install_requires=[
+        "twisted>=23.10",
+        "zope.interface>=5",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "pytest-twisted>=1.14",
+            "hypothesis>=6",
+            # mypy-zope pins the mypy versions it supports (1.0.17: mypy<2.5);
+            # keep the two in step when raising either.
+            "mypy>=2.4,<2.5",
+            "mypy-zope==1.0.17",
+            "ruff>=0.6",
+            "build>=1",
+        ],
+    },
+    zip_safe=False,
+    classifiers=[
+        "Framework :: Twisted",
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3 :: Only",
+        "Topic :: System :: Filesystems",
+        "Operating System :: POSIX :: Linux",
+    ],
+)

@@ -1,0 +1,769 @@
+"""
+Tests for L{twisted_nbd.tap}: option parsing, the service tree, and how
+C{twistd nbd} reports mistakes.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import IService, MultiService
+from twisted.internet.defer import Deferred
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.threadpool import ThreadPool
+from twisted.python.usage import UsageError
+from twisted.trial.unittest import TestCase as _TrialTestCase
+
+from twisted_nbd.backends.file import FileBlockDevice
+from twisted_nbd.backends.memory import MemoryBlockDevice
+from twisted_nbd.exports import MAX_STRING
+from twisted_nbd.protocol import NBDServerFactory
+from twisted_nbd.tap import (
+    DEFAULT_LISTEN,
+    MAX_SIZE,
+    BlockDeviceService,
+    Options,
+    makeService,
+    parse_size,
+)
+from twisted_nbd.testing import ControllableBlockDevice
+
+REPO = Path(__file__).resolve().parent.parent
+
+#: Run twistd with this interpreter; twisted.scripts.twistd has no __main__.
+TWISTD = [
+    sys.executable,
+    "-c",
+    "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()",
+]
+
+#: Only a guard against a hung child; nothing here depends on speed.
+SUBPROCESS_TIMEOUT = 120
+
+MiB = 1024 * 1024
+
+GOOD_SIZES = [
+    ("1", 1),
+    ("512", 512),
+    ("512B", 512),
+    ("4k", 4096),
+    ("4K", 4096),
+    ("4KiB", 4096),
+    ("512M", 512 * MiB),
+    ("512MiB", 512 * MiB),
+    ("512mib", 512 * MiB),
+    ("1G", 1 << 30),
+    ("1GiB", 1 << 30),
+    ("1g", 1 << 30),
+    ("2T", 2 << 40),
+    ("2TiB", 2 << 40),
+    ("1P", 1 << 50),
+    (" 10 G ", 10 << 30),
+    ("8191P", 8191 << 50),
+]
+
+BAD_SIZES = [
+    ("", "is not a size"),
+    ("G", "is not a size"),
+    ("abc", "is not a size"),
+    ("1.5G", "is not a size"),
+    ("1X", "is not a size"),
+    ("0x10", "is not a size"),
+    ("1 G B", "is not a size"),
+    ("0", "greater than zero"),
+    ("0G", "greater than zero"),
+    ("-1", "greater than zero"),
+    ("-5G", "greater than zero"),
+    ("1GB", "ambiguous"),
+    ("10mb", "ambiguous"),
+    ("8192P", "too large"),
+    (str(2**63), "too large"),
+]
+
+
+class TestCase(_TrialTestCase):
+    """
+    A trial test case whose L{mktemp} paths live in a fresh system temporary
+    directory, removed after the test, whatever directory pytest runs in.
+    """
+
+    def mktemp(self) -> str:
+        """Return a path that does not exist yet, in a new private directory."""
+        base = tempfile.mkdtemp(prefix="twisted-nbd-test-")
+        self.addCleanup(shutil.rmtree, base, True)
+        return os.path.join(base, "temp")
+
+
+def parse(*argv: str) -> Options:
+    """Parse C{argv} with a fresh L{Options} and return it."""
+    options = Options()
+    options.parseOptions(list(argv))
+    return options
+
+
+def runTwistd(*argv: str, cwd: str) -> subprocess.CompletedProcess[str]:
+    """
+    Run twistd from this interpreter with the repository importable, and
+    return the finished process with its output as text.
+    """
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return subprocess.run(
+        [*TWISTD, *argv],
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_TIMEOUT,
+    )
+
+
+class ParseSizeTests(TestCase):
+    """
+    Tests for L{parse_size}.
+    """
+
+    def test_goodSizes(self) -> None:
+        """
+        Plain numbers are bytes; K, M, G, T and P (any case, with or without
+        iB) are powers of 1024; surrounding spaces are ignored.
+        """
+        for text, expected in GOOD_SIZES:
+            self.assertEqual(parse_size(text), expected, text)
+
+    def test_largest(self) -> None:
+        """
+        L{MAX_SIZE} itself is accepted, one byte more is not.
+        """
+        self.assertEqual(parse_size(str(MAX_SIZE)), MAX_SIZE)
+        self.assertRaises(ValueError, parse_size, str(MAX_SIZE + 1))
+
+    def test_badSizes(self) -> None:
+        """
+        Garbage, fractions, zero, negative numbers, decimal units and sizes
+        past L{MAX_SIZE} raise L{ValueError} with a one-line explanation
+        that quotes the input.
+        """
+        for text, reason in BAD_SIZES:
+            with self.assertRaises(ValueError, msg=text) as caught:
+                parse_size(text)
+            message = str(caught.exception)
+            self.assertIn(reason, message, text)
+            self.assertIn(repr(text), message)
+            self.assertNotIn("\n", message)
+
+
+class OptionsTests(TestCase):
+    """
+    Tests for L{Options}: what each option does.
+    """
+
+    def image(self, size: int = MiB) -> str:
+        """Create a file of C{size} bytes and return its path."""
+        path: str = self.mktemp()
+        with open(path, "wb") as f:
+            f.truncate(size)
+        return path
+
+    def test_defaults(self) -> None:
+        """
+        With only C{--memory}, everything else has its documented default.
+        """
+        options = parse("--memory", "1M")
+        self.assertEqual(options["memory"], MiB)
+        self.assertIsNone(options["image"])
+        self.assertIsNone(options["size"])
+        self.assertEqual(options["name"], "")
+        self.assertEqual(options["description"], "")
+        self.assertFalse(options["read-only"])
+        self.assertEqual(options["listen"], [DEFAULT_LISTEN])
+        self.assertEqual(DEFAULT_LISTEN, "tcp:10809")
+        self.assertEqual(options["max-queue-depth"], 64)
+        self.assertEqual(options["max-bytes-in-flight"], 64 * MiB)
+
+    def test_memory(self) -> None:
+        """
+        C{--memory} and C{-m} take a size.
+        """
+        self.assertEqual(parse("--memory", "2G")["memory"], 2 << 30)
+        self.assertEqual(parse("-m", "16M")["memory"], 16 * MiB)
+
+    def test_imageExisting(self) -> None:
+        """
+        C{--image} accepts an existing file and stores its absolute path.
+        """
+        path = self.image()
+        options = parse("--image", os.path.relpath(path))
+        self.assertEqual(options["image"], os.path.abspath(path))
+        self.assertIsNone(options["memory"])
+        self.assertEqual(parse("-i", path)["image"], os.path.abspath(path))
+
+    def test_imageSizeMissingFile(self) -> None:
+        """
+        C{--size} with an image that does not exist yet is accepted; parsing
+        does not create the file.
+        """
+        path = self.mktemp()
+        options = parse("--image", path, "--size", "10G")
+        self.assertEqual(options["size"], 10 << 30)
+        self.assertFalse(os.path.exists(path))
+        self.assertEqual(parse("-i", path, "-s", "1M")["size"], MiB)
+
+    def test_imageSizeMatching(self) -> None:
+        """
+        C{--size} with an existing image of that very size is accepted, so
+        the same command line works again after the first run.
+        """
+        path = self.image(4 * MiB)
+        self.assertEqual(parse("--image", path, "--size", "4M")["size"], 4 * MiB)
+
+    def test_nameAndDescription(self) -> None:
+        """
+        C{--name} and C{--description} are kept as given.
+        """
+        options = parse("--memory", "1M", "--name", "disk", "--description", "a test disk")
+        self.assertEqual(options["name"], "disk")
+        self.assertEqual(options["description"], "a test disk")
+
+    def test_readOnly(self) -> None:
+        """
+        C{--read-only} and C{-r} set the flag.
+        """
+        self.assertTrue(parse("--memory", "1M", "--read-only")["read-only"])
+        self.assertTrue(parse("--memory", "1M", "-r")["read-only"])
+
+    def test_readOnlyImage(self) -> None:
+        """
+        With C{--read-only}, an image that can only be read is accepted.
+        """
+        path = self.image()
+        os.chmod(path, 0o444)
+        self.assertTrue(parse("--image", path, "--read-only")["read-only"])
+
+    def test_listenRepeated(self) -> None:
+        """
+        C{--listen} (or C{-l}) may be repeated; the endpoints are kept in
+        order and replace the default.
+        """
+        options = parse(
+            "--memory",
+            "1M",
+            "--listen",
+            "tcp:10809:interface=127.0.0.1",
+            "-l",
+            "tcp6:10809:interface=\\:\\:1",
+            "--listen",
+            "unix:/tmp/nbd.sock",
+        )
+        self.assertEqual(
+            options["listen"],
+            ["tcp:10809:interface=127.0.0.1", "tcp6:10809:interface=\\:\\:1", "unix:/tmp/nbd.sock"],
+        )
+
+    def test_limits(self) -> None:
+        """
+        C{--max-queue-depth} takes a whole number, C{--max-bytes-in-flight}
+        a size.
+        """
+        options = parse("--memory", "1M", "--max-queue-depth", "8", "--max-bytes-in-flight", "1M")
+        self.assertEqual(options["max-queue-depth"], 8)
+        self.assertEqual(options["max-bytes-in-flight"], MiB)
+
+    def test_sizesEverywhere(self) -> None:
+        """
+        Every size option understands the same forms as L{parse_size}.
+        """
+        path = self.mktemp()
+        for text, expected in GOOD_SIZES:
+            self.assertEqual(parse("--memory", text)["memory"], expected, text)
+            self.assertEqual(parse("--image", path, "--size", text)["size"], expected, text)
+            options = parse("--memory", "1M", "--max-bytes-in-flight", text)
+            self.assertEqual(options["max-bytes-in-flight"], expected, text)
+
+    def test_helpMentionsEveryOption(self) -> None:
+        """
+        The usage text documents every option and gives examples.
+        """
+        text = str(Options())
+        for option in [
+            "--image",
+            "--size",
+            "--memory",
+            "--name",
+            "--description",
+            "--read-only",
+            "--listen",
+            "--max-queue-depth",
+            "--max-bytes-in-flight",
+        ]:
+            self.assertIn(option, text)
+        self.assertIn("Examples:", text)
+        self.assertIn("twistd -n nbd --memory 1G", text)
+        self.assertIn("[default: tcp:10809]", text)
+
+
+class BadUsageTests(TestCase):
+    """
+    Every mistake raises L{UsageError} with a clear one-line message while
+    parsing, so twistd reports it without a traceback.
+    """
+
+    def assertUsageError(self, argv: list[str], *fragments: str) -> str:
+        """
+        Parsing C{argv} raises L{UsageError} whose message is one line and
+        contains every fragment.
+
+        @return: the message.
+        """
+        with self.assertRaises(UsageError, msg=repr(argv)) as caught:
+            parse(*argv)
+        message = str(caught.exception)
+        self.assertNotIn("\n", message)
+        for fragment in fragments:
+            self.assertIn(fragment, message, repr(argv))
+        return message
+
+    def test_nothingToServe(self) -> None:
+        """
+        Neither C{--image} nor C{--memory} is an error that names both.
+        """
+        self.assertUsageError([], "--image", "--memory")
+        self.assertUsageError(["--name", "x"], "--image", "--memory")
+
+    def test_imageAndMemory(self) -> None:
+        """
+        C{--image} and C{--memory} together are refused.
+        """
+        self.assertUsageError(["--image", self.mktemp(), "--memory", "1M"], "together")
+
+    def test_sizeWithMemory(self) -> None:
+        """
+        C{--size} belongs to C{--image} only.
+        """
+        self.assertUsageError(["--memory", "1M", "--size", "1M"], "--size")
+
+    def test_badSizes(self) -> None:
+        """
+        A bad size for any size option names the option and the reason.
+        """
+        for text, reason in BAD_SIZES:
+            self.assertUsageError(["--memory", text], "--memory", reason)
+            self.assertUsageError(["--image", self.mktemp(), "--size", text], "--size", reason)
+            self.assertUsageError(
+                ["--memory", "1M", "--max-bytes-in-flight", text], "--max-bytes-in-flight", reason
+            )
+
+    def test_badQueueDepth(self) -> None:
+        """
+        C{--max-queue-depth} must be a whole number of at least 1.
+        """
+        for text in ["0", "-1"]:
+            self.assertUsageError(["--memory", "1M", "--max-queue-depth", text], "at least 1")
+        for text in ["", "x", "1.5", "4K"]:
+            self.assertUsageError(
+                ["--memory", "1M", "--max-queue-depth", text], "not a whole number"
+            )
+
+    def test_imageMissing(self) -> None:
+        """
+        An image that does not exist, without C{--size}, is an error that
+        suggests C{--size}.
+        """
+        path = os.path.abspath(self.mktemp())
+        self.assertUsageError(["--image", path], path, "does not exist", "--size")
+
+    def test_imageEmptyPath(self) -> None:
+        """
+        An empty C{--image} is refused.
+        """
+        self.assertUsageError(["--image", ""], "--image")
+
+    def test_imageDirectory(self) -> None:
+        """
+        A directory is not an image, with or without C{--read-only}.
+        """
+        path = self.mktemp()
+        os.mkdir(path)
+        self.assertUsageError(["--image", path], "is a directory")
+        self.assertUsageError(["--image", path, "--read-only"], "is a directory")
+
+    def test_imageNotAFile(self) -> None:
+        """
+        A FIFO is neither a regular file nor a block device (and opening it
+        would block).
+        """
+        path = self.mktemp()
+        os.mkfifo(path)
+        self.assertUsageError(["--image", path], "neither a regular file nor a block device")
+
+    def test_imageUnreadable(self) -> None:
+        """
+        An image whose permissions forbid reading is refused, naming the
+        reason.
+        """
+        if os.geteuid() == 0:
+            self.skipTest("root can read a file whatever its permissions")
+        path = self.mktemp()
+        Path(path).write_bytes(b"\0" * 512)
+        os.chmod(path, 0)
+        self.assertUsageError(["--image", path, "--read-only"], "cannot be read")
+
+    def test_imageOpenFails(self) -> None:
+        """
+        An image the system refuses to open is refused: for reading, and for
+        writing with a hint about C{--read-only}. (The refusal is simulated so
+        that the test also means something when run as root.)
+        """
+        path = self.mktemp()
+        Path(path).write_bytes(b"\0" * 512)
+        realOpen = os.open
+
+        def refusingOpen(name: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+            if name == os.path.abspath(path):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), name)
+            return realOpen(name, flags, *args, **kwargs)
+
+        self.patch(os, "open", refusingOpen)
+        self.assertUsageError(["--image", path], "cannot be opened for writing", "--read-only")
+        self.assertUsageError(["--image", path, "--read-only"], "cannot be read")
+
+    def test_imageSizeMismatch(self) -> None:
+        """
+        An existing image whose size differs from C{--size} is refused
+        rather than silently resized or served at the wrong size.
+        """
+        path = self.mktemp()
+        Path(path).write_bytes(b"\0" * 512)
+        self.assertUsageError(["--image", path, "--size", "1M"], "already exists", "512")
+
+    def test_imageParentMissing(self) -> None:
+        """
+        With C{--size}, an image whose directory does not exist cannot be
+        created.
+        """
+        path = os.path.join(self.mktemp(), "disk.img")
+        self.assertUsageError(["--image", path, "--size", "1M"], "cannot be created")
+
+    def test_nameChecks(self) -> None:
+        """
+        Names and descriptions longer than the protocol allows, or holding a
+        NUL, are refused.
+        """
+        tooLong = "x" * (MAX_STRING + 1)
+        self.assertUsageError(["--memory", "1M", "--name", tooLong], "--name", str(MAX_STRING))
+        self.assertUsageError(["--memory", "1M", "--description", tooLong], "--description")
+        self.assertUsageError(["--memory", "1M", "--name", "a\0b"], "NUL")
+        parse("--memory", "1M", "--name", "x" * MAX_STRING)
+
+    def test_badEndpoints(self) -> None:
+        """
+        A C{--listen} that is not a server endpoint is refused, quoting it.
+        """
+        for description in [
+            "bogus:1",
+            "tcp:abc",
+            "tcp:1:bogus=2",
+            "tcp6:port=notaport",
+            "systemd:domain=INET:index=0",
+            "",
+        ]:
+            self.assertUsageError(
+                ["--memory", "1M", "--listen", description], "--listen", repr(description)
+            )
+
+    def test_duplicateEndpoint(self) -> None:
+        """
+        The same endpoint twice is refused (the second could never listen).
+        """
+        self.assertUsageError(["--memory", "1M", "--listen", "tcp:1", "--listen", "tcp:1"], "twice")
+
+    def test_unknownOption(self) -> None:
+        """
+        Unknown options are usage errors too.
+        """
+        with self.assertRaises(UsageError):
+            parse("--memory", "1M", "--no-such-option")
+
+
+class _SlowClosingDevice(ControllableBlockDevice):
+    """
+    A device whose C{close} returns a Deferred the test fires by hand.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(MiB)
+        self.closing: Deferred[None] | None = None
+
+    def close(self) -> Deferred[None]:
+        self.closing = Deferred()
+        return self.closing
+
+
+class MakeServiceTests(TestCase):
+    """
+    Tests for L{makeService} and L{BlockDeviceService}.
+    """
+
+    def build(self, *argv: str) -> tuple[MultiService, MemoryReactorClock]:
+        """
+        Parse C{argv} and build the service with a memory reactor.
+        """
+        reactor = MemoryReactorClock()
+        return makeService(parse(*argv), reactor=reactor), reactor
+
+    def listeners(self, service: MultiService) -> list[StreamServerEndpointService]:
+        """The listening services among C{service}'s children."""
+        return [s for s in service if isinstance(s, StreamServerEndpointService)]
+
+    def test_memoryTree(self) -> None:
+        """
+        The service is a L{MultiService}: first the device service, named
+        C{"device"}, then one listener per C{--listen}, all sharing one
+        L{NBDServerFactory}.
+        """
+        service, _ = self.build(
+            "--memory", "1M", "--listen", "tcp:0:interface=127.0.0.1", "--listen", "tcp:0"
+        )
+        self.assertIsInstance(service, MultiService)
+        children = list(service)
+        self.assertEqual(len(children), 3)
+        self.assertIs(children[0], service.getServiceNamed("device"))
+        self.assertIsInstance(children[0], BlockDeviceService)
+        listeners = self.listeners(service)
+        self.assertEqual(len(listeners), 2)
+        self.assertIsInstance(listeners[0].factory, NBDServerFactory)
+        self.assertIs(listeners[0].factory, listeners[1].factory)
+
+    def test_export(self) -> None:
+        """
+        The factory serves one export, the default, with the name,
+        description, read-only flag and limits from the options.
+        """
+        service, _ = self.build(
+            "--memory",
+            "2M",
+            "--name",
+            "disk",
+            "--description",
+            "a disk",
+            "--read-only",
+            "--max-queue-depth",
+            "5",
+            "--max-bytes-in-flight",
+            "3M",
+        )
+        factory = self.listeners(service)[0].factory
+        assert isinstance(factory, NBDServerFactory)
+        self.assertEqual(factory.max_queue_depth, 5)
+        self.assertEqual(factory.max_bytes_in_flight, 3 * MiB)
+        registry = factory.registry
+        self.assertEqual(len(registry), 1)
+        export = registry.lookup("")
+        assert export is not None
+        self.assertIs(registry.lookup("disk"), export)
+        self.assertEqual(export.name, "disk")
+        self.assertEqual(export.description, "a disk")
+        self.assertTrue(export.read_only)
+        self.assertEqual(export.size, 2 * MiB)
+        self.assertFalse(export.capabilities.can_write)
+        self.assertIsInstance(export.device, MemoryBlockDevice)
+
+    def test_listens(self) -> None:
+        """
+        Starting the service listens on every endpoint with the given
+        reactor; the default is port 10809 on every interface.
+        """
+        service, reactor = self.build("--memory", "1M")
+        service.startService()
+        self.addCleanup(service.stopService)
+        self.assertEqual(len(reactor.tcpServers), 1)
+        port, factory, _, interface = reactor.tcpServers[0]
+        self.assertEqual((port, interface), (10809, ""))
+        self.assertIsInstance(factory, NBDServerFactory)
+
+        service, reactor = self.build(
+            "--memory", "1M", "--listen", "tcp:1234:interface=127.0.0.1", "--listen", "unix:x.sock"
+        )
+        service.startService()
+        self.addCleanup(service.stopService)
+        self.assertEqual([(s[0], s[3]) for s in reactor.tcpServers], [(1234, "127.0.0.1")])
+        self.assertEqual([s[0] for s in reactor.unixServers], ["x.sock"])
+
+    def test_imageCreated(self) -> None:
+        """
+        With C{--size}, the missing image is created as a sparse file of
+        that size and served through a L{FileBlockDevice} and a thread pool
+        that runs while the service runs; stopping the service closes the
+        device and stops the pool.
+        """
+        path = self.mktemp()
+        service, reactor = self.build(
+            "--image", path, "--size", "1G", "--listen", "tcp:0:interface=127.0.0.1"
+        )
+        self.assertEqual(os.stat(path).st_size, 1 << 30)
+        self.assertLess(os.stat(path).st_blocks * 512, 1 << 30)
+
+        deviceService = service.getServiceNamed("device")
+        assert isinstance(deviceService, BlockDeviceService)
+        device = deviceService.device
+        self.assertIsInstance(device, FileBlockDevice)
+        self.assertEqual(device.size, 1 << 30)
+        pool = deviceService.pool
+        assert pool is not None
+        self.assertEqual(pool.name, "nbd-io")
+        self.assertFalse(pool.started)
+
+        service.startService()
+        self.assertTrue(pool.started)
+        self.successResultOf(service.stopService())
+        self.assertFalse(pool.started)
+        failure = self.failureResultOf(device.read(0, 1))
+        self.assertIsNotNone(failure)
+
+    def test_imageReadOnly(self) -> None:
+        """
+        C{--read-only} opens the image read-only.
+        """
+        path = self.mktemp()
+        Path(path).write_bytes(b"\0" * 4096)
+        os.chmod(path, 0o444)
+        service, _ = self.build("--image", path, "--read-only")
+        deviceService = service.getServiceNamed("device")
+        assert isinstance(deviceService, BlockDeviceService)
+        self.addCleanup(deviceService.device.close)
+        self.assertFalse(deviceService.device.capabilities.can_write)
+
+    def test_memoryHasNoPool(self) -> None:
+        """
+        A memory device needs no thread pool.
+        """
+        service, _ = self.build("--memory", "1M")
+        deviceService = service.getServiceNamed("device")
+        assert isinstance(deviceService, BlockDeviceService)
+        self.assertIsNone(deviceService.pool)
+
+    def test_stopClosesDevice(self) -> None:
+        """
+        Stopping the service closes the device.
+        """
+        device = ControllableBlockDevice(MiB)
+        service = BlockDeviceService(device)
+        service.startService()
+        self.successResultOf(service.stopService())
+        self.assertTrue(device.closed)
+        self.assertFalse(service.running)
+
+    def test_poolStopsAfterClose(self) -> None:
+        """
+        The pool keeps running until the device has closed, since closing
+        waits for requests that run in the pool.
+        """
+        device = _SlowClosingDevice()
+        pool = ThreadPool(minthreads=0, maxthreads=1, name="test")
+        service = BlockDeviceService(device, pool)
+        self.assertTrue(IService.providedBy(service))
+        service.startService()
+        self.addCleanup(lambda: pool.stop() if pool.started else None)
+        self.assertTrue(pool.started)
+        stopped = service.stopService()
+        self.assertNoResult(stopped)
+        self.assertTrue(pool.started)
+        assert device.closing is not None
+        device.closing.callback(None)
+        self.successResultOf(stopped)
+        self.assertFalse(pool.started)
+
+    def test_noReactorImport(self) -> None:
+        """
+        Importing L{twisted_nbd.tap} does not import (and so install) the
+        global reactor; twistd installs the one the user chose later.
+        """
+        code = "import sys, twisted_nbd.tap; print('twisted.internet.reactor' in sys.modules)"
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+        result = subprocess.run(
+            [sys.executable, "-c", code],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=SUBPROCESS_TIMEOUT,
+        )
+        self.assertEqual((result.returncode, result.stdout.strip()), (0, "False"), result.stderr)
+
+
+class TwistdTests(TestCase):
+    """
+    C{twistd nbd} run for real, in a child process.
+    """
+
+    def assertOneLineError(self, result: subprocess.CompletedProcess[str], fragment: str) -> None:
+        """
+        twistd failed, said why in exactly one line (its last), and printed
+        no traceback.
+        """
+        output = result.stdout + result.stderr
+        self.assertNotEqual(result.returncode, 0, output)
+        self.assertNotIn("Traceback", output)
+        lines = [line for line in output.splitlines() if fragment in line]
+        self.assertEqual(len(lines), 1, output)
+        self.assertEqual(output.strip().splitlines()[-1], lines[0])
+
+    def test_nonexistentImage(self) -> None:
+        """
+        C{twistd -n nbd --image /nonexistent} exits non-zero with one line
+        saying the image does not exist.
+        """
+        result = runTwistd("-n", "nbd", "--image", "/nonexistent", cwd=self.mktempDir())
+        self.assertOneLineError(result, "/nonexistent does not exist")
+
+    def test_badSize(self) -> None:
+        """
+        A bad size is reported the same way.
+        """
+        result = runTwistd("-n", "nbd", "--memory", "lots", cwd=self.mktempDir())
+        self.assertOneLineError(result, "'lots' is not a size")
+
+    def test_badEndpoint(self) -> None:
+        """
+        A bad endpoint is reported the same way.
+        """
+        result = runTwistd(
+            "-n", "nbd", "--memory", "1M", "--listen", "tcp:nope", cwd=self.mktempDir()
+        )
+        self.assertOneLineError(result, "'tcp:nope' is not a server endpoint")
+
+    def test_help(self) -> None:
+        """
+        C{twistd nbd --help} succeeds and documents every option.
+        """
+        result = runTwistd("nbd", "--help", cwd=self.mktempDir())
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        for option in [
+            "--image",
+            "--size",
+            "--memory",
+            "--name",
+            "--description",
+            "--read-only",
+            "--listen",
+            "--max-queue-depth",
+            "--max-bytes-in-flight",
+        ]:
+            self.assertIn(option, result.stdout)
+        self.assertIn("Examples:", result.stdout)
+
+    def mktempDir(self) -> str:
+        """Make and return a new empty directory to run twistd in."""
+        path: str = self.mktemp()
+        os.mkdir(path)
+        return path
