@@ -1,7 +1,11 @@
-# -*- test-case-name: tests.test_protocol -*-
+# -*- test-case-name: tests.test_protocol,tests.test_backends -*-
 """
 Public test helpers for people who write backends, filters or applications
 on top of twisted-nbd.
+
+L{BlockDeviceConformanceMixin} holds the tests every L{IBlockDevice} should
+pass; a backend's test module mixes it into a trial C{TestCase} and says how
+to make a device.
 
 L{ControllableBlockDevice} answers nothing by itself: every call is recorded
 with an unfired Deferred that the test fires when and how it likes, which is
@@ -12,14 +16,25 @@ ordering and connections that close with requests in flight.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
+from unittest import SkipTest
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults
 from zope.interface import implementer
+from zope.interface.verify import verifyObject
 
-from twisted_nbd.interfaces import Capabilities, Extent, IBlockDevice
+from twisted_nbd._wire import Errno
+from twisted_nbd.errors import NBDError
+from twisted_nbd.interfaces import STATE_HOLE, STATE_ZERO, Capabilities, Extent, IBlockDevice
 
-__all__ = ["Call", "ControllableBlockDevice"]
+if TYPE_CHECKING:
+    from twisted.trial.unittest import TestCase as _ConformanceBase
+else:
+    # At run time the mixin must not be a TestCase itself, or the test
+    # runners would collect it and run it without a device.
+    _ConformanceBase = object
+
+__all__ = ["BlockDeviceConformanceMixin", "Call", "ControllableBlockDevice"]
 
 
 @dataclass
@@ -116,3 +131,481 @@ class ControllableBlockDevice:
         d: Deferred[None] = Deferred()
         d.callback(None)
         return d
+
+
+_KiB = 1024
+_MiB = 1024 * 1024
+
+
+def _pattern(length: int, seed: int = 0) -> bytes:
+    """
+    C{length} bytes, none of them zero, repeating every 255 bytes: a period
+    that is not a power of two, so data landing at the wrong offset (a page
+    or block away) does not go unnoticed.
+    """
+    period = bytes((seed + i) % 255 + 1 for i in range(255))
+    return (period * (length // 255 + 1))[:length]
+
+
+class BlockDeviceConformanceMixin(_ConformanceBase):
+    """
+    Tests every L{IBlockDevice} should pass. Mix into a
+    L{twisted.trial.unittest.TestCase} and implement L{makeDevice}::
+
+        class MyDeviceTests(BlockDeviceConformanceMixin, TestCase):
+            def makeDevice(self, size: int) -> IBlockDevice:
+                return MyDevice(size)
+
+    Tests that need a capability the device does not advertise are
+    skipped, as are tests of unaligned access when C{min_block} is not 1.
+    The tests wait for Deferreds, so devices that answer from a thread pool
+    work as well as ones that answer at once.
+
+    @cvar deviceSize: the size most tests ask L{makeDevice} for: at least
+        9 MiB and deliberately not a multiple of a page, so the partial
+        last page is exercised. Override it with a multiple of
+        C{min_block} for devices that need one.
+    @cvar exactAllocation: C{block_status} reports exactly what the device
+        was told: a hole for every 1 MiB-aligned range trimmed or zeroed
+        with C{may_trim}, and allocated data for a range zeroed without it.
+        Leave it C{False} when that depends on a file system.
+    """
+
+    deviceSize: int = 9 * _MiB + 4 * _KiB + 123
+    exactAllocation: bool = False
+
+    def makeDevice(self, size: int) -> IBlockDevice | Deferred[IBlockDevice]:
+        """
+        Make a new device of C{size} bytes that reads as zeroes.
+
+        @return: the device, or a Deferred that fires with it.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement makeDevice")
+
+    # Helpers.
+
+    async def _open(self, size: int | None = None, closeAfter: bool = True) -> IBlockDevice:
+        """Make a device, closing it when the test ends unless told not to."""
+        made = self.makeDevice(self.deviceSize if size is None else size)
+        device = (await made) if isinstance(made, Deferred) else made
+        if closeAfter:
+            self.addCleanup(device.close)
+        return device
+
+    def _require(self, device: IBlockDevice, *names: str) -> None:
+        """Skip the test unless the device has every capability named."""
+        for name in names:
+            if not getattr(device.capabilities, name):
+                raise SkipTest(f"the device does not advertise {name}")
+
+    def _requireBytes(self, device: IBlockDevice) -> None:
+        """Skip the test unless the device can be addressed byte by byte."""
+        if device.capabilities.min_block != 1:
+            raise SkipTest("the device is not byte-addressable (min_block is not 1)")
+
+    def _expect(self, condition: object, message: str) -> None:
+        """Fail the test with C{message} unless C{condition} is true."""
+        if not condition:
+            self.fail(message)
+
+    async def _expectNone(self, d: Deferred[Any], what: str) -> None:
+        """Wait for C{d} and fail the test unless it fires with C{None}."""
+        result = await d
+        self._expect(result is None, f"{what} fired with {result!r}, not None")
+
+    def _assertBytes(self, actual: object, expected: bytes, what: str) -> None:
+        """
+        Assert that a read returned C{expected}, naming the first wrong byte
+        rather than printing megabytes.
+        """
+        if not isinstance(actual, (bytes, bytearray, memoryview)):
+            self.fail(f"{what}: got {type(actual).__name__}, not bytes")
+        data = bytes(actual)
+        if len(data) != len(expected):
+            self.fail(f"{what}: got {len(data)} bytes, expected {len(expected)}")
+        if data != expected:
+            first = next(i for i, (a, b) in enumerate(zip(data, expected, strict=True)) if a != b)
+            self.fail(
+                f"{what}: byte {first} is {data[first]:#04x}, expected {expected[first]:#04x}"
+            )
+
+    async def _write(
+        self, device: IBlockDevice, model: bytearray, offset: int, data: bytes
+    ) -> None:
+        """Write to the device and to the model of what it should hold."""
+        await device.write(offset, data)
+        model[offset : offset + len(data)] = data
+
+    async def _read(self, device: IBlockDevice, offset: int, length: int) -> bytes:
+        """Read any length, in pieces no longer than the device accepts."""
+        pieces = []
+        step = device.capabilities.max_block
+        for start in range(offset, offset + length, step):
+            data = await device.read(start, min(step, offset + length - start))
+            pieces.append(bytes(data))
+        return b"".join(pieces)
+
+    async def _assertModel(
+        self, device: IBlockDevice, model: bytearray, offset: int = 0, length: int | None = None
+    ) -> None:
+        """Assert the device holds what the model says, by default everywhere."""
+        if length is None:
+            length = len(model) - offset
+        data = await self._read(device, offset, length)
+        self._assertBytes(data, bytes(model[offset : offset + length]), "device contents")
+
+    def _assertWellFormed(
+        self, device: IBlockDevice, offset: int, extents: Sequence[Extent]
+    ) -> int:
+        """
+        Assert C{block_status} returned one or more valid extents that stay
+        inside the device.
+
+        @return: the number of bytes they cover.
+        """
+        extents = list(extents)
+        self._expect(extents, f"no extents at {offset}")
+        for extent in extents:
+            self._expect(isinstance(extent, Extent), f"not an Extent at {offset}: {extent!r}")
+            self._expect(extent.length > 0, f"an empty extent at {offset}: {extents}")
+            self._expect(
+                extent.flags & ~(STATE_HOLE | STATE_ZERO) == 0, f"unknown flags: {extents}"
+            )
+        covered = sum(extent.length for extent in extents)
+        self._expect(
+            offset + covered <= device.size, f"extents from {offset} run past the end: {extents}"
+        )
+        return covered
+
+    async def _extentMap(
+        self, device: IBlockDevice, offset: int, end: int
+    ) -> list[tuple[int, int, int]]:
+        """
+        Ask for block status until C{[offset, end)} is covered, checking
+        every answer, and check that every range claimed to read as zeroes
+        does.
+
+        @return: C{(start, length, flags)} triples, equal neighbours merged
+            and the last one cut at C{end}.
+        """
+        found: list[tuple[int, int, int]] = []
+        position = offset
+        while position < end:
+            extents = await device.block_status(position, end - position)
+            self._assertWellFormed(device, position, extents)
+            for extent in extents:
+                length = min(extent.length, end - position)
+                if length <= 0:
+                    break
+                if found and found[-1][2] == extent.flags and sum(found[-1][:2]) == position:
+                    start, previous, flags = found.pop()
+                    found.append((start, previous + length, flags))
+                else:
+                    found.append((position, length, extent.flags))
+                position += length
+        for start, length, flags in found:
+            if flags & STATE_ZERO:
+                data = await self._read(device, start, length)
+                self._assertBytes(data, bytes(length), f"range claimed zero at {start}")
+        return found
+
+    # The tests.
+
+    async def test_providesIBlockDevice(self) -> None:
+        """The device provides L{IBlockDevice} and has L{Capabilities}."""
+        device = await self._open()
+        self._expect(verifyObject(IBlockDevice, device), "verifyObject failed")
+        self._expect(
+            isinstance(device.capabilities, Capabilities),
+            f"capabilities is {device.capabilities!r}",
+        )
+
+    async def test_size(self) -> None:
+        """The device has the size it was made with."""
+        device = await self._open()
+        self._expect(
+            device.size == self.deviceSize, f"size is {device.size}, not {self.deviceSize}"
+        )
+
+    async def test_newDeviceReadsZeroes(self) -> None:
+        """Every byte of a new device reads as zero."""
+        device = await self._open()
+        data = await self._read(device, 0, device.size)
+        self._assertBytes(data, bytes(device.size), "a new device")
+
+    async def test_zeroLengthRead(self) -> None:
+        """A read of no bytes, even at the very end, returns no bytes."""
+        device = await self._open()
+        self._assertBytes(await device.read(0, 0), b"", "read(0, 0)")
+        self._assertBytes(await device.read(device.size, 0), b"", "read(size, 0)")
+
+    async def test_writeAligned(self) -> None:
+        """Block-aligned writes read back, and nothing else changes."""
+        device = await self._open()
+        self._require(device, "can_write")
+        model = bytearray(device.size)
+        for seed, (offset, length) in enumerate(
+            [(0, 4 * _KiB), (4 * _KiB, 4 * _KiB), (64 * _KiB, 64 * _KiB), (_MiB, 300 * _KiB)]
+        ):
+            await self._write(device, model, offset, _pattern(length, seed))
+            self._assertBytes(
+                await device.read(offset, length), _pattern(length, seed), f"at {offset}"
+            )
+        await self._assertModel(device, model)
+
+    async def test_writeUnaligned(self) -> None:
+        """Writes at odd offsets and lengths, across pages, read back."""
+        device = await self._open()
+        self._require(device, "can_write")
+        self._requireBytes(device)
+        model = bytearray(device.size)
+        for seed, (offset, length) in enumerate(
+            [(1, 1), (4095, 2), (64 * _KiB - 7, 13), (12345, 200_001), (3 * _MiB + 3, 1)]
+        ):
+            await self._write(device, model, offset, _pattern(length, seed))
+        await self._assertModel(device, model)
+        self._assertBytes(await device.read(4094, 4), b"\0" + _pattern(2, 1) + b"\0", "4094")
+
+    async def test_writeLastBytes(self) -> None:
+        """The last block, and the very last byte, can be written and read."""
+        device = await self._open()
+        self._require(device, "can_write")
+        block = device.capabilities.min_block
+        size = device.size
+        await device.write(size - block, _pattern(block))
+        self._assertBytes(await device.read(size - block, block), _pattern(block), "last block")
+        if block == 1:
+            await device.write(size - 1, b"\xaa")
+            self._assertBytes(await device.read(size - 2, 2), b"\0\xaa", "last byte")
+
+    async def test_overlappingWrites(self) -> None:
+        """A later write wins where it overlaps an earlier one."""
+        device = await self._open()
+        self._require(device, "can_write")
+        model = bytearray(device.size)
+        page = 4 * _KiB
+        await self._write(device, model, page, _pattern(50 * page, 1))
+        await self._write(device, model, 20 * page, _pattern(10 * page, 2))
+        await self._write(device, model, 40 * page, _pattern(20 * page, 3))
+        await self._write(device, model, 0, _pattern(2 * page, 4))
+        await self._assertModel(device, model, 0, 70 * page)
+        self._assertBytes(
+            await device.read(20 * page, page), _pattern(page, 2), "the overwritten middle"
+        )
+
+    async def test_writeFUA(self) -> None:
+        """A write with FUA completes and reads back."""
+        device = await self._open()
+        self._require(device, "can_write", "can_fua")
+        await self._expectNone(device.write(8 * _KiB, _pattern(8 * _KiB), fua=True), "write")
+        self._assertBytes(await device.read(8 * _KiB, 8 * _KiB), _pattern(8 * _KiB), "FUA")
+
+    async def test_flush(self) -> None:
+        """A flush after writes fires with C{None} and loses nothing."""
+        device = await self._open()
+        self._require(device, "can_flush")
+        if device.capabilities.can_write:
+            await device.write(0, _pattern(4 * _KiB))
+        await self._expectNone(device.flush(), "flush")
+        if device.capabilities.can_write:
+            self._assertBytes(await device.read(0, 4 * _KiB), _pattern(4 * _KiB), "flushed")
+
+    async def test_trimThenWrite(self) -> None:
+        """
+        Trimming leaves the data around the range intact, and the trimmed
+        range can be written again.
+        """
+        device = await self._open()
+        self._require(device, "can_write", "can_trim")
+        model = bytearray(device.size)
+        await self._write(device, model, 0, _pattern(3 * _MiB))
+        await self._expectNone(device.trim(_MiB, _MiB), "trim")
+        await self._assertModel(device, model, 0, _MiB)
+        await self._assertModel(device, model, 2 * _MiB, device.size - 2 * _MiB)
+        await self._write(device, model, _MiB + 4 * _KiB, _pattern(8 * _KiB, 5))
+        await self._assertModel(device, model, _MiB + 4 * _KiB, 8 * _KiB)
+        if device.capabilities.can_fua:
+            await device.trim(2 * _MiB, 64 * _KiB, fua=True)
+            await self._assertModel(device, model, 2 * _MiB + 64 * _KiB, 64 * _KiB)
+
+    async def _checkWriteZeroes(self, mayTrim: bool) -> None:
+        device = await self._open()
+        self._require(device, "can_write", "can_zero")
+        model = bytearray(device.size)
+        await self._write(device, model, 0, _pattern(3 * _MiB))
+        if device.capabilities.min_block == 1:
+            ranges = [(64 * _KiB + 100, 2 * _MiB - 77), (5, 1), (3 * _MiB - 1, 1)]
+        else:
+            ranges = [(64 * _KiB, 2 * _MiB), (4 * _KiB, 4 * _KiB)]
+        # A range never written, reaching the end of the device.
+        ranges.append((5 * _MiB, device.size - 5 * _MiB))
+        for offset, length in ranges:
+            await self._expectNone(
+                device.write_zeroes(offset, length, may_trim=mayTrim), "write_zeroes"
+            )
+            model[offset : offset + length] = bytes(length)
+        await self._assertModel(device, model)
+        if device.capabilities.can_fua:
+            await device.write_zeroes(_MiB, 4 * _KiB, fua=True, may_trim=mayTrim)
+            model[_MiB : _MiB + 4 * _KiB] = bytes(4 * _KiB)
+            await self._assertModel(device, model, 0, 3 * _MiB)
+
+    async def test_writeZeroesMayTrim(self) -> None:
+        """
+        Zeroing that may punch holes makes the range read as zeroes and
+        leaves its neighbours alone.
+        """
+        await self._checkWriteZeroes(mayTrim=True)
+
+    async def test_writeZeroesNoHole(self) -> None:
+        """
+        Zeroing with NO_HOLE makes the range read as zeroes and leaves its
+        neighbours alone.
+        """
+        await self._checkWriteZeroes(mayTrim=False)
+
+    async def test_blockStatusWellFormed(self) -> None:
+        """
+        Block status anywhere returns consecutive, non-empty extents inside
+        the device, with only the defined flags.
+        """
+        device = await self._open()
+        self._require(device, "can_extents")
+        block = device.capabilities.min_block
+        if device.capabilities.can_write:
+            await device.write(_MiB, _pattern(5 * block + (5000 if block == 1 else 0)))
+            await device.write(3 * _MiB + block, _pattern(block))
+        size = device.size
+        offsets = [0, _MiB - block, _MiB, 2 * _MiB + 3 * block, 3 * _MiB, size - block]
+        if block == 1:
+            offsets += [1, _MiB + 4999, size - 2]
+        for offset in offsets:
+            for length in (block, 4 * _KiB, size - offset):
+                length = min(length, size - offset)
+                extents = await device.block_status(offset, length)
+                self._assertWellFormed(device, offset, extents)
+
+    async def test_blockStatusData(self) -> None:
+        """
+        Block status never claims that written data reads as zeroes, and
+        every range it does claim to be zero reads as zeroes.
+        """
+        device = await self._open()
+        self._require(device, "can_extents", "can_write")
+        await device.write(_MiB, _pattern(64 * _KiB))
+        extents = await device.block_status(_MiB, 64 * _KiB)
+        self._assertWellFormed(device, _MiB, extents)
+        self._expect(not extents[0].flags & STATE_ZERO, f"written data reported zero: {extents}")
+        await self._extentMap(device, 0, device.size)
+
+    async def test_blockStatusAfterZeroing(self) -> None:
+        """
+        After trimming and zeroing, block status stays truthful (ranges
+        claimed zero read as zeroes, written ones are not claimed zero) and,
+        for exact devices, reports exactly the holes made.
+        """
+        device = await self._open()
+        self._require(device, "can_extents", "can_write", "can_zero")
+        await device.write(0, _pattern(4 * _MiB))
+        await device.write_zeroes(_MiB, _MiB, may_trim=True)
+        if device.capabilities.can_trim:
+            await device.trim(3 * _MiB, 512 * _KiB)
+        found = await self._extentMap(device, 0, device.size)
+        for start, _, flags in found:
+            if flags & STATE_ZERO:
+                self._expect(
+                    not (start < _MiB or 2 * _MiB <= start < 3 * _MiB),
+                    f"data reported as zero: {found}",
+                )
+        if self.exactAllocation:
+            hole = STATE_HOLE | STATE_ZERO
+            expected = [(0, _MiB, 0), (_MiB, _MiB, hole), (2 * _MiB, _MiB, 0)]
+            if device.capabilities.can_trim:
+                expected += [(3 * _MiB, 512 * _KiB, hole), (3 * _MiB + 512 * _KiB, 512 * _KiB, 0)]
+            else:
+                expected += [(3 * _MiB, _MiB, 0)]
+            expected += [(4 * _MiB, device.size - 4 * _MiB, hole)]
+            self._expect(found == expected, f"extents {found}, expected {expected}")
+
+    async def test_noHoleZeroingStaysAllocated(self) -> None:
+        """
+        Zeroing with NO_HOLE, even where nothing was ever written, leaves the
+        range allocated (checked on devices that report allocation exactly).
+        """
+        if not self.exactAllocation:
+            raise SkipTest("the device's allocation reporting is not exact")
+        device = await self._open()
+        self._require(device, "can_extents", "can_write", "can_zero")
+        await device.write(0, _pattern(_MiB))
+        await device.write_zeroes(0, _MiB, may_trim=False)
+        await device.write_zeroes(2 * _MiB, _MiB, may_trim=False)
+        found = await self._extentMap(device, 0, 4 * _MiB)
+        hole = STATE_HOLE | STATE_ZERO
+        expected = [(0, _MiB, 0), (_MiB, _MiB, hole), (2 * _MiB, _MiB, 0), (3 * _MiB, _MiB, hole)]
+        self._expect(found == expected, f"extents {found}, expected {expected}")
+
+    async def test_fastZero(self) -> None:
+        """
+        Fast zeroing either works, reading zeroes afterwards, or fails with
+        C{ENOTSUP} leaving the data as it was.
+        """
+        device = await self._open()
+        self._require(device, "can_write", "can_zero", "can_fast_zero")
+        model = bytearray(device.size)
+        await self._write(device, model, 0, _pattern(3 * _MiB))
+        for offset, mayTrim in [(64 * _KiB, True), (_MiB + 64 * _KiB, False)]:
+            try:
+                await device.write_zeroes(offset, 512 * _KiB, may_trim=mayTrim, fast=True)
+            except NBDError as e:
+                self._expect(e.errno == Errno.ENOTSUP, f"fast zero failed with {e}")
+            else:
+                model[offset : offset + 512 * _KiB] = bytes(512 * _KiB)
+            await self._assertModel(device, model, 0, 3 * _MiB)
+
+    async def test_cache(self) -> None:
+        """
+        Cache fires with C{None} on a device that advertises it, and
+        changes nothing that a read sees.
+        """
+        device = await self._open()
+        if device.capabilities.can_write:
+            await device.write(_MiB, _pattern(4 * _KiB))
+        try:
+            await self._expectNone(device.cache(0, device.size), "cache")
+        except NBDError:
+            if device.capabilities.can_cache:
+                raise
+        expected = _pattern(4 * _KiB) if device.capabilities.can_write else bytes(4 * _KiB)
+        self._assertBytes(await device.read(_MiB, 4 * _KiB), expected, "after cache")
+
+    async def test_bigRead(self) -> None:
+        """An 8 MiB read returns exactly the 8 MiB written."""
+        device = await self._open()
+        self._require(device, "can_write")
+        length = 8 * _MiB
+        data = _pattern(length, 7)
+        step = device.capabilities.max_block
+        for start in range(0, length, step):
+            await device.write(4 * _KiB + start, data[start : start + step])
+        read = await self._read(device, 4 * _KiB, length)
+        self._assertBytes(read, data, "8 MiB read")
+
+    async def test_concurrentRequests(self) -> None:
+        """
+        Many requests in flight at once, as several connections would send,
+        all complete and land where they were aimed.
+        """
+        device = await self._open()
+        self._require(device, "can_write")
+        chunk = 64 * _KiB
+        writes = [device.write(i * chunk, _pattern(chunk, i)) for i in range(32)]
+        await gatherResults(writes)
+        reads = [device.read(i * chunk, chunk) for i in range(32)]
+        results = await gatherResults(reads)
+        for i, data in enumerate(results):
+            self._assertBytes(data, _pattern(chunk, i), f"chunk {i}")
+
+    async def test_close(self) -> None:
+        """Close fires with C{None}."""
+        device = await self._open(closeAfter=False)
+        await self._expectNone(device.close(), "close")

@@ -1,0 +1,939 @@
+# -*- test-case-name: tests.test_backends -*-
+"""
+Tests for L{twisted_nbd.backends}: the conformance tests run against the
+memory and file backends, and what is particular to each.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+from typing import Any, Callable, Sequence, cast
+from unittest import SkipTest
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorFromThreads
+from twisted.python.threadpool import ThreadPool
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface.verify import verifyObject
+
+from twisted_nbd._wire import Errno
+from twisted_nbd.backends import file as fileModule
+from twisted_nbd.backends.file import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    FALLOC_FL_ZERO_RANGE,
+    MAX_EXTENTS,
+    ZERO_CHUNK,
+    FileBlockDevice,
+    create_image,
+)
+from twisted_nbd.backends.memory import DEFAULT_CAPABILITIES, MemoryBlockDevice
+from twisted_nbd.backends.memory import MAX_EXTENTS as MEMORY_MAX_EXTENTS
+from twisted_nbd.errors import NBDError, errnoFromOSError
+from twisted_nbd.interfaces import STATE_HOLE, STATE_ZERO, Capabilities, Extent, IBlockDevice
+from twisted_nbd.testing import BlockDeviceConformanceMixin
+
+KiB = 1024
+MiB = 1024 * 1024
+TiB = 1024**4
+HOLE = STATE_HOLE | STATE_ZERO
+
+
+def pattern(length: int, seed: int = 0) -> bytes:
+    """Nonzero bytes that differ from one offset to the next."""
+    return bytes((seed + i) % 251 + 1 for i in range(251)) * (length // 251) + bytes(
+        (seed + i) % 251 + 1 for i in range(length % 251)
+    )
+
+
+def tempDirectory(case: SynchronousTestCase) -> str:
+    """
+    A new directory, removed when the test ends.
+
+    Not C{case.mktemp()}: that is relative to the working directory, which
+    is trial's C{_trial_temp} but the repository itself under pytest.
+    """
+    directory = tempfile.mkdtemp(prefix="twisted-nbd-test-")
+    case.addCleanup(shutil.rmtree, directory, ignore_errors=True)
+    return directory
+
+
+def holesWork(directory: str) -> bool:
+    """
+    Whether the file system under C{directory} punches holes and reports
+    them with C{SEEK_DATA}, so tests can insist on exact extents where it
+    does.
+    """
+    path = os.path.join(directory, "probe")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL)
+    try:
+        os.pwrite(fd, b"x" * (2 * MiB), 0)
+        os.fsync(fd)
+        try:
+            fileModule._fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, MiB)
+            return os.lseek(fd, 0, os.SEEK_DATA) == MiB
+        except OSError:
+            return False
+    finally:
+        os.close(fd)
+        os.unlink(path)
+
+
+class MemoryConformanceTests(BlockDeviceConformanceMixin, TestCase):
+    """
+    The memory backend passes the conformance tests, reporting allocation
+    exactly.
+    """
+
+    exactAllocation = True
+
+    def makeDevice(self, size: int) -> IBlockDevice:
+        return MemoryBlockDevice(size)
+
+
+class MemorySmallPageConformanceTests(BlockDeviceConformanceMixin, TestCase):
+    """
+    With pages smaller than the test ranges, the memory backend still passes
+    the conformance tests.
+    """
+
+    exactAllocation = True
+
+    def makeDevice(self, size: int) -> IBlockDevice:
+        return MemoryBlockDevice(size, page_size=4 * KiB)
+
+
+class MemoryBlockDeviceTests(SynchronousTestCase):
+    """
+    Tests for L{MemoryBlockDevice} beyond the conformance tests.
+    """
+
+    def status(self, device: MemoryBlockDevice, offset: int, length: int) -> list[Extent]:
+        """The extents C{block_status} fires with at once."""
+        extents: Sequence[Extent] = self.successResultOf(device.block_status(offset, length))
+        return list(extents)
+
+    def test_sparse(self) -> None:
+        """
+        A 1 TiB device costs nothing until written, and a few small writes
+        far apart allocate one page each.
+        """
+        device = MemoryBlockDevice(TiB)
+        self.assertEqual(device.page_count, 0)
+        for offset in (0, TiB // 2 + 5, TiB - 3):
+            self.successResultOf(device.write(offset, b"abc"))
+        self.assertEqual(device.page_count, 3)
+        self.assertEqual(self.successResultOf(device.read(TiB - 3, 3)), b"abc")
+        self.assertEqual(self.successResultOf(device.read(TiB // 2, 9)), b"\0" * 5 + b"abc\0")
+        self.assertEqual(device.page_count, 3)
+
+    def test_readsAllocateNothing(self) -> None:
+        """Reading and asking for block status allocate no pages."""
+        device = MemoryBlockDevice(TiB)
+        self.assertEqual(self.successResultOf(device.read(TiB - MiB, MiB)), bytes(MiB))
+        self.successResultOf(device.block_status(0, TiB))
+        self.successResultOf(device.cache(0, TiB))
+        self.assertEqual(device.page_count, 0)
+
+    def test_blockStatusHugeSparseDevice(self) -> None:
+        """
+        Block status over a huge device with a few pages describes them
+        exactly, without walking every page number.
+        """
+        page = 64 * KiB
+        device = MemoryBlockDevice(TiB, page_size=page)
+        self.successResultOf(device.write(3 * page + 1, b"x"))
+        self.successResultOf(device.write(TiB - 1, b"y"))
+        extents = self.successResultOf(device.block_status(0, TiB))
+        self.assertEqual(
+            list(extents),
+            [
+                Extent(3 * page, HOLE),
+                Extent(page, 0),
+                Extent(TiB - 5 * page, HOLE),
+                Extent(page, 0),
+            ],
+        )
+
+    def test_blockStatusMerges(self) -> None:
+        """Neighbouring pages with the same status make one extent."""
+        device = MemoryBlockDevice(MiB, page_size=4 * KiB)
+        self.successResultOf(device.write(8 * KiB, bytes(12 * KiB)))
+        extents = self.successResultOf(device.block_status(0, MiB))
+        self.assertEqual(
+            list(extents),
+            [Extent(8 * KiB, HOLE), Extent(12 * KiB, 0), Extent(MiB - 20 * KiB, HOLE)],
+        )
+
+    def test_blockStatusStopsAtRequestedEnd(self) -> None:
+        """Extents stop at the end of the request, even inside a page."""
+        device = MemoryBlockDevice(MiB)
+        self.successResultOf(device.write(0, b"x"))
+        self.assertEqual(self.status(device, 10, 100), [Extent(100, 0)])
+        self.assertEqual(self.status(device, MiB - 7, 5), [Extent(5, HOLE)])
+
+    def test_blockStatusClampedToSize(self) -> None:
+        """
+        On a device whose size is not a whole number of pages, the last
+        extent ends at the size.
+        """
+        device = MemoryBlockDevice(64 * KiB + 10)
+        self.successResultOf(device.write(64 * KiB + 9, b"z"))
+        self.assertEqual(
+            self.status(device, 60 * KiB, 4 * KiB + 10),
+            [Extent(4 * KiB, HOLE), Extent(10, 0)],
+        )
+
+    def test_blockStatusCapped(self) -> None:
+        """
+        On a badly fragmented device, block status stops after
+        L{MEMORY_MAX_EXTENTS} extents, which still start at the offset.
+        """
+        device = MemoryBlockDevice(4 * MiB, page_size=512)
+        for index in range(0, 8192, 2):
+            self.successResultOf(device.write(index * 512, b"d"))
+        extents = self.status(device, 0, 4 * MiB)
+        self.assertEqual(len(extents), MEMORY_MAX_EXTENTS)
+        self.assertEqual(extents[:3], [Extent(512, 0), Extent(512, HOLE), Extent(512, 0)])
+
+    def test_zeroingFreesPages(self) -> None:
+        """
+        Trimming or zeroing whole pages frees them; zeroing part of a page
+        frees it only once the whole page is zero.
+        """
+        page = 64 * KiB
+        device = MemoryBlockDevice(MiB, page_size=page)
+        self.successResultOf(device.write(0, pattern(4 * page)))
+        self.assertEqual(device.page_count, 4)
+        self.successResultOf(device.trim(0, page))
+        self.successResultOf(device.write_zeroes(page, page))
+        self.assertEqual(device.page_count, 2)
+        self.successResultOf(device.write_zeroes(2 * page, 100))
+        self.assertEqual(device.page_count, 2)
+        self.successResultOf(device.trim(2 * page + 100, page - 100))
+        self.assertEqual(device.page_count, 1)
+        self.assertEqual(self.successResultOf(device.read(0, 3 * page)), bytes(3 * page))
+
+    def test_noHoleAllocates(self) -> None:
+        """
+        Zeroing without permission to trim keeps pages, and allocates
+        absent ones, as NO_HOLE asks.
+        """
+        page = 64 * KiB
+        device = MemoryBlockDevice(MiB, page_size=page)
+        self.successResultOf(device.write(0, pattern(page)))
+        self.successResultOf(device.write_zeroes(0, 2 * page, may_trim=False))
+        self.assertEqual(device.page_count, 2)
+        self.assertEqual(self.successResultOf(device.read(0, 2 * page)), bytes(2 * page))
+        extents = self.successResultOf(device.block_status(0, 2 * page))
+        self.assertEqual(list(extents), [Extent(2 * page, 0)])
+
+    def test_fastZeroSucceeds(self) -> None:
+        """Zeroing memory is always fast, so a fast zero never fails."""
+        device = MemoryBlockDevice(MiB)
+        self.successResultOf(device.write(0, pattern(MiB)))
+        self.successResultOf(device.write_zeroes(5, MiB - 10, fast=True, may_trim=False))
+        self.successResultOf(device.write_zeroes(5, MiB - 10, fast=True))
+        self.assertEqual(
+            self.successResultOf(device.read(0, MiB)),
+            pattern(MiB)[:5] + bytes(MiB - 10) + pattern(MiB)[-5:],
+        )
+
+    def test_readIsACopy(self) -> None:
+        """What a read returned does not change when the device is written."""
+        device = MemoryBlockDevice(MiB)
+        self.successResultOf(device.write(0, b"before"))
+        data = self.successResultOf(device.read(0, 6))
+        self.successResultOf(device.write(0, b"after!"))
+        self.assertEqual(bytes(data), b"before")
+
+    def test_writeAcceptsBytesLikeObjects(self) -> None:
+        """A write accepts any bytes-like object, such as a memoryview."""
+        device = MemoryBlockDevice(MiB)
+        self.successResultOf(device.write(3, cast(bytes, memoryview(b"xyz"))))
+        self.successResultOf(device.write(6, cast(bytes, bytearray(b"uvw"))))
+        self.assertEqual(self.successResultOf(device.read(3, 6)), b"xyzuvw")
+
+    def test_capabilities(self) -> None:
+        """
+        By default a memory device can do everything, zeroing fast; other
+        capabilities can be given.
+        """
+        device = MemoryBlockDevice(MiB)
+        self.assertEqual(device.capabilities, DEFAULT_CAPABILITIES)
+        caps = device.capabilities
+        self.assertTrue(caps.can_fast_zero and caps.can_cache and caps.can_extents)
+        self.assertTrue(caps.can_multi_conn and caps.can_write and caps.can_zero)
+        readOnly = Capabilities(can_write=False)
+        self.assertIs(MemoryBlockDevice(MiB, readOnly).capabilities, readOnly)
+
+    def test_invalidArguments(self) -> None:
+        """A negative size or a page size that is not positive is refused."""
+        self.assertRaises(ValueError, MemoryBlockDevice, -1)
+        self.assertRaises(ValueError, MemoryBlockDevice, MiB, page_size=0)
+
+    def test_emptyDevice(self) -> None:
+        """A device of no bytes reads no bytes."""
+        device = MemoryBlockDevice(0)
+        self.assertEqual(self.successResultOf(device.read(0, 0)), b"")
+
+    def test_closeReleasesMemory(self) -> None:
+        """Closing drops every page, and closing again is harmless."""
+        device = MemoryBlockDevice(MiB)
+        self.successResultOf(device.write(0, pattern(MiB)))
+        self.assertIsNone(self.successResultOf(device.close()))
+        self.assertEqual(device.page_count, 0)
+        self.assertIsNone(self.successResultOf(device.close()))
+
+    def test_errorsFailTheDeferred(self) -> None:
+        """A bug inside an operation fails its Deferred instead of raising."""
+        device = MemoryBlockDevice(MiB)
+        failure = self.failureResultOf(device.write(0, cast(bytes, object())), TypeError)
+        self.assertIsInstance(failure.value, TypeError)
+
+
+class FileConformanceTests(BlockDeviceConformanceMixin, TestCase):
+    """
+    The file backend passes the conformance tests, with its own thread pool.
+    """
+
+    def setUp(self) -> None:
+        self.directory = tempDirectory(self)
+        self.threadpool = ThreadPool(minthreads=0, maxthreads=4, name="test_backends")
+        self.threadpool.start()
+        self.addCleanup(self.threadpool.stop)
+
+    def makeDevice(self, size: int) -> IBlockDevice:
+        path = os.path.join(self.directory, f"disk{len(os.listdir(self.directory))}.img")
+        create_image(path, size)
+        return FileBlockDevice(path, threadpool=self.threadpool)
+
+
+class FakeThreadPool:
+    """
+    Enough of a L{ThreadPool} for L{deferToThreadPool}: it keeps each job
+    until the test runs it, so a test decides when a "thread" finishes.
+    """
+
+    def __init__(self) -> None:
+        self.jobs: list[Callable[[], None]] = []
+
+    def callInThreadWithCallback(
+        self, onResult: Callable[[bool, object], None], f: Callable[..., object], *a: Any
+    ) -> None:
+        def job() -> None:
+            try:
+                result = f(*a)
+            except BaseException as e:
+                from twisted.python.failure import Failure
+
+                onResult(False, Failure(e))
+            else:
+                onResult(True, result)
+
+        self.jobs.append(job)
+
+    def runAll(self) -> None:
+        jobs, self.jobs = self.jobs, []
+        for job in jobs:
+            job()
+
+
+class ImmediateReactor:
+    """A reactor whose C{callFromThread} runs the call at once."""
+
+    def callFromThread(self, f: Callable[..., object], *args: Any, **kwargs: Any) -> None:
+        f(*args, **kwargs)
+
+
+class FileBlockDeviceTests(TestCase):
+    """
+    Tests for L{FileBlockDevice} beyond the conformance tests.
+    """
+
+    def setUp(self) -> None:
+        self.directory = tempDirectory(self)
+        self.path = os.path.join(self.directory, "disk.img")
+
+    def open(self, size: int = 4 * MiB, **kwargs: Any) -> FileBlockDevice:
+        """Create an image if there is none and open it, closing it later."""
+        create_image(self.path, size)
+        device = FileBlockDevice(self.path, **kwargs)
+        self.addCleanup(device.close)
+        return device
+
+    def openControlled(self, size: int = 4 * MiB) -> tuple[FileBlockDevice, FakeThreadPool]:
+        """Open a device whose pool jobs run only when the test says."""
+        pool = FakeThreadPool()
+        device = self.open(
+            size,
+            reactor=cast(IReactorFromThreads, ImmediateReactor()),
+            threadpool=cast(ThreadPool, pool),
+        )
+        return device, pool
+
+    def run_(self, pool: FakeThreadPool, d: Deferred[Any]) -> Any:
+        """Run the pool's jobs and return what C{d} fired with."""
+        pool.runAll()
+        return self.successResultOf(d)
+
+    def runFailure(self, pool: FakeThreadPool, d: Deferred[Any]) -> NBDError:
+        """Run the pool's jobs and return the L{NBDError} C{d} failed with."""
+        pool.runAll()
+        return cast(NBDError, self.failureResultOf(d, NBDError).value)
+
+    # Opening.
+
+    def test_providesIBlockDevice(self) -> None:
+        """A file device provides L{IBlockDevice}."""
+        self.assertTrue(verifyObject(IBlockDevice, self.open()))
+
+    def test_sizeFromFile(self) -> None:
+        """The size is the file's size when it was opened."""
+        with open(self.path, "wb") as f:
+            f.write(b"x" * 12345)
+        self.assertEqual(self.open().size, 12345)
+
+    def test_readWriteCapabilities(self) -> None:
+        """
+        A writable file device opens the file for reading and writing and
+        can do everything, multi-conn included.
+        """
+        device = self.open()
+        self.assertEqual(fcntl.fcntl(device._fd, fcntl.F_GETFL) & os.O_ACCMODE, os.O_RDWR)
+        caps = device.capabilities
+        for name in ("can_write", "can_flush", "can_fua", "can_trim", "can_zero", "can_cache"):
+            self.assertTrue(getattr(caps, name), name)
+        self.assertTrue(caps.can_extents and caps.can_multi_conn)
+        self.assertEqual(caps.can_fast_zero, sys.platform.startswith("linux"))
+
+    def test_readOnly(self) -> None:
+        """
+        A read-only file device opens the file read-only and advertises no
+        way of changing it.
+        """
+        device = self.open(read_only=True)
+        self.assertEqual(fcntl.fcntl(device._fd, fcntl.F_GETFL) & os.O_ACCMODE, os.O_RDONLY)
+        caps = device.capabilities
+        for name in ("can_write", "can_fua", "can_trim", "can_zero", "can_fast_zero"):
+            self.assertFalse(getattr(caps, name), name)
+
+    def test_readOnlyOpensUnwritableFile(self) -> None:
+        """
+        A file that cannot be written can be served read-only, but opening
+        it for writing raises an L{OSError} naming the file.
+        """
+        create_image(self.path, MiB)
+        os.chmod(self.path, 0o444)
+        if os.geteuid() == 0:
+            # Root may write to any file: refuse the way the kernel would.
+            realOpen = os.open
+
+            def open(path: str, flags: int, *args: Any) -> int:
+                if flags & os.O_ACCMODE != os.O_RDONLY:
+                    raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+                return realOpen(path, flags, *args)
+
+            self.patch(os, "open", open)
+        error = self.assertRaises(PermissionError, FileBlockDevice, self.path)
+        self.assertIn(self.path, str(error))
+        self.assertIn("writing", str(error))
+        device = FileBlockDevice(self.path, read_only=True)
+        self.addCleanup(device.close)
+        self.assertFalse(device.capabilities.can_write)
+
+    def test_openMissing(self) -> None:
+        """Opening a file that does not exist raises an error naming it."""
+        error = self.assertRaises(FileNotFoundError, FileBlockDevice, self.path)
+        self.assertEqual(error.errno, errno.ENOENT)
+        self.assertIn(self.path, str(error))
+
+    def test_openDirectory(self) -> None:
+        """A directory is neither a file nor a block device."""
+        error = self.assertRaises(OSError, FileBlockDevice, self.directory, read_only=True)
+        self.assertEqual(error.errno, errno.EINVAL)
+
+    def test_blockDeviceSizeFromEnd(self) -> None:
+        """The size of a block device is found by seeking to its end."""
+        with open(self.path, "wb") as f:
+            f.write(b"x" * 5000)
+        fd = os.open(self.path, os.O_RDONLY)
+        self.addCleanup(os.close, fd)
+        self.patch(os, "fstat", lambda fd: self.fail("fstat used for a block device"))
+        self.assertEqual(fileModule._deviceSize(fd, stat.S_IFBLK | 0o600), 5000)
+
+    def test_libraryDoesNotImportReactor(self) -> None:
+        """Importing the backends does not install the global reactor."""
+        code = (
+            "import sys, twisted_nbd.backends.file, twisted_nbd.backends.memory\n"
+            "print('twisted.internet.reactor' in sys.modules)"
+        )
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        output = subprocess.run(
+            [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True
+        ).stdout
+        self.assertEqual(output.strip(), "False")
+
+    async def test_defaultThreadPool(self) -> None:
+        """Without a reactor or pool, the global reactor's pool is used."""
+        device = self.open()
+        await device.write(5, b"hello")
+        self.assertEqual(await device.read(3, 9), b"\0\0hello\0\0")
+
+    def test_noThreadPool(self) -> None:
+        """
+        A reactor that has no thread pool, and no pool given, fails each
+        request's Deferred rather than raising.
+        """
+        device = self.open(reactor=cast(IReactorFromThreads, ImmediateReactor()))
+        self.failureResultOf(device.read(0, 1), TypeError)
+
+    def test_durability(self) -> None:
+        """
+        FUA writes, trims and zeroes, and flushes, call C{fdatasync} after
+        their work, in the same job; other requests do not.
+        """
+        device, pool = self.openControlled()
+        synced: list[str] = []
+        self.patch(fileModule, "_fdatasync", lambda fd: synced.append("sync"))
+
+        def pwrite(fd: int, data: memoryview, offset: int) -> int:
+            synced.append("write")
+            return os.pwrite(fd, data, offset)
+
+        self.patch(device, "_pwrite", pwrite)
+        self.run_(pool, device.write(0, b"x"))
+        self.assertEqual(synced, ["write"])
+        self.run_(pool, device.write(0, b"x", fua=True))
+        self.assertEqual(synced, ["write", "write", "sync"])
+        del synced[:]
+        self.run_(pool, device.trim(0, 4096))
+        self.run_(pool, device.write_zeroes(0, 4096))
+        self.run_(pool, device.read(0, 1))
+        self.run_(pool, device.block_status(0, 1))
+        self.run_(pool, device.cache(0, 1))
+        self.assertEqual(synced, [])
+        self.run_(pool, device.trim(0, 4096, fua=True))
+        self.run_(pool, device.write_zeroes(0, 4096, fua=True))
+        self.run_(pool, device.flush())
+        self.assertEqual(synced, ["sync", "sync", "sync"])
+
+    # create_image.
+
+    def test_createImage(self) -> None:
+        """C{create_image} makes a sparse file of the given size."""
+        self.assertTrue(create_image(self.path, 64 * MiB))
+        info = os.stat(self.path)
+        self.assertEqual(info.st_size, 64 * MiB)
+        self.assertLess(info.st_blocks * 512, MiB)
+
+    def test_createImageKeepsExisting(self) -> None:
+        """C{create_image} neither overwrites nor resizes an existing file."""
+        with open(self.path, "wb") as f:
+            f.write(b"precious")
+        self.assertFalse(create_image(self.path, MiB))
+        with open(self.path, "rb") as f:
+            self.assertEqual(f.read(), b"precious")
+
+    def test_createImageNegative(self) -> None:
+        """A negative size is refused and nothing is created."""
+        self.assertRaises(ValueError, create_image, self.path, -1)
+        self.assertFalse(os.path.exists(self.path))
+
+    def test_createImageTooBig(self) -> None:
+        """If the size cannot be set, no file is left behind."""
+
+        def tooBig(fd: int, size: int) -> None:
+            raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
+
+        self.patch(os, "ftruncate", tooBig)
+        error = self.assertRaises(OSError, create_image, self.path, 2**62)
+        self.assertEqual(error.errno, errno.EFBIG)
+        self.assertFalse(os.path.exists(self.path))
+
+    # Reading and writing.
+
+    def test_shortReads(self) -> None:
+        """A read that the kernel answers in pieces is completed."""
+        device, pool = self.openControlled()
+        with open(self.path, "r+b") as f:
+            f.write(pattern(10000))
+        calls = []
+
+        def shortPread(fd: int, length: int, offset: int) -> bytes:
+            calls.append((length, offset))
+            return os.pread(fd, min(length, 999), offset)
+
+        self.patch(device, "_pread", shortPread)
+        self.assertEqual(self.run_(pool, device.read(1, 9000)), pattern(10000)[1:9001])
+        self.assertEqual(len(calls), 10)
+        self.assertEqual(calls[1], (9000 - 999, 1000))
+
+    def test_readPastShrunkenEnd(self) -> None:
+        """
+        If the file shrinks under the device, what lies past its new end
+        reads as zeroes.
+        """
+        device, pool = self.openControlled()
+        self.run_(pool, device.write(0, pattern(8192)))
+        os.truncate(self.path, 4096)
+        self.assertEqual(
+            self.run_(pool, device.read(4000, 8192)), pattern(4096)[4000:] + bytes(8096)
+        )
+
+    def test_shortWrites(self) -> None:
+        """A write that the kernel takes in pieces is completed."""
+        device, pool = self.openControlled()
+        calls = []
+
+        def shortPwrite(fd: int, data: memoryview, offset: int) -> int:
+            calls.append(offset)
+            return os.pwrite(fd, data[:1000], offset)
+
+        self.patch(device, "_pwrite", shortPwrite)
+        self.run_(pool, device.write(7, pattern(4500)))
+        self.assertEqual(calls, [7, 1007, 2007, 3007, 4007])
+        with open(self.path, "rb") as f:
+            self.assertEqual(f.read(4507), bytes(7) + pattern(4500))
+
+    def test_writeWithoutProgress(self) -> None:
+        """A write that makes no progress fails with C{EIO} instead of spinning."""
+        device, pool = self.openControlled()
+        self.patch(device, "_pwrite", lambda fd, data, offset: 0)
+        self.assertEqual(self.runFailure(pool, device.write(0, b"x")).errno, Errno.EIO)
+
+    def test_writeNoSpace(self) -> None:
+        """
+        A full file system fails the write with C{ENOSPC}, saying what
+        failed where.
+        """
+        device, pool = self.openControlled()
+
+        def full(fd: int, data: memoryview, offset: int) -> int:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        self.patch(device, "_pwrite", full)
+        error = self.runFailure(pool, device.write(4096, b"x"))
+        self.assertEqual(error.errno, Errno.ENOSPC)
+        self.assertIn("write at offset 4096", error.message)
+        self.assertIn(os.strerror(errno.ENOSPC), error.message)
+
+    def test_readIOError(self) -> None:
+        """A failing disk fails the read with C{EIO}."""
+        device, pool = self.openControlled()
+
+        def broken(fd: int, length: int, offset: int) -> bytes:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+        self.patch(device, "_pread", broken)
+        error = self.runFailure(pool, device.read(512, 512))
+        self.assertEqual(error.errno, Errno.EIO)
+        self.assertIn("read at offset 512", error.message)
+
+    def test_unknownErrorIsEIO(self) -> None:
+        """An errno the protocol has no name for becomes C{EIO}."""
+        device, pool = self.openControlled()
+
+        def odd(fd: int, length: int, offset: int) -> bytes:
+            raise OSError(errno.EBADMSG, os.strerror(errno.EBADMSG))
+
+        self.patch(device, "_pread", odd)
+        self.assertEqual(self.runFailure(pool, device.read(0, 1)).errno, Errno.EIO)
+
+    def test_errnoMapping(self) -> None:
+        """Host errors that the protocol can express keep their meaning."""
+        for host, wire in [
+            (errno.ENOSPC, Errno.ENOSPC),
+            (errno.EDQUOT, Errno.ENOSPC),
+            (errno.EIO, Errno.EIO),
+            (errno.EROFS, Errno.EPERM),
+            (errno.EBADMSG, Errno.EIO),
+        ]:
+            self.assertEqual(errnoFromOSError(OSError(host, "x")), wire, errno.errorcode[host])
+
+    # Discarding and zeroing, with fallocate under the test's control.
+
+    def fakeFallocate(
+        self, unsupported: set[int], failure: int | None = None, pretend: bool = False
+    ) -> list[int]:
+        """
+        Replace C{fallocate}: modes in C{unsupported} fail with
+        C{EOPNOTSUPP}, every mode fails with C{failure} if given, and the
+        others really run (or, with C{pretend}, succeed doing nothing, as
+        if every mode worked whatever the file system).
+
+        @return: the list to which the modes tried are appended.
+        """
+        real = fileModule._fallocate
+        tried: list[int] = []
+
+        def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+            tried.append(mode)
+            if failure is not None:
+                raise OSError(failure, os.strerror(failure))
+            if mode in unsupported:
+                raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+            if not pretend:
+                real(fd, mode, offset, length)
+
+        self.patch(fileModule, "_fallocate", fallocate)
+        return tried
+
+    def filled(self) -> tuple[FileBlockDevice, FakeThreadPool]:
+        """A controlled device whose first 4 MiB hold a pattern."""
+        device, pool = self.openControlled(8 * MiB)
+        self.run_(pool, device.write(0, pattern(4 * MiB)))
+        return device, pool
+
+    def contents(self, offset: int, length: int) -> bytes:
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            return f.read(length)
+
+    def test_fastZeroUnsupported(self) -> None:
+        """
+        Where no C{fallocate} mode works, a fast zero fails with C{ENOTSUP}
+        and changes nothing, while a normal one writes zeroes in bounded
+        chunks.
+        """
+        device, pool = self.filled()
+        tried = self.fakeFallocate(
+            {FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE}
+        )
+        for mayTrim in (True, False):
+            error = self.runFailure(
+                pool, device.write_zeroes(MiB, 2 * MiB, may_trim=mayTrim, fast=True)
+            )
+            self.assertEqual(error.errno, Errno.ENOTSUP)
+        self.assertEqual(self.contents(0, 4 * MiB), pattern(4 * MiB))
+        self.assertTrue(tried)
+
+        writes: list[int] = []
+
+        def pwrite(fd: int, data: memoryview, offset: int) -> int:
+            writes.append(len(data))
+            return os.pwrite(fd, data, offset)
+
+        self.patch(device, "_pwrite", pwrite)
+        self.run_(pool, device.write_zeroes(MiB + 1, 2 * MiB + 5, may_trim=False))
+        self.assertEqual(max(writes), ZERO_CHUNK)
+        self.assertEqual(sum(writes), 2 * MiB + 5)
+        self.assertEqual(
+            self.contents(0, 4 * MiB),
+            pattern(4 * MiB)[: MiB + 1] + bytes(2 * MiB + 5) + pattern(4 * MiB)[3 * MiB + 6 :],
+        )
+
+    def test_trimUnsupported(self) -> None:
+        """Where holes cannot be punched, trim succeeds and does nothing."""
+        device, pool = self.filled()
+        self.fakeFallocate({FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE})
+        self.assertIsNone(self.run_(pool, device.trim(0, MiB)))
+        self.assertEqual(self.contents(0, MiB), pattern(MiB))
+
+    def test_unsupportedModeRemembered(self) -> None:
+        """A mode found unsupported is not tried again."""
+        device, pool = self.filled()
+        punch = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+        tried = self.fakeFallocate({punch})
+        self.run_(pool, device.trim(0, MiB))
+        self.run_(pool, device.trim(0, MiB))
+        self.assertEqual(tried, [punch])
+
+    def test_noHoleWithoutZeroRange(self) -> None:
+        """
+        Without zero-range, zeroing with NO_HOLE punches a hole and
+        allocates it again, never leaving a plain hole behind on purpose.
+        """
+        device, pool = self.filled()
+        tried = self.fakeFallocate({FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE})
+        self.run_(pool, device.write_zeroes(MiB, MiB, may_trim=False))
+        self.assertEqual(
+            tried,
+            [
+                FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE,
+                FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                FALLOC_FL_KEEP_SIZE,
+            ],
+        )
+        original = pattern(4 * MiB)
+        self.assertEqual(
+            self.contents(MiB - 1, MiB + 2),
+            original[MiB - 1 : MiB] + bytes(MiB) + original[2 * MiB : 2 * MiB + 1],
+        )
+
+    def test_mayTrimPrefersPunching(self) -> None:
+        """Zeroing that may trim punches a hole first."""
+        device, pool = self.filled()
+        tried = self.fakeFallocate(set(), pretend=True)
+        self.run_(pool, device.write_zeroes(0, MiB, may_trim=True))
+        self.run_(pool, device.write_zeroes(MiB, MiB, may_trim=False))
+        self.assertEqual(
+            tried,
+            [
+                FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE,
+            ],
+        )
+
+    def test_fallocateFailure(self) -> None:
+        """A real failure of C{fallocate} fails the request with its errno."""
+        device, pool = self.filled()
+        self.fakeFallocate(set(), failure=errno.EIO)
+        error = self.runFailure(pool, device.write_zeroes(0, MiB))
+        self.assertEqual(error.errno, Errno.EIO)
+        self.assertIn("write_zeroes at offset 0", error.message)
+        self.assertEqual(self.runFailure(pool, device.trim(0, MiB)).errno, Errno.EIO)
+
+    # Block status against the file system.
+
+    def lseekExtents(self, size: int) -> list[Extent]:
+        """Walk a file's holes and data with C{lseek}, independently."""
+        extents = []
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            position = 0
+            while position < size:
+                try:
+                    data = os.lseek(fd, position, os.SEEK_DATA)
+                except OSError as e:
+                    self.assertEqual(e.errno, errno.ENXIO)
+                    data = size
+                if data > position:
+                    extents.append(Extent(data - position, HOLE))
+                    position = data
+                else:
+                    end = os.lseek(fd, position, os.SEEK_HOLE)
+                    extents.append(Extent(end - position, 0))
+                    position = end
+        finally:
+            os.close(fd)
+        return extents
+
+    async def test_blockStatusMatchesLseek(self) -> None:
+        """
+        Block status over a file with a hole in the middle says what
+        C{lseek} says, and on file systems with holes, that is exactly the
+        hole.
+        """
+        create_image(self.path, 4 * MiB)
+        fd = os.open(self.path, os.O_WRONLY)
+        os.pwrite(fd, pattern(MiB), 0)
+        os.pwrite(fd, pattern(MiB), 3 * MiB)
+        os.close(fd)
+        device = self.open()
+        extents = list(await device.block_status(0, device.size))
+        self.assertEqual(extents, self.lseekExtents(device.size))
+        if holesWork(self.directory):
+            self.assertEqual(extents, [Extent(MiB, 0), Extent(2 * MiB, HOLE), Extent(MiB, 0)])
+        # Inside the hole, a short request gets exactly what it asked for.
+        extents = list(await device.block_status(MiB + 5, 100))
+        position, reality = 0, -1
+        for extent in self.lseekExtents(device.size):
+            if position <= MiB + 5 < position + extent.length:
+                reality = extent.flags
+            position += extent.length
+        self.assertEqual(extents, [Extent(100, reality)])
+
+    async def test_trimPunchesHole(self) -> None:
+        """
+        On a file system that punches holes, trim and zeroing with may-trim
+        free the blocks and block status reports the holes.
+        """
+        if not holesWork(self.directory):
+            raise SkipTest("this file system does not punch holes")
+        device = self.open()
+        await device.write(0, pattern(4 * MiB))
+        await device.flush()
+        before = os.stat(self.path).st_blocks
+        await device.trim(MiB, MiB)
+        await device.write_zeroes(3 * MiB, MiB, may_trim=True)
+        self.assertLessEqual(os.stat(self.path).st_blocks, before - 2 * MiB // 512)
+        extents = list(await device.block_status(0, device.size))
+        self.assertEqual(
+            extents, [Extent(MiB, 0), Extent(MiB, HOLE), Extent(MiB, 0), Extent(MiB, HOLE)]
+        )
+
+    async def test_zeroRangeStaysAllocated(self) -> None:
+        """
+        Zeroing with NO_HOLE keeps the blocks allocated (whatever block
+        status says: ext4 reports unwritten extents as holes).
+        """
+        if not holesWork(self.directory):
+            raise SkipTest("this file system does not punch holes")
+        device = self.open()
+        await device.write(0, pattern(2 * MiB))
+        await device.flush()
+        before = os.stat(self.path).st_blocks
+        await device.write_zeroes(0, 2 * MiB, may_trim=False)
+        self.assertGreaterEqual(os.stat(self.path).st_blocks, before)
+        self.assertEqual(await device.read(0, 2 * MiB), bytes(2 * MiB))
+
+    async def test_blockStatusCapped(self) -> None:
+        """
+        Block status over a badly fragmented file stops after
+        L{MAX_EXTENTS} extents.
+        """
+        if not holesWork(self.directory):
+            raise SkipTest("this file system does not punch holes")
+        size = 2 * (MAX_EXTENTS + 10) * 4 * KiB
+        create_image(self.path, size)
+        fd = os.open(self.path, os.O_WRONLY)
+        for offset in range(0, size, 8 * KiB):
+            os.pwrite(fd, b"d" * 4 * KiB, offset)
+        os.close(fd)
+        device = self.open()
+        extents = list(await device.block_status(0, size))
+        self.assertEqual(len(extents), MAX_EXTENTS)
+        self.assertEqual(extents[:2], [Extent(4 * KiB, 0), Extent(4 * KiB, HOLE)])
+
+    async def test_blockStatusClampedWhenFileGrew(self) -> None:
+        """
+        If the file grows after it was opened, block status still stops at
+        the device's size.
+        """
+        device = self.open(MiB)
+        with open(self.path, "ab") as f:
+            f.write(pattern(MiB))
+        extents = list(await device.block_status(MiB - 10, 10))
+        self.assertEqual(sum(e.length for e in extents), 10)
+
+    async def test_blockStatusHoleToEnd(self) -> None:
+        """A hole that reaches the end of the file (C{ENXIO}) is one extent."""
+        device = self.open(MiB)
+        self.assertEqual(list(await device.block_status(0, MiB)), [Extent(MiB, HOLE)])
+
+    # Closing.
+
+    def test_closeWaitsForRequests(self) -> None:
+        """
+        Closing while a request runs in the pool waits for it before closing
+        the descriptor, whose number could otherwise be reused under the
+        request.
+        """
+        device, pool = self.openControlled()
+        fd = device._fd
+        reading = device.read(0, 10)
+        closing = device.close()
+        self.assertNoResult(closing)
+        os.fstat(fd)  # still open
+        pool.runAll()
+        self.assertEqual(self.successResultOf(reading), bytes(10))
+        self.assertIsNone(self.successResultOf(closing))
+        error = self.assertRaises(OSError, os.fstat, fd)
+        self.assertEqual(error.errno, errno.EBADF)
+
+    def test_requestsAfterClose(self) -> None:
+        """Requests after close fail with C{ESHUTDOWN}; closing again is harmless."""
+        device, pool = self.openControlled()
+        self.assertIsNone(self.successResultOf(device.close()))
+        error = self.failureResultOf(device.read(0, 1), NBDError).value
+        self.assertEqual(cast(NBDError, error).errno, Errno.ESHUTDOWN)
+        self.assertIsNone(self.successResultOf(device.close()))
+        self.assertEqual(pool.jobs, [])

@@ -1,0 +1,526 @@
+# -*- test-case-name: tests.test_backends -*-
+"""
+A block device backed by a regular file or a host block device.
+
+One file descriptor is opened per export and shared by every connection:
+reads and writes use C{pread}/C{pwrite} at explicit offsets, never the
+descriptor's file position, so concurrent requests cannot disturb each other,
+and one C{fdatasync} covers writes made through any connection (which is
+what makes multi-conn safe to advertise).
+
+Every system call that may block runs in a thread pool. Discarding and
+zeroing use Linux's C{fallocate} modes (punch hole, zero range) through
+C{ctypes}, since the standard library exposes only the plain allocation
+mode; allocation is reported with C{lseek}'s C{SEEK_DATA}/C{SEEK_HOLE}.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import stat
+import sys
+from typing import TYPE_CHECKING, Callable, Sequence, TypeVar, cast
+
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.interfaces import IReactorFromThreads, IReactorThreads
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from twisted_nbd._wire import Errno
+from twisted_nbd.errors import NBDError, errnoFromOSError
+from twisted_nbd.interfaces import STATE_HOLE, STATE_ZERO, Capabilities, Extent, IBlockDevice
+
+if TYPE_CHECKING:
+    from twisted.python.threadpool import ThreadPool
+
+__all__ = [
+    "FALLOC_FL_KEEP_SIZE",
+    "FALLOC_FL_PUNCH_HOLE",
+    "FALLOC_FL_ZERO_RANGE",
+    "FileBlockDevice",
+    "MAX_EXTENTS",
+    "ZERO_CHUNK",
+    "create_image",
+]
+
+_T = TypeVar("_T")
+
+#: Linux C{fallocate} modes (from C{<linux/falloc.h>}).
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+#: C{block_status} stops after this many extents, which the interface allows.
+MAX_EXTENTS = 1024
+
+#: When zeroes must really be written, they go out this many bytes at a
+#: time, so zeroing a huge range never allocates a buffer of its size.
+ZERO_CHUNK = 1024 * 1024
+
+_PUNCH = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+_ZERO_RANGE = FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE
+_ALLOCATE = FALLOC_FL_KEEP_SIZE
+_HOLE = STATE_HOLE | STATE_ZERO
+
+# The errors with which fallocate says "this file system (or kernel, or
+# device) cannot do that mode", as opposed to a real I/O failure.
+_UNSUPPORTED = frozenset({errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.ENODEV})
+
+_log = Logger()
+
+_fdatasync: Callable[[int], None] = getattr(os, "fdatasync", os.fsync)
+
+_FallocateFunction = Callable[[int, int, int, int], int]
+_fallocateFunction: list[_FallocateFunction | None] = []
+
+
+def _libcFallocate() -> _FallocateFunction | None:
+    """
+    Find libc's C{fallocate} on first use (so importing this module costs
+    nothing and works where there is none), or C{None} if it has none.
+    """
+    if not _fallocateFunction:
+        function: _FallocateFunction | None = None
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            # fallocate64 takes 64-bit offsets even on 32-bit builds.
+            raw = getattr(libc, "fallocate64", None) or getattr(libc, "fallocate", None)
+        except (OSError, AttributeError):
+            raw = None
+        if raw is not None:
+            raw.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+            raw.restype = ctypes.c_int
+            function = cast(_FallocateFunction, raw)
+        _fallocateFunction.append(function)
+    return _fallocateFunction[0]
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """
+    Call C{fallocate(2)}.
+
+    @raise OSError: it failed; C{EOPNOTSUPP} if there is no C{fallocate}.
+    """
+    function = _libcFallocate()
+    if function is None:
+        raise OSError(errno.EOPNOTSUPP, "fallocate is not available on this platform")
+    while function(fd, mode, offset, length) != 0:
+        code = ctypes.get_errno()
+        if code != errno.EINTR:
+            raise OSError(code, os.strerror(code))
+
+
+def create_image(path: str, size: int) -> bool:
+    """
+    Create a sparse file of C{size} bytes at C{path} unless something is
+    already there; an existing file is left exactly as it is (neither
+    overwritten nor resized).
+
+    This blocks; call it while setting up, not from a running server.
+
+    @return: C{True} if the file was created, C{False} if it existed.
+    @raise ValueError: C{size} is negative.
+    @raise OSError: the file could not be created.
+    """
+    if size < 0:
+        raise ValueError(f"size must not be negative, not {size}")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+    except FileExistsError:
+        return False
+    try:
+        os.ftruncate(fd, size)
+    except BaseException:
+        # Do not leave a file of the wrong size behind for the next attempt
+        # to accept as existing.
+        os.close(fd)
+        os.unlink(path)
+        raise
+    os.close(fd)
+    return True
+
+
+def _deviceSize(fd: int, mode: int) -> int:
+    """
+    The size of an open file: C{st_size} for a regular file, the position
+    of its end for a block device (whose C{st_size} is 0).
+    """
+    if stat.S_ISBLK(mode):
+        return os.lseek(fd, 0, os.SEEK_END)
+    return os.fstat(fd).st_size
+
+
+@implementer(IBlockDevice)
+class FileBlockDevice:
+    """
+    An L{IBlockDevice} over one file descriptor, its blocking calls run in a
+    thread pool.
+
+    Every method returns a Deferred that fires in the reactor thread once
+    the call has finished in the pool; failures are L{NBDError}s whose
+    errno is mapped from the host's with L{errnoFromOSError} and whose
+    message names the operation and offset.
+
+    @ivar path: the path that was opened.
+    @ivar size: the size in bytes when the file was opened.
+    @ivar capabilities: what the device can do.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        read_only: bool = False,
+        reactor: IReactorFromThreads | None = None,
+        threadpool: ThreadPool | None = None,
+    ) -> None:
+        """
+        Open C{path} (this blocks briefly; do it while setting up).
+
+        @param read_only: open the file read-only and advertise no writes.
+        @param reactor: the reactor that receives results from the pool;
+            the global reactor if C{None}, looked up when first needed.
+        @param threadpool: the pool to run blocking calls in; C{reactor}'s
+            own pool if C{None}. An application would pass one owned by a
+            service, so it is started and stopped with the server.
+        @raise OSError: the file cannot be opened (for writing, unless
+            C{read_only}), or is neither a regular file nor a block device.
+        """
+        self.path = path
+        self._reactor = reactor
+        self._threadpool = threadpool
+        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+        try:
+            fd = os.open(path, flags)
+        except OSError as e:
+            how = "reading" if read_only else "reading and writing"
+            raise OSError(e.errno, f"cannot open {path!r} for {how}: {e.strerror}", path) from e
+        try:
+            mode = os.fstat(fd).st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+                raise OSError(
+                    errno.EINVAL, f"{path!r} is neither a regular file nor a block device", path
+                )
+            self.size = _deviceSize(fd, mode)
+            blockSize = os.fstat(fd).st_blksize
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        writable = not read_only
+        preferred = blockSize if blockSize > 0 and blockSize & (blockSize - 1) == 0 else 4096
+        self.capabilities = Capabilities(
+            can_write=writable,
+            can_flush=True,
+            can_fua=writable,
+            can_trim=writable,
+            can_zero=writable,
+            can_fast_zero=writable and sys.platform.startswith("linux"),
+            can_cache=True,
+            can_extents=True,
+            can_multi_conn=True,
+            preferred_block=preferred,
+        )
+        # The fallocate modes found not to work here, so later requests skip
+        # straight to the fallback. Set from pool threads; a lost update
+        # only costs one more failing system call.
+        self._unsupported: set[int] = set()
+        # Requests running in the pool, and who waits for them to end so the
+        # descriptor can be closed: closing it while a thread still uses it
+        # could make that thread write into whatever file reuses the number.
+        self._pending = 0
+        self._closing = False
+        self._closed = False
+        self._closeWaiters: list[Deferred[None]] = []
+        # The system calls that move data, as attributes so tests can make
+        # them return short counts or fail.
+        self._pread: Callable[[int, int, int], bytes] = os.pread
+        self._pwrite: Callable[[int, memoryview, int], int] = os.pwrite
+
+    # Running things in the pool.
+
+    def _threads(self) -> tuple[IReactorFromThreads, ThreadPool]:
+        """
+        The reactor and pool to use, looked up now rather than at import or
+        construction time: library code must not pick the global reactor
+        before the application has installed the one it wants.
+        """
+        reactor = self._reactor
+        if reactor is None:
+            from twisted.internet import reactor as globalReactor
+
+            reactor = cast(IReactorFromThreads, globalReactor)
+        threadpool = self._threadpool
+        if threadpool is None:
+            threadpool = IReactorThreads(reactor).getThreadPool()
+        return reactor, threadpool
+
+    def _run(self, operation: str, offset: int | None, job: Callable[[], _T]) -> Deferred[_T]:
+        """
+        Run C{job} in the pool, turning an L{OSError} into an L{NBDError}
+        that says what failed where.
+        """
+        if self._closing:
+            return fail(NBDError(Errno.ESHUTDOWN, f"{operation}: the device is closed"))
+
+        def inThread() -> _T:
+            try:
+                return job()
+            except OSError as e:
+                where = "" if offset is None else f" at offset {offset}"
+                reason = e.strerror or str(e)
+                raise NBDError(errnoFromOSError(e), f"{operation}{where}: {reason}") from e
+
+        try:
+            reactor, threadpool = self._threads()
+        except BaseException as e:
+            # No usable reactor or pool: still answer with a Deferred.
+            return fail(e)
+        d = deferToThreadPool(reactor, threadpool, inThread)
+        self._pending += 1
+        d.addBoth(self._finished)
+        return d
+
+    def _finished(self, result: _T) -> _T:
+        """A request left the pool; close the descriptor if it was the last."""
+        self._pending -= 1
+        if self._closing and self._pending == 0:
+            self._reallyClose()
+        return result
+
+    # The blocking work, run in pool threads.
+
+    def _readAll(self, offset: int, length: int) -> bytes:
+        data = self._pread(self._fd, length, offset)
+        if len(data) == length:
+            return data
+        chunks, got = [data], len(data)
+        while got < length:
+            chunk = self._pread(self._fd, length - got, offset + got)
+            if not chunk:
+                # End of file: the file shrank since it was opened. The
+                # device keeps its size, so what is missing reads as zeroes.
+                chunks.append(bytes(length - got))
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+        return b"".join(chunks)
+
+    def _writeAll(self, offset: int, data: bytes | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        position = 0
+        while position < len(view):
+            written = self._pwrite(self._fd, view[position:], offset + position)
+            if written <= 0:
+                # pwrite reports real failures by raising; no progress and no
+                # error would otherwise spin here forever.
+                raise OSError(errno.EIO, "pwrite wrote nothing")
+            position += written
+
+    def _tryFallocate(self, mode: int, offset: int, length: int) -> bool:
+        """
+        Try one C{fallocate} mode.
+
+        @return: C{True} if it worked, C{False} if the mode is unsupported.
+        @raise OSError: it failed for another reason.
+        """
+        if mode in self._unsupported:
+            return False
+        try:
+            _fallocate(self._fd, mode, offset, length)
+        except OSError as e:
+            if e.errno in _UNSUPPORTED:
+                self._unsupported.add(mode)
+                return False
+            raise
+        return True
+
+    def _zero(self, offset: int, length: int, fua: bool, mayTrim: bool, fast: bool) -> None:
+        done = mayTrim and self._tryFallocate(_PUNCH, offset, length)
+        if not done:
+            done = self._tryFallocate(_ZERO_RANGE, offset, length)
+        if not done and not mayTrim and self._tryFallocate(_PUNCH, offset, length):
+            # No zero-range, but a hole followed by allocation gives the same
+            # result (the trick nbdkit's file plugin uses). If allocating is
+            # unsupported the range still reads as zeroes, merely sparse.
+            self._tryFallocate(_ALLOCATE, offset, length)
+            done = True
+        if not done:
+            if fast:
+                # Nothing was written: the client falls back to its own way.
+                raise NBDError(Errno.ENOTSUP, "fast zeroing is not supported by this file system")
+            zeroes = memoryview(bytes(min(length, ZERO_CHUNK)))
+            position = 0
+            while position < length:
+                chunk = min(length - position, ZERO_CHUNK)
+                self._writeAll(offset + position, zeroes[:chunk])
+                position += chunk
+        if fua:
+            _fdatasync(self._fd)
+
+    def _blockStatus(self, offset: int, length: int) -> Sequence[Extent]:
+        end = min(offset + max(length, 1), self.size)
+        if end <= offset:
+            raise NBDError(Errno.EINVAL, f"block status at {offset} is past the end")
+        extents: list[Extent] = []
+        position = offset
+        while position < end and len(extents) < MAX_EXTENTS:
+            try:
+                data = os.lseek(self._fd, position, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:
+                    # No data at or after position: a hole to the end.
+                    data = end
+                elif e.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+                    # SEEK_DATA unsupported here: report data, which is never
+                    # wrong, for the whole rest of the range.
+                    extents.append(Extent(end - position, 0))
+                    break
+                else:
+                    raise
+            if data > position:
+                stop = min(data, end)
+                extents.append(Extent(stop - position, _HOLE))
+            else:
+                stop = min(os.lseek(self._fd, position, os.SEEK_HOLE), end)
+                extents.append(Extent(stop - position, 0))
+            position = stop
+        return extents
+
+    # IBlockDevice.
+
+    def read(self, offset: int, length: int) -> Deferred[bytes]:
+        """
+        Read C{length} bytes at C{offset}, retrying short reads; bytes past
+        the end of a file that shrank read as zeroes.
+
+        @return: a Deferred that fires with exactly C{length} bytes, or fails
+            with L{NBDError}.
+        """
+        return self._run("read", offset, lambda: self._readAll(offset, length))
+
+    def write(self, offset: int, data: bytes, fua: bool = False) -> Deferred[None]:
+        """
+        Write C{data} at C{offset}, retrying short writes; with C{fua},
+        C{fdatasync} before firing.
+
+        @return: a Deferred that fires with C{None}, or fails with
+            L{NBDError} (C{ENOSPC} when the file system is full).
+        """
+
+        def write() -> None:
+            self._writeAll(offset, data)
+            if fua:
+                _fdatasync(self._fd)
+
+        return self._run("write", offset, write)
+
+    def flush(self) -> Deferred[None]:
+        """
+        C{fdatasync} the file, covering writes from every connection.
+
+        @return: a Deferred that fires with C{None}, or fails with
+            L{NBDError}.
+        """
+        return self._run("flush", None, lambda: _fdatasync(self._fd))
+
+    def trim(self, offset: int, length: int, fua: bool = False) -> Deferred[None]:
+        """
+        Punch a hole, keeping the file's size; where the file system cannot,
+        do nothing (which the protocol allows).
+
+        @return: a Deferred that fires with C{None}, or fails with
+            L{NBDError}.
+        """
+
+        def trim() -> None:
+            self._tryFallocate(_PUNCH, offset, length)
+            if fua:
+                _fdatasync(self._fd)
+
+        return self._run("trim", offset, trim)
+
+    def write_zeroes(
+        self,
+        offset: int,
+        length: int,
+        fua: bool = False,
+        may_trim: bool = True,
+        fast: bool = False,
+    ) -> Deferred[None]:
+        """
+        Make a range read as zeroes: by punching a hole if C{may_trim}, else
+        with zero-range (or punch-then-allocate), else by writing zeroes a
+        bounded chunk at a time. With C{fast}, only the C{fallocate} ways are
+        tried.
+
+        @return: a Deferred that fires with C{None}, or fails with
+            L{NBDError}; C{ENOTSUP} for C{fast} when no quick way works, in
+            which case nothing was changed.
+        """
+        return self._run(
+            "write_zeroes", offset, lambda: self._zero(offset, length, fua, may_trim, fast)
+        )
+
+    def cache(self, offset: int, length: int) -> Deferred[None]:
+        """
+        Ask the kernel to read the range ahead (C{POSIX_FADV_WILLNEED}).
+
+        @return: a Deferred that fires with C{None}, or fails with
+            L{NBDError}.
+        """
+        advise = getattr(os, "posix_fadvise", None)
+        if advise is None:
+            return self._run("cache", offset, lambda: None)
+        return self._run(
+            "cache", offset, lambda: advise(self._fd, offset, length, os.POSIX_FADV_WILLNEED)
+        )
+
+    def block_status(self, offset: int, length: int) -> Deferred[Sequence[Extent]]:
+        """
+        Report holes (C{STATE_HOLE | STATE_ZERO}) and data (C{0}) from
+        C{offset} as the file system sees them, never past C{offset +
+        length} or the size, and at most L{MAX_EXTENTS} extents.
+
+        Some file systems report ranges zeroed with zero-range (ext4's
+        unwritten extents) as holes even though they stay allocated.
+
+        @return: a Deferred that fires with a non-empty list of L{Extent}s,
+            or fails with L{NBDError}.
+        """
+        return self._run("block_status", offset, lambda: self._blockStatus(offset, length))
+
+    def close(self) -> Deferred[None]:
+        """
+        Close the file descriptor once the requests already running have
+        finished. Later requests fail with C{ESHUTDOWN}; calling it again is
+        harmless.
+
+        @return: a Deferred that fires with C{None} once the descriptor is
+            closed.
+        """
+        d: Deferred[None] = Deferred()
+        if self._closed:
+            d.callback(None)
+            return d
+        self._closeWaiters.append(d)
+        self._closing = True
+        if self._pending == 0:
+            self._reallyClose()
+        return d
+
+    def _reallyClose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            try:
+                os.close(self._fd)
+            except OSError:
+                # The descriptor is gone either way (Linux never retries a
+                # close); nothing a caller could do about it but know.
+                _log.failure("Closing {path!r} failed", path=self.path)
+        waiters, self._closeWaiters = self._closeWaiters, []
+        for waiter in waiters:
+            waiter.callback(None)

@@ -1,0 +1,292 @@
+# -*- test-case-name: tests.test_backends -*-
+"""
+A sparse block device that lives in memory, for tests and RAM disks.
+
+Data is kept in fixed-size pages in a dict keyed by page number. A page that
+was never written (or was trimmed) is absent: it reads as zeroes, costs no
+memory and is reported as a hole by C{block_status}. So a 1 TiB device costs
+next to nothing until it is written.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence, TypeVar
+
+from twisted.internet.defer import Deferred, fail, succeed
+from zope.interface import implementer
+
+from twisted_nbd.interfaces import STATE_HOLE, STATE_ZERO, Capabilities, Extent, IBlockDevice
+
+__all__ = ["DEFAULT_CAPABILITIES", "DEFAULT_PAGE_SIZE", "MAX_EXTENTS", "MemoryBlockDevice"]
+
+_T = TypeVar("_T")
+
+#: The default page size: big enough to keep the dict small, small enough
+#: that a few scattered writes stay cheap.
+DEFAULT_PAGE_SIZE = 64 * 1024
+
+#: C{block_status} stops after this many extents, which the interface allows,
+#: so one request over a badly fragmented device stays cheap to answer.
+MAX_EXTENTS = 1024
+
+#: What a memory device can do: zeroing is always fast in memory, caching is
+#: a harmless no-op, and every connection sees the same dict.
+DEFAULT_CAPABILITIES = Capabilities(
+    can_fast_zero=True,
+    can_cache=True,
+    can_extents=True,
+    can_multi_conn=True,
+)
+
+_HOLE = STATE_HOLE | STATE_ZERO
+
+
+def _call(f: Callable[[], _T]) -> Deferred[_T]:
+    """
+    Run C{f} now and return an already-fired Deferred with its result or
+    its exception, so a bug never escapes as a synchronous raise.
+    """
+    try:
+        return succeed(f())
+    except BaseException as e:
+        return fail(e)
+
+
+@implementer(IBlockDevice)
+class MemoryBlockDevice:
+    """
+    An L{IBlockDevice} kept in memory, sparse in pages of C{page_size} bytes.
+
+    Every Deferred it returns has already fired. Contents are lost when the
+    device is closed or garbage collected; C{flush} and C{fua} therefore
+    have nothing to do.
+
+    @ivar size: the size of the device in bytes.
+    @ivar capabilities: L{DEFAULT_CAPABILITIES} unless others were given.
+    @ivar page_size: the size of one page in bytes.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        capabilities: Capabilities | None = None,
+        *,
+        page_size: int = DEFAULT_PAGE_SIZE,
+    ) -> None:
+        """
+        @param size: the device's size in bytes.
+        @param capabilities: what to advertise, for example with
+            C{can_write=False} for a read-only RAM disk or a bigger
+            C{min_block}; L{DEFAULT_CAPABILITIES} if not given.
+        @param page_size: the allocation unit.
+        @raise ValueError: C{size} is negative or C{page_size} is not
+            positive.
+        """
+        if size < 0:
+            raise ValueError(f"size must not be negative, not {size}")
+        if page_size <= 0:
+            raise ValueError(f"page_size must be positive, not {page_size}")
+        self.size = size
+        self.capabilities = capabilities or DEFAULT_CAPABILITIES
+        self.page_size = page_size
+        self._pages: dict[int, bytearray] = {}
+        # One shared page of zeroes: reads of holes slice it instead of
+        # allocating, and zeroing copies from it.
+        self._zeroes = memoryview(bytes(page_size))
+
+    @property
+    def page_count(self) -> int:
+        """The number of pages that hold data (and so cost memory)."""
+        return len(self._pages)
+
+    def _spans(self, offset: int, length: int) -> list[tuple[int, int, int]]:
+        """
+        Split a byte range into C{(page index, start in page, length)}
+        pieces, one per page touched.
+        """
+        spans = []
+        pageSize = self.page_size
+        position, end = offset, offset + length
+        while position < end:
+            index, start = divmod(position, pageSize)
+            chunk = min(pageSize - start, end - position)
+            spans.append((index, start, chunk))
+            position += chunk
+        return spans
+
+    def _wholePage(self, index: int, start: int, chunk: int) -> bool:
+        """
+        Whether a span covers every byte of its page that lies inside the
+        device (the last page may stick out past C{size}).
+        """
+        return start == 0 and chunk >= min(self.page_size, self.size - index * self.page_size)
+
+    def _page(self, index: int) -> bytearray:
+        """Return page C{index}, allocating it (zeroed) if it is absent."""
+        page = self._pages.get(index)
+        if page is None:
+            page = self._pages[index] = bytearray(self.page_size)
+        return page
+
+    def read(self, offset: int, length: int) -> Deferred[bytes]:
+        """
+        Read C{length} bytes at C{offset}; absent pages read as zeroes.
+
+        @return: an already-fired Deferred with exactly C{length} bytes.
+        """
+
+        def read() -> bytes:
+            # Views into the pages and into the shared zero page, joined once:
+            # a single copy whatever the length.
+            pieces: list[memoryview] = []
+            for index, start, chunk in self._spans(offset, length):
+                page = self._pages.get(index)
+                if page is None:
+                    pieces.append(self._zeroes[:chunk])
+                else:
+                    pieces.append(memoryview(page)[start : start + chunk])
+            return b"".join(pieces)
+
+        return _call(read)
+
+    def write(self, offset: int, data: bytes, fua: bool = False) -> Deferred[None]:
+        """
+        Copy C{data} to C{offset}, allocating the pages it touches. C{fua}
+        changes nothing: memory is as durable as it gets.
+
+        @return: an already-fired Deferred with C{None}.
+        """
+
+        def write() -> None:
+            view = memoryview(data).cast("B")
+            position = 0
+            for index, start, chunk in self._spans(offset, len(view)):
+                self._page(index)[start : start + chunk] = view[position : position + chunk]
+                position += chunk
+
+        return _call(write)
+
+    def _zero(self, offset: int, length: int, deallocate: bool) -> None:
+        """
+        Make a range read as zeroes. With C{deallocate}, pages it covers
+        entirely are dropped, and partly covered ones are dropped too if they
+        end up all zeroes; without it, every page touched stays (or becomes)
+        allocated, as NBD_CMD_FLAG_NO_HOLE requires.
+        """
+        for index, start, chunk in self._spans(offset, length):
+            if deallocate:
+                if self._wholePage(index, start, chunk):
+                    self._pages.pop(index, None)
+                    continue
+                page = self._pages.get(index)
+                if page is None:
+                    continue
+                page[start : start + chunk] = self._zeroes[:chunk]
+                # Comparing 64 KiB is cheap, and it keeps block_status honest
+                # about ranges zeroed in several unaligned requests.
+                if page == self._zeroes:
+                    del self._pages[index]
+            else:
+                self._page(index)[start : start + chunk] = self._zeroes[:chunk]
+
+    def flush(self) -> Deferred[None]:
+        """
+        Nothing to do.
+
+        @return: an already-fired Deferred with C{None}.
+        """
+        return succeed(None)
+
+    def trim(self, offset: int, length: int, fua: bool = False) -> Deferred[None]:
+        """
+        Drop the pages the range covers entirely and zero the parts of the
+        others, so a trimmed range reads as zeroes.
+
+        @return: an already-fired Deferred with C{None}.
+        """
+        return _call(lambda: self._zero(offset, length, deallocate=True))
+
+    def write_zeroes(
+        self,
+        offset: int,
+        length: int,
+        fua: bool = False,
+        may_trim: bool = True,
+        fast: bool = False,
+    ) -> Deferred[None]:
+        """
+        Make a range read as zeroes: like L{trim} when C{may_trim}, otherwise
+        by writing zeroes into allocated pages. Always fast, so C{fast} never
+        fails.
+
+        @return: an already-fired Deferred with C{None}.
+        """
+        return _call(lambda: self._zero(offset, length, deallocate=may_trim))
+
+    def cache(self, offset: int, length: int) -> Deferred[None]:
+        """
+        Nothing to do: everything is already in memory.
+
+        @return: an already-fired Deferred with C{None}.
+        """
+        return succeed(None)
+
+    def block_status(self, offset: int, length: int) -> Deferred[Sequence[Extent]]:
+        """
+        Describe allocation from C{offset}: absent pages are
+        C{STATE_HOLE | STATE_ZERO}, present ones C{0}. Extents never run past
+        C{offset + length} or the device's size, and stop after
+        L{MAX_EXTENTS}.
+
+        @return: an already-fired Deferred with a non-empty list of
+            L{Extent}s.
+        """
+        return _call(lambda: self._blockStatus(offset, length))
+
+    def _blockStatus(self, offset: int, length: int) -> Sequence[Extent]:
+        end = min(offset + max(length, 1), self.size)
+        if end <= offset:
+            raise ValueError(f"block status at {offset} is outside a device of {self.size} bytes")
+        pageSize = self.page_size
+        first, last = offset // pageSize, (end - 1) // pageSize
+        # Walk whichever is shorter: the pages of the range, or the pages
+        # that exist. A status request over a huge empty device must not
+        # iterate over billions of page numbers.
+        if last - first + 1 <= len(self._pages):
+            present = [index for index in range(first, last + 1) if index in self._pages]
+        else:
+            present = sorted(index for index in self._pages if first <= index <= last)
+
+        runs: list[list[int]] = []  # [length, flags], merged as they come
+
+        def add(runLength: int, flags: int) -> None:
+            if runs and runs[-1][1] == flags:
+                runs[-1][0] += runLength
+            else:
+                runs.append([runLength, flags])
+
+        position = offset
+        for index in present:
+            pageStart = index * pageSize
+            if pageStart > position:
+                add(pageStart - position, _HOLE)
+                position = pageStart
+                if len(runs) >= MAX_EXTENTS:
+                    break
+            stop = min(pageStart + pageSize, end)
+            add(stop - position, 0)
+            position = stop
+            if len(runs) >= MAX_EXTENTS:
+                break
+        if position < end and len(runs) < MAX_EXTENTS:
+            add(end - position, _HOLE)
+        return [Extent(runLength, flags) for runLength, flags in runs]
+
+    def close(self) -> Deferred[None]:
+        """
+        Drop every page. Calling it again does nothing.
+
+        @return: an already-fired Deferred with C{None}.
+        """
+        self._pages.clear()
+        return succeed(None)
