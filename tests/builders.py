@@ -101,3 +101,30 @@ def parse_chunks(data: bytes) -> list[tuple[int, int, int, bytes]]:
         out.append((flags, typ, cookie, data[pos : pos + length]))
         pos += length
     return out
+
+
+def ext_request(
+    cmd: int,
+    cookie: int = 1,
+    offset: int = 0,
+    length: int = 0,
+    flags: int = 0,
+    payload: bytes = b"",
+) -> bytes:
+    """An extended (32-byte) request header and its payload."""
+    return struct.pack(">IHHQQQ", w.EXTENDED_REQUEST_MAGIC, flags, cmd, cookie, offset, length) + (
+        payload
+    )
+
+
+def parse_ext_chunks(data: bytes) -> list[tuple[int, int, int, int, bytes]]:
+    """Split extended reply chunks into (flags, type, cookie, offset, payload)."""
+    out = []
+    pos = 0
+    while pos < len(data):
+        magic, flags, typ, cookie, offset, length = struct.unpack_from(">IHHQQQ", data, pos)
+        assert magic == w.EXTENDED_REPLY_MAGIC, hex(magic)
+        pos += 32
+        out.append((flags, typ, cookie, offset, data[pos : pos + length]))
+        pos += length
+    return out

@@ -31,6 +31,7 @@ from twisted_nbd._connection import (
     TrimRequest,
     WriteRequest,
     WriteZeroesRequest,
+    plan_sparse_read,
 )
 from twisted_nbd._wire import Cmd, CmdFlags, Errno, Opt, Rep, TxFlags
 from twisted_nbd.errors import ProtocolViolation
@@ -365,10 +366,25 @@ class HandshakeTests(TranscriptMixin, SynchronousTestCase):
         self.assertEqual(replies[0][1], Rep.ERR_POLICY)
         self.assertNotIn(Rep.ERR_TLS_REQD, [r[1] for r in replies])
 
-    def test_extended_headers_unsupported(self) -> None:
-        """EXTENDED_HEADERS gets ERR_UNSUP until it is implemented; clients fall back."""
-        _, out = self.transcript(b.client_flags() + b.option(Opt.EXTENDED_HEADERS))
-        self.assertEqual(b.parse_option_replies(out[len(GREETING) :])[0][1], Rep.ERR_UNSUP)
+    def test_extended_headers_option(self) -> None:
+        """Extended headers: ACK; with data ERR_INVALID; a later STRUCTURED_REPLY gets
+        ERR_EXT_HEADER_REQD; a second EXTENDED_HEADERS ERR_INVALID (H-07, H-17)."""
+        data = b.client_flags() + b.option(Opt.EXTENDED_HEADERS, b"x")
+        data += b.option(Opt.EXTENDED_HEADERS) + b.option(Opt.STRUCTURED_REPLY)
+        data += b.option(Opt.EXTENDED_HEADERS) + b.go()
+        events, out = self.transcript(data)
+        replies = b.parse_option_replies(out[len(GREETING) :])
+        self.assertEqual(
+            [r[1] for r in replies[:4]],
+            [Rep.ERR_INVALID, Rep.ACK, Rep.ERR_EXT_HEADER_REQD, Rep.ERR_INVALID],
+        )
+        self.assertIsInstance(events[-1], ExportChosen)
+
+    def test_export_name_after_extended_headers(self) -> None:
+        """A client that negotiated extended headers must not use EXPORT_NAME: close."""
+        data = b.client_flags() + b.option(Opt.EXTENDED_HEADERS) + b.option(Opt.EXPORT_NAME)
+        events, _ = self.transcript(data)
+        self.assertEqual(events[-1], VIOLATION)
 
 
 class TransmissionTests(TranscriptMixin, SynchronousTestCase):
@@ -694,3 +710,117 @@ class BlockStatusTests(TranscriptMixin, SynchronousTestCase):
     def test_phase(self) -> None:
         """The connection is in transmission after GO."""
         self.assertIs(self.connect().phase, Phase.TRANSMISSION)
+
+
+class ExtendedHeaderTests(TranscriptMixin, SynchronousTestCase):
+    """Transmission with extended headers (the extension-ext-header branch)."""
+
+    HELLO = b.client_flags() + b.option(Opt.EXTENDED_HEADERS) + b.go()
+
+    def requests(
+        self, data: bytes, reg: ExportRegistry | None = None
+    ) -> tuple[list[Any], list[tuple[int, int, int, int, bytes]]]:
+        events, out = self.transcript(self.HELLO + data, reg)
+        self.assertIsInstance(events[0], ExportChosen)
+        return events[1:], b.parse_ext_chunks(after_go(out))
+
+    def test_golden_write(self) -> None:
+        """A 32-byte header with PAYLOAD_LEN carries a WRITE's payload."""
+        raw = bytes.fromhex("21e41c7100210001000000000000000700000000000002000000000000000003")
+        events, chunks = self.requests(raw + b"abc")
+        self.assertEqual(events, [WriteRequest(7, 512, b"abc", True)])
+        self.assertEqual(chunks, [])
+
+    def test_write_without_payload_len(self) -> None:
+        """A WRITE without PAYLOAD_LEN has no payload to skip: EINVAL, and go on."""
+        events, chunks = self.requests(
+            b.ext_request(Cmd.WRITE, 1, 0, 4) + b.ext_request(Cmd.READ, 2, 0, 4)
+        )
+        self.assertIsInstance(events[0], RequestRejected)
+        self.assertEqual(events[1], ReadRequest(2, 0, 4, 0))
+        self.assertEqual([(c[0], c[1], c[2]) for c in chunks], [(1, w.ChunkType.ERROR, 1)])
+
+    def test_payload_on_payloadless_command(self) -> None:
+        """A payload where none is expected is consumed, then EINVAL."""
+        payload = b.ext_request(Cmd.READ, 66, 0, 1)  # must not be parsed
+        events, _ = self.requests(
+            b.ext_request(Cmd.TRIM, 1, 0, len(payload), CmdFlags.PAYLOAD_LEN, payload)
+            + b.ext_request(Cmd.READ, 2, 0, 4)
+        )
+        self.assertIsInstance(events[0], RequestRejected)
+        self.assertEqual(events[1:], [ReadRequest(2, 0, 4, 0)])
+
+    def test_payload_over_maximum_closes(self) -> None:
+        """A PAYLOAD_LEN over the maximum payload gets a hard close."""
+        events, _ = self.requests(b.ext_request(Cmd.WRITE, 1, 0, 64 << 20, CmdFlags.PAYLOAD_LEN))
+        self.assertEqual(events, [VIOLATION])
+
+    def test_64_bit_effect_length(self) -> None:
+        """TRIM and BLOCK_STATUS may act on more than 4 GiB at once."""
+        big = 16 << 30
+        reg = registry(size=big, caps=Capabilities(can_extents=True))
+        hello = (
+            b.client_flags()
+            + b.option(Opt.EXTENDED_HEADERS)
+            + b.option(Opt.SET_META_CONTEXT, b.meta_data("disk", "base:allocation"))
+            + b.go()
+        )
+        events, out = self.transcript(
+            hello + b.ext_request(Cmd.TRIM, 1, 0, big) + b.ext_request(Cmd.BLOCK_STATUS, 2, 0, big),
+            reg,
+        )
+        self.assertEqual(
+            events[1:], [TrimRequest(1, 0, big, False), BlockStatusRequest(2, 0, big, False)]
+        )
+
+    def test_replies_are_extended(self) -> None:
+        """Every reply is a 32-byte chunk echoing the offset; never a simple reply."""
+        conn = new_connection(registry(caps=Capabilities(can_extents=True)))
+        conn.receive_data(
+            b.client_flags()
+            + b.option(Opt.EXTENDED_HEADERS)
+            + b.option(Opt.SET_META_CONTEXT, b.meta_data("disk", "base:allocation"))
+            + b.go()
+        )
+        while conn.next_event() is not NEED_DATA:
+            pass
+        conn.data_to_send()
+        ok = b.parse_ext_chunks(b"".join(conn.reply_ok(TrimRequest(1, 4096, 512, False))))
+        self.assertEqual(ok, [(1, w.ChunkType.NONE, 1, 4096, b"")])
+        data = b.parse_ext_chunks(b"".join(conn.reply_read(ReadRequest(2, 8, 3, 0), b"abc")))
+        self.assertEqual(data, [(1, w.ChunkType.OFFSET_DATA, 2, 8, struct.pack(">Q", 8) + b"abc")])
+        status = b.parse_ext_chunks(
+            b"".join(
+                conn.reply_block_status(
+                    BlockStatusRequest(3, 0, SIZE, False), [Extent(4096, 0), Extent(SIZE, 3)]
+                )
+            )
+        )
+        self.assertEqual(
+            status,
+            [
+                (
+                    1,
+                    w.ChunkType.BLOCK_STATUS_EXT,
+                    3,
+                    0,
+                    struct.pack(">IIQQQQ", 1, 2, 4096, 0, SIZE - 4096, 3),
+                )
+            ],
+        )
+
+
+class SparseReadPlanTests(SynchronousTestCase):
+    """L{plan_sparse_read} turns extents into data and hole segments."""
+
+    def test_plan(self) -> None:
+        """Zero runs of at least MIN_HOLE become holes; the rest, and gaps, are data."""
+        extents = [Extent(100, 0), Extent(100, 3), Extent(8192, 3), Extent(50, 0)]
+        self.assertEqual(
+            plan_sparse_read(1000, 100000, extents),
+            [(1000, 200, False), (1200, 8192, True), (9392, 100000 - 8392, False)],
+        )
+
+    def test_clamped(self) -> None:
+        """Extents running past the read are cut at its end."""
+        self.assertEqual(plan_sparse_read(0, 8192, [Extent(1 << 30, 3)]), [(0, 8192, True)])

@@ -18,9 +18,10 @@ from zope.interface.verify import verifyObject
 
 from tests import builders as b
 from tests.test_connection import GREETING, after_go
-from twisted_nbd._wire import Cmd, CmdFlags, Errno, Opt
+from twisted_nbd._wire import ChunkType, Cmd, CmdFlags, Errno, Opt
 from twisted_nbd.errors import NBDError
 from twisted_nbd.exports import Export, ExportRegistry
+from twisted_nbd.interfaces import Extent
 from twisted_nbd.protocol import NBDServerFactory, NBDServerProtocol
 from twisted_nbd.testing import ControllableBlockDevice
 
@@ -308,3 +309,46 @@ class DisconnectTests(SynchronousTestCase):
     def test_factory_rejects_bad_limits(self) -> None:
         """Queue depth and byte cap must be positive."""
         self.assertRaises(ValueError, NBDServerProtocol, ExportRegistry(), 0)
+
+
+class SparseReadTests(SynchronousTestCase):
+    """Structured READs send zero runs as OFFSET_HOLE chunks."""
+
+    def test_holes_become_hole_chunks(self) -> None:
+        """A large READ asks block_status first and reads only the data runs."""
+        h = Harness(structured=True)
+        h.send(b.read(5, 0, 128 << 10))
+        h.device.take("block_status").succeed([Extent(64 << 10, 0), Extent(1 << 20, 3)])
+        read = h.device.take("read")
+        self.assertEqual(read.args, {"offset": 0, "length": 64 << 10})
+        read.succeed(b"d" * (64 << 10))
+        chunks = b.parse_chunks(h.transport.value())
+        self.assertEqual(
+            [(flags, typ, cookie) for flags, typ, cookie, _ in chunks],
+            [(0, ChunkType.OFFSET_DATA, 5), (1, ChunkType.OFFSET_HOLE, 5)],
+        )
+        self.assertEqual(chunks[1][3], struct.pack(">QI", 64 << 10, 64 << 10))
+
+    def test_df_reads_whole(self) -> None:
+        """With DF the READ is one data chunk, holes included (T-16)."""
+        h = Harness(structured=True)
+        h.send(b.read(5, 0, 128 << 10, CmdFlags.DF))
+        h.device.take("read").succeed(bytes(128 << 10))
+        [(flags, typ, _, _)] = b.parse_chunks(h.transport.value())
+        self.assertEqual((flags, typ), (1, ChunkType.OFFSET_DATA))
+
+    def test_small_reads_skip_block_status(self) -> None:
+        """Small reads go straight to the backend."""
+        h = Harness(structured=True)
+        h.send(b.read(5, 0, 4096))
+        self.assertEqual(h.device.take().method, "read")
+
+    def test_failed_data_read(self) -> None:
+        """A data run that fails gives one ERROR chunk with the backend's errno."""
+        h = Harness(structured=True)
+        h.send(b.read(5, 0, 128 << 10))
+        h.device.take("block_status").succeed([Extent(64 << 10, 0)])
+        h.device.take("read").fail(NBDError(Errno.EIO, "bad sector"))
+        [(flags, typ, cookie, payload)] = b.parse_chunks(h.transport.value())
+        self.assertEqual((flags, typ, cookie), (1, ChunkType.ERROR, 5))
+        self.assertEqual(payload[6:], b"bad sector")

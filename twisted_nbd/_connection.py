@@ -26,7 +26,7 @@ from twisted_nbd._buffer import ReceiveBuffer
 from twisted_nbd._wire import Cmd, CmdFlags, Errno, Opt, Rep, TxFlags
 from twisted_nbd.errors import ProtocolViolation
 from twisted_nbd.exports import MAX_STRING, Export
-from twisted_nbd.interfaces import Capabilities, Extent
+from twisted_nbd.interfaces import STATE_ZERO, Capabilities, Extent
 
 __all__ = [
     "NEED_DATA",
@@ -428,8 +428,23 @@ class ServerConnection:
         if option == Opt.STRUCTURED_REPLY:
             if data:
                 raise _OptionError(Rep.ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data (H-07)")
+            if self.extended_headers:
+                raise _OptionError(
+                    Rep.ERR_EXT_HEADER_REQD,
+                    "extended headers are on; they imply structured replies",
+                )
             if self.structured_replies:
                 raise _OptionError(Rep.ERR_INVALID, "structured replies are already on (H-17)")
+            self.structured_replies = True
+            self._reply(option, Rep.ACK)
+            return None
+        if option == Opt.EXTENDED_HEADERS:
+            if data:
+                raise _OptionError(Rep.ERR_INVALID, "NBD_OPT_EXTENDED_HEADERS takes no data (H-07)")
+            if self.extended_headers:
+                raise _OptionError(Rep.ERR_INVALID, "extended headers are already on (H-17)")
+            # They take precedence over structured replies and imply them.
+            self.extended_headers = True
             self.structured_replies = True
             self._reply(option, Rep.ACK)
             return None
@@ -444,6 +459,8 @@ class ServerConnection:
         raise _OptionError(Rep.ERR_UNSUP, f"option {name} is not supported (H-04)")
 
     def _export_name(self, data: bytes) -> ExportChosen:
+        if self.extended_headers:
+            raise ProtocolViolation("NBD_OPT_EXPORT_NAME after extended headers were negotiated")
         try:
             name = data.decode("utf-8")
         except UnicodeDecodeError:
@@ -565,20 +582,35 @@ class ServerConnection:
             expected = w.EXTENDED_REQUEST_MAGIC if self.extended_headers else w.REQUEST_MAGIC
             if header.magic != expected:
                 raise ProtocolViolation(f"request magic {header.magic:#x} is wrong (T-01)")
-            rejection = self._validate(header)
-            if header.type == Cmd.WRITE:
-                if rejection is None and header.length == 0:
-                    self._outbox.append(self._ok(header.cookie, header.offset))  # T-09
-                    return None
-                if rejection is not None:
-                    # T-05: the payload is on the wire whatever we think of it.
-                    self._discard = header.length
-                    return rejection
-                self._pending_write = header
-            elif rejection is not None:
-                return rejection
+            if self.extended_headers:
+                # Extended headers: a payload follows exactly when PAYLOAD_LEN is set.
+                has_payload = bool(header.flags & CmdFlags.PAYLOAD_LEN)
+                if has_payload and header.length > self._caps.max_block:
+                    raise ProtocolViolation(
+                        f"payload of {header.length} bytes is over the maximum "
+                        f"{self._caps.max_block} (extended headers say: hard close)"
+                    )
             else:
-                return self._make_request(header)
+                has_payload = header.type == Cmd.WRITE
+            rejection = self._validate(header)
+            if rejection is None and has_payload != (header.type == Cmd.WRITE):
+                rejection = self._reject(
+                    header,
+                    Errno.EINVAL,
+                    "WRITE must carry PAYLOAD_LEN"
+                    if header.type == Cmd.WRITE
+                    else f"command {header.type} takes no payload",
+                )
+            if not has_payload:
+                return rejection if rejection is not None else self._make_request(header)
+            if rejection is not None:
+                # T-05: the payload is on the wire whatever we think of it.
+                self._discard = header.length
+                return rejection
+            if header.length == 0:
+                self._outbox.append(self._ok(header.cookie, header.offset))  # T-09
+                return None
+            self._pending_write = header
         if len(self._buffer) < header.length:
             return NEED_DATA
         self._pending_write = None
@@ -612,6 +644,9 @@ class ServerConnection:
             allowed &= ~int(CmdFlags.DF)
         if not self.tx_flags & TxFlags.SEND_FAST_ZERO:
             allowed &= ~int(CmdFlags.FAST_ZERO)
+        if self.extended_headers:
+            # Whether the command may carry a payload is checked by the caller.
+            allowed |= int(CmdFlags.PAYLOAD_LEN)
         if h.flags & ~allowed:
             return self._reject(
                 h, Errno.EINVAL, f"flags {h.flags:#x} are not valid for {command.name} (T-04)"
@@ -749,6 +784,47 @@ class ServerConnection:
         )
         return [head, w.U64.pack(request.offset), data]
 
+    def reply_read_sparse(
+        self, request: ReadRequest, segments: Sequence[tuple[int, bytes | int]]
+    ) -> list[bytes]:
+        """
+        The bytes of a successful structured READ reply made of OFFSET_DATA
+        chunks for C{(offset, data)} segments and OFFSET_HOLE chunks for
+        C{(offset, hole_length)} ones (T-14/T-15). The segments must be
+        consecutive and cover the request; the last chunk carries DONE.
+        """
+        out: list[bytes] = []
+        last = len(segments) - 1
+        for index, (offset, part) in enumerate(segments):
+            flags = w.ReplyFlags.DONE if index == last else 0
+            if isinstance(part, int):
+                payload = w.OFFSET_HOLE.pack(offset, part)
+                out.append(
+                    w.encode_chunk_header(
+                        flags,
+                        w.ChunkType.OFFSET_HOLE,
+                        request.cookie,
+                        len(payload),
+                        request.offset,
+                        self.extended_headers,
+                    )
+                )
+                out.append(payload)
+            else:
+                out.append(
+                    w.encode_chunk_header(
+                        flags,
+                        w.ChunkType.OFFSET_DATA,
+                        request.cookie,
+                        8 + len(part),
+                        request.offset,
+                        self.extended_headers,
+                    )
+                )
+                out.append(w.U64.pack(offset))
+                out.append(part)
+        return out
+
     def reply_error(self, request: Request, errno: int, message: str = "") -> list[bytes]:
         """The bytes of an error reply to C{request}."""
         return self._error(
@@ -770,17 +846,19 @@ class ServerConnection:
         size = self.export.size if self.export is not None else 0
         end = request.offset + request.length
         pos = request.offset
+        # Compact replies carry 32-bit lengths; extended ones 64-bit.
+        limit = (1 << 64) - 1 if self.extended_headers else MAX_EXTENT_32
         out: list[tuple[int, int]] = []
         for extent in extents:
             if pos >= end or pos >= size or len(out) >= MAX_EXTENTS:
                 break
-            length = min(extent.length, size - pos, MAX_EXTENT_32)
+            length = min(extent.length, size - pos, limit)
             if request.req_one:
                 length = min(length, request.length)
             if length <= 0:
                 break
             flags = extent.flags & 3
-            if out and out[-1][1] == flags and out[-1][0] + length <= MAX_EXTENT_32:
+            if out and out[-1][1] == flags and out[-1][0] + length <= limit:
                 out[-1] = (out[-1][0] + length, flags)
             else:
                 out.append((length, flags))
@@ -792,16 +870,59 @@ class ServerConnection:
         if not out:
             # A backend that said nothing: status 0 ("allocated, not known to be zero")
             # is always a truthful answer.
-            out.append((min(request.length, MAX_EXTENT_32), 0))
-        payload = w.U32.pack(BASE_ALLOCATION_ID) + b"".join(
-            w.EXTENT.pack(length, flags) for length, flags in out
-        )
+            out.append((min(request.length, limit), 0))
+        if self.extended_headers:
+            chunk_type = w.ChunkType.BLOCK_STATUS_EXT
+            payload = w.BLOCK_STATUS_EXT_HEAD.pack(BASE_ALLOCATION_ID, len(out)) + b"".join(
+                w.EXTENT_EXT.pack(length, flags) for length, flags in out
+            )
+        else:
+            chunk_type = w.ChunkType.BLOCK_STATUS
+            payload = w.U32.pack(BASE_ALLOCATION_ID) + b"".join(
+                w.EXTENT.pack(length, flags) for length, flags in out
+            )
         head = w.encode_chunk_header(
             w.ReplyFlags.DONE,
-            w.ChunkType.BLOCK_STATUS,
+            chunk_type,
             request.cookie,
             len(payload),
             request.offset,
             self.extended_headers,
         )
         return [head, payload]
+
+
+#: Zero runs shorter than this are sent as data: a hole chunk would save little.
+MIN_HOLE = 4096
+
+
+def plan_sparse_read(
+    offset: int, length: int, extents: Sequence[Extent]
+) -> list[tuple[int, int, bool]]:
+    """
+    Split the read of C{length} bytes at C{offset} into consecutive
+    C{(offset, length, is_hole)} segments from a backend's extents: runs
+    that read as zeroes (L{STATE_ZERO}) of at least L{MIN_HOLE} bytes are
+    holes, everything else (and anything the extents do not cover) is data.
+    """
+    end = offset + length
+    pos = offset
+    segments: list[list[int]] = []
+    for extent in extents:
+        if pos >= end:
+            break
+        run = min(extent.length, end - pos)
+        if run <= 0:
+            break
+        hole = int(bool(extent.flags & STATE_ZERO) and run >= MIN_HOLE)
+        if segments and segments[-1][2] == hole:
+            segments[-1][1] += run
+        else:
+            segments.append([pos, run, hole])
+        pos += run
+    if pos < end:
+        if segments and not segments[-1][2]:
+            segments[-1][1] += end - pos
+        else:
+            segments.append([pos, end - pos, 0])
+    return [(start, run, bool(hole)) for start, run, hole in segments]
