@@ -556,8 +556,10 @@ class TransmissionTests(TranscriptMixin, SynchronousTestCase):
         events = []
         while (event := conn.next_event()) is not NEED_DATA:
             events.append(event)
+        request = events[-1]
+        assert isinstance(request, ReadRequest)
         self.assertEqual(
-            b"".join(conn.reply_error(events[-1], Errno.EIO)), w.encode_simple_reply(5, 5)
+            b"".join(conn.reply_error(request, Errno.EIO)), w.encode_simple_reply(5, 5)
         )
 
     def test_structured_read_T13_T14(self) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import struct
 
-from twisted.internet.defer import succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.testing import StringTransport
@@ -132,7 +132,7 @@ class ProducerTests(SynchronousTestCase):
         h = Harness(depth=2)
         seen = []
 
-        def read(offset: int, length: int):  # type: ignore[no-untyped-def]
+        def read(offset: int, length: int) -> Deferred[bytes]:
             seen.append(h.proto.in_flight)
             return succeed(b"r" * length)
 
