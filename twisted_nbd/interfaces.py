@@ -100,8 +100,8 @@ class IBlockDevice(Interface):
         """
         Read C{length} bytes at C{offset}.
 
-        @return: a Deferred that fires with exactly C{length} bytes (any
-            bytes-like object), or fails with L{NBDError}.
+        @return: a Deferred that fires with exactly C{length} bytes, or
+            fails with L{NBDError}.
         """
 
     def write(offset: int, data: bytes, fua: bool = False) -> "Deferred[None]":
@@ -162,13 +162,18 @@ class IBlockDevice(Interface):
 
         @return: a Deferred that fires with one or more consecutive
             L{Extent}s starting at C{offset}; together they may cover less
-            than C{length} (at least one byte) or run past it. Fails with
-            L{NBDError}.
+            than C{length} (at least one byte) or run past it, and a single
+            extent may be longer than 4 GiB (the server cuts extents to what
+            the wire can carry). A range reported with L{STATE_ZERO} must
+            read as zeroes. Fails with L{NBDError}.
         """
 
     def close() -> "Deferred[None]":
         """
-        Release the device's resources; no other method is called afterwards.
+        Release the device's resources. Requests still running may finish
+        first; calling C{close} twice is harmless. C{close} does not imply
+        C{flush}: only acknowledged FLUSH and FUA promise durability.
 
-        @return: a Deferred that fires with C{None}.
+        @return: a Deferred that fires with C{None} once the resources are
+            released.
         """
