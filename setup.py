@@ -31,6 +31,10 @@ setup(
     long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
+    # Naming the root explicitly makes "pip install -e ." add this directory to
+    # sys.path (a static .pth file) instead of installing an import hook that
+    # cannot extend twisted.plugins; twistd would then not find the dropin.
+    package_dir={"": "."},
     packages=[
         "twisted_nbd",
         "twisted_nbd.backends",

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 
 REPO = Path(__file__).resolve().parent.parent
 DROPIN = REPO / "twisted" / "plugins" / "twisted_nbd_dropin.py"
@@ -52,16 +54,33 @@ print(json.dumps({
 """
 
 
-def probe(code: str) -> Any:
+_PROBE_INSTALLED = """
+import importlib.util, json
+found = importlib.util.find_spec("twisted_nbd") is not None
+tapnames = []
+if found:
+    from twisted.application.service import IServiceMaker
+    from twisted.plugin import getPlugins
+    tapnames = [maker.tapname for maker in getPlugins(IServiceMaker)]
+print(json.dumps({"installed": found, "tapnames": tapnames}))
+"""
+
+
+def probe(code: str, cwd: Path = REPO, withRepo: bool = True) -> Any:
     """
-    Run C{code} in a child Python with the repository first on its path and
-    return the JSON it printed.
+    Run C{code} in a child Python and return the JSON it printed.
+
+    @param cwd: the directory to run it in.
+    @param withRepo: put the repository first on the child's path.
     """
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    if withRepo:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    else:
+        env.pop("PYTHONPATH", None)
     result = subprocess.run(
         [sys.executable, "-c", code],
-        cwd=str(REPO),
+        cwd=str(cwd),
         env=env,
         stdin=subprocess.DEVNULL,
         capture_output=True,
@@ -100,6 +119,20 @@ class PluginTests(TestCase):
         self.assertEqual(found["makers"], 1)
         self.assertFalse(found["reactor"])
         self.assertEqual(found["loaded"], [])
+
+    def test_foundWhenInstalled(self) -> None:
+        """
+        Where twisted-nbd is installed (as C{.ci/test.sh} does, editable),
+        twistd finds the plugin from any directory, not only from the
+        repository: an editable install must put the plugin directory on
+        C{twisted.plugins}' path, not just make C{twisted_nbd} importable.
+        """
+        elsewhere = Path(tempfile.mkdtemp(prefix="twisted-nbd-plugin-"))
+        self.addCleanup(shutil.rmtree, elsewhere, True)
+        found = probe(_PROBE_INSTALLED, cwd=elsewhere, withRepo=False)
+        if not found["installed"]:
+            raise SkipTest("twisted-nbd is not installed in this Python")
+        self.assertIn("nbd", found["tapnames"])
 
     def test_notAPackage(self) -> None:
         """
