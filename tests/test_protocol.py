@@ -267,6 +267,17 @@ class DisconnectTests(SynchronousTestCase):
         h.send(b.request(Cmd.DISC, 1))
         self.assertTrue(h.transport.disconnecting)
 
+    def test_close_unregisters_producer_C06(self) -> None:
+        """C-06: the protocol stops being the transport's producer before closing,
+        even while the transport has it paused, or a real transport would resume
+        it instead of closing once its buffer drained."""
+        h = Harness()
+        h.send(b.read(1, 0, 1) + b.request(Cmd.DISC, 2))
+        h.proto.pauseProducing()
+        h.device.take("read").succeed(b"x")
+        self.assertIsNone(h.transport.producer)
+        self.assertTrue(h.transport.disconnecting)
+
     def test_abort_acks_then_closes_H08(self) -> None:
         """H-08: ABORT is acknowledged, then the server closes."""
         proto = NBDServerFactory(

@@ -418,6 +418,10 @@ class NBDServerProtocol(Protocol):
         self._update_reading()
         if self.in_flight == 0 and not self._closed and self.transport is not None:
             self._flush_outbox()
+            # A transport with a registered producer never finishes closing: once its
+            # buffer drains it resumes the producer instead (see Twisted's
+            # FileDescriptor.doWrite), so stop being one first.
+            cast(IConsumer, self.transport).unregisterProducer()
             self.transport.loseConnection()
 
 
