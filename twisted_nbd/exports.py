@@ -15,7 +15,7 @@ from typing import Iterable, Iterator
 
 from twisted_nbd.interfaces import Capabilities, IBlockDevice
 
-__all__ = ["Export", "ExportRegistry", "MAX_STRING"]
+__all__ = ["Export", "ExportRegistry", "MAX_STRING", "check_block_sizes"]
 
 #: The protocol's limit for names and descriptions, in UTF-8 bytes.
 MAX_STRING = 4096
@@ -37,6 +37,9 @@ class Export:
     device: IBlockDevice
     description: str = ""
     read_only: bool = False
+    min_block: int | None = None
+    preferred_block: int | None = None
+    max_block: int | None = None
 
     def __post_init__(self) -> None:
         for what, text in (("name", self.name), ("description", self.description)):
@@ -44,6 +47,8 @@ class Export:
                 raise ValueError(f"export {what} is longer than {MAX_STRING} bytes")
             if "\0" in text:
                 raise ValueError(f"export {what} contains a NUL character")
+        caps = self.capabilities
+        check_block_sizes(caps.min_block, caps.preferred_block, caps.max_block)
 
     @property
     def size(self) -> int:
@@ -57,6 +62,15 @@ class Export:
         read-only.
         """
         caps: Capabilities = self.device.capabilities
+        if (self.min_block, self.preferred_block, self.max_block) != (None, None, None):
+            # A device that needs bigger blocks than asked for keeps its own minimum.
+            minimum = max(self.min_block or 1, caps.min_block)
+            caps = replace(
+                caps,
+                min_block=minimum,
+                preferred_block=self.preferred_block or max(caps.preferred_block, minimum),
+                max_block=self.max_block or caps.max_block,
+            )
         if self.read_only and caps.can_write:
             caps = replace(
                 caps,
@@ -67,6 +81,33 @@ class Export:
                 can_fua=False,
             )
         return caps
+
+
+def check_block_sizes(minimum: int, preferred: int, maximum: int) -> None:
+    """
+    Check block size constraints against the protocol's rules: the minimum
+    a power of two from 1 to 64 KiB, the preferred size a power of two at
+    least max(minimum, 512), the maximum payload at least the preferred size
+    and a multiple of the minimum, fitting in 32 bits.
+
+    @raise ValueError: one of them breaks a rule; the message says which.
+    """
+
+    def power_of_two(n: int) -> bool:
+        return n > 0 and n & (n - 1) == 0
+
+    if not power_of_two(minimum) or minimum > 65536:
+        raise ValueError(f"minimum block size {minimum} is not a power of two from 1 to 65536")
+    if not power_of_two(preferred) or preferred < max(minimum, 512):
+        raise ValueError(
+            f"preferred block size {preferred} is not a power of two of at least "
+            f"{max(minimum, 512)}"
+        )
+    if maximum < preferred or maximum % minimum or maximum > 0xFFFFFFFF:
+        raise ValueError(
+            f"maximum payload {maximum} must be at least the preferred size {preferred}, "
+            f"a multiple of the minimum {minimum}, and below 4 GiB"
+        )
 
 
 @dataclass

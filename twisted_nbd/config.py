@@ -1,0 +1,371 @@
+# -*- test-case-name: tests.test_config -*-
+"""
+What to serve: export specifications from the command line or from a TOML
+file, checked before anything is opened.
+
+A config file (C{twistd nbd --config exports.toml}) looks like this::
+
+    default = "disk"            # what a client asking for the empty name gets
+
+    [[export]]
+    name = "disk"
+    image = "disk.raw"          # relative to the config file's directory
+    size = "10G"                # create a sparse image if it does not exist
+    description = "the VM's system disk"
+
+    [[export]]
+    name = "scratch"
+    memory = "1G"
+    read-only = false
+    min-block = 512             # block size constraints, sent in NBD_INFO_BLOCK_SIZE
+    preferred-block = 4096
+    max-block = "32M"
+
+Every mistake is reported as L{ConfigError} naming the file, the line and
+the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import tomllib
+from dataclasses import dataclass
+from typing import Any
+
+from twisted_nbd.exports import MAX_STRING, check_block_sizes
+from twisted_nbd.interfaces import Capabilities
+
+__all__ = [
+    "MAX_SIZE",
+    "Config",
+    "ConfigError",
+    "ExportSpec",
+    "check_image",
+    "load_config",
+    "parse_size",
+]
+
+#: The largest size accepted: offsets are signed 64-bit numbers in most
+#: clients (qemu, the Linux kernel), so nothing larger is usable.
+MAX_SIZE = 2**63 - 1
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1 << 10,
+    "kib": 1 << 10,
+    "m": 1 << 20,
+    "mib": 1 << 20,
+    "g": 1 << 30,
+    "gib": 1 << 30,
+    "t": 1 << 40,
+    "tib": 1 << 40,
+    "p": 1 << 50,
+    "pib": 1 << 50,
+}
+_AMBIGUOUS_UNITS = frozenset({"kb", "mb", "gb", "tb", "pb"})
+_SIZE = re.compile(r"([+-]?[0-9]+)\s*([a-z]*)")
+
+
+class ConfigError(ValueError):
+    """A configuration mistake; C{str()} is one line for the user."""
+
+
+def parse_size(text: str) -> int:
+    """
+    Parse a size such as C{512}, C{64K}, C{512M}, C{1G}, C{2T} or C{10GiB}.
+
+    Suffixes are powers of 1024 and case-insensitive (C{k}, C{K} and C{KiB}
+    are all 1024); C{KB}, C{MB}, ... are refused because they are read as
+    powers of 1000 elsewhere.
+
+    @return: the size in bytes, at least 1 and at most L{MAX_SIZE}.
+    @raise ValueError: C{text} is not a size, or is zero, negative or too
+        large; the message is one line meant for the user.
+    """
+    cleaned = text.strip().lower()
+    match = _SIZE.fullmatch(cleaned)
+    if match is None or (match.group(2) not in _UNITS and match.group(2) not in _AMBIGUOUS_UNITS):
+        raise ValueError(
+            f"{text!r} is not a size: write a number of bytes with an optional "
+            "K, M, G, T or P suffix (powers of 1024), e.g. 512M or 1G"
+        )
+    number, unit = int(match.group(1)), match.group(2)
+    if unit in _AMBIGUOUS_UNITS:
+        plain = unit[0].upper()
+        raise ValueError(
+            f"{text!r} is ambiguous: write {number}{plain} or {number}{plain}iB (powers of 1024)"
+        )
+    if number <= 0:
+        raise ValueError(f"{text!r} is not a usable size: it must be greater than zero")
+    size = number * _UNITS[unit]
+    if size > MAX_SIZE:
+        raise ValueError(f"{text!r} is too large: the limit is {MAX_SIZE} bytes (8 EiB - 1)")
+    return size
+
+
+def check_image(path: str, read_only: bool) -> int | None:
+    """
+    Check that the server will be able to open C{path} the way it needs.
+
+    @return: the size of the existing file or block device, or C{None} if
+        nothing exists at C{path}.
+    @raise ValueError: C{path} exists but cannot be served; the message
+        says why in one line.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise ValueError(f"{path}: {e.strerror}") from None
+    if stat.S_ISDIR(mode):
+        raise ValueError(f"{path} is a directory, not an image file")
+    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+        raise ValueError(f"{path} is neither a regular file nor a block device")
+    flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        if read_only:
+            raise ValueError(f"{path} cannot be read: {e.strerror}") from None
+        raise ValueError(
+            f"{path} cannot be opened for writing: {e.strerror} (serve it read-only instead)"
+        ) from None
+    try:
+        if stat.S_ISBLK(mode):
+            return os.lseek(fd, 0, os.SEEK_END)
+        return os.fstat(fd).st_size
+    except OSError as e:
+        raise ValueError(f"{path}: cannot find its size: {e.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    """
+    One export to serve, checked but not yet opened.
+
+    @ivar image: the absolute path of an image file or block device, or
+        C{None} for a memory export.
+    @ivar size: with C{image}, create a sparse image of this size if none
+        exists; otherwise C{None}.
+    @ivar memory: the size of a memory export, or C{None}.
+    """
+
+    name: str = ""
+    description: str = ""
+    read_only: bool = False
+    image: str | None = None
+    size: int | None = None
+    memory: int | None = None
+    min_block: int | None = None
+    preferred_block: int | None = None
+    max_block: int | None = None
+
+    def check(self) -> None:
+        """
+        Check the specification as a whole, and that its image can be
+        opened (or created).
+
+        @raise ValueError: with a one-line reason.
+        """
+        for what, text in (("name", self.name), ("description", self.description)):
+            if len(text.encode("utf-8")) > MAX_STRING:
+                raise ValueError(f"the {what} is longer than {MAX_STRING} bytes (UTF-8)")
+            if "\0" in text:
+                raise ValueError(f"the {what} must not contain a NUL character")
+        if (self.image is None) == (self.memory is None):
+            raise ValueError("give exactly one of an image and a memory size")
+        if self.memory is not None and self.size is not None:
+            raise ValueError("a size only applies to an image; a memory export has its own")
+        defaults = Capabilities()
+        check_block_sizes(
+            self.min_block or defaults.min_block,
+            self.preferred_block or max(defaults.preferred_block, self.min_block or 1),
+            self.max_block or defaults.max_block,
+        )
+        if self.image is None:
+            return
+        existing = check_image(self.image, self.read_only)
+        if existing is None and self.size is None:
+            raise ValueError(f"{self.image} does not exist (give a size to create a sparse image)")
+        if existing is None:
+            parent = os.path.dirname(self.image)
+            if not os.path.isdir(parent):
+                raise ValueError(f"{self.image} cannot be created: {parent} is not a directory")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise ValueError(f"{self.image} cannot be created: {parent} is not writable")
+        elif self.size is not None and self.size != existing:
+            raise ValueError(
+                f"{self.image} already exists with {existing} bytes, not {self.size} "
+                "(leave the size out to serve it as it is)"
+            )
+
+
+@dataclass(frozen=True)
+class Config:
+    """The exports of a config file and the default one's name."""
+
+    exports: list[ExportSpec]
+    default: str | None
+
+
+_EXPORT_KEYS = {
+    "name",
+    "description",
+    "read-only",
+    "image",
+    "size",
+    "memory",
+    "min-block",
+    "preferred-block",
+    "max-block",
+}
+_HEADER = re.compile(r"^\s*\[\[\s*export\s*\]\]")
+
+
+class _Lines:
+    """Finds the line of a key, for error messages (tomllib gives no positions)."""
+
+    def __init__(self, text: str) -> None:
+        self.lines = text.splitlines()
+        self.headers = [i for i, line in enumerate(self.lines) if _HEADER.match(line)]
+
+    def of(self, index: int | None, key: str | None = None) -> int:
+        """The 1-based line of export C{index} (or the top level) and C{key}."""
+        if index is None:
+            start, end = 0, self.headers[0] if self.headers else len(self.lines)
+        elif index < len(self.headers):
+            start = self.headers[index]
+            end = self.headers[index + 1] if index + 1 < len(self.headers) else len(self.lines)
+        else:
+            return 1
+        if key is not None:
+            pattern = re.compile(rf"^\s*[\"']?{re.escape(key)}[\"']?\s*=")
+            for number in range(start, end):
+                if pattern.match(self.lines[number]):
+                    return number + 1
+        return start + 1
+
+
+def load_config(path: str) -> Config:
+    """
+    Read and check a TOML config file (see the module docstring).
+
+    @raise ConfigError: the file cannot be read or parsed, or describes
+        something that cannot be served; C{str()} is C{"PATH:LINE: reason"}.
+    """
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file: {e.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+        data = tomllib.loads(text)
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}:1: the config file is not UTF-8") from None
+    except tomllib.TOMLDecodeError as e:
+        found = re.search(r"\(at line (\d+), column \d+\)", str(e))
+        line = found.group(1) if found else "1"
+        reason = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(e))
+        raise ConfigError(f"{path}:{line}: {reason}") from None
+    lines = _Lines(text)
+    base = os.path.dirname(os.path.abspath(path))
+
+    def fail(index: int | None, key: str | None, reason: str) -> ConfigError:
+        return ConfigError(f"{path}:{lines.of(index, key)}: {reason}")
+
+    for key in data:
+        if key not in ("default", "export"):
+            raise fail(None, key, f"unknown setting {key!r} (expected 'default' or [[export]])")
+    tables = data.get("export", [])
+    if not isinstance(tables, list) or not tables:
+        raise fail(None, "export", "no exports: add at least one [[export]] table")
+
+    specs: list[ExportSpec] = []
+    names: set[str] = set()
+    for index, table in enumerate(tables):
+        if not isinstance(table, dict):
+            raise fail(index, None, "each export must be a [[export]] table")
+        for key in table:
+            if key not in _EXPORT_KEYS:
+                raise fail(index, key, f"unknown export setting {key!r}")
+        if "name" not in table:
+            raise fail(index, None, "the export has no name")
+        try:
+            spec = _spec(table, base)
+        except _KeyError as e:
+            raise fail(index, e.key, e.reason) from None
+        if spec.name in names:
+            raise fail(index, "name", f"there are two exports named {spec.name!r}")
+        names.add(spec.name)
+        try:
+            spec.check()
+        except ValueError as e:
+            raise fail(
+                index, "image" if spec.image else None, f"export {spec.name!r}: {e}"
+            ) from None
+        specs.append(spec)
+
+    default = data.get("default")
+    if default is not None:
+        if not isinstance(default, str):
+            raise fail(None, "default", "'default' must be the name of an export")
+        if default not in names:
+            raise fail(None, "default", f"the default export {default!r} is not defined")
+    return Config(specs, default)
+
+
+class _KeyError(Exception):
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(key, reason)
+        self.key = key
+        self.reason = reason
+
+
+def _spec(table: dict[str, Any], base: str) -> ExportSpec:
+    """Build an L{ExportSpec} from one [[export]] table, converting types."""
+
+    def text(key: str) -> str:
+        value = table.get(key, "")
+        if not isinstance(value, str):
+            raise _KeyError(key, f"{key!r} must be a string")
+        return value
+
+    def size(key: str) -> int | None:
+        value = table.get(key)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise _KeyError(key, f'{key!r} must be a size such as 512, "64K" or "1G"')
+        if isinstance(value, int):
+            value = str(value)
+        try:
+            return parse_size(value)
+        except ValueError as e:
+            raise _KeyError(key, f"{key!r}: {e}") from None
+
+    read_only = table.get("read-only", False)
+    if not isinstance(read_only, bool):
+        raise _KeyError("read-only", "'read-only' must be true or false")
+    image = table.get("image")
+    if image is not None:
+        if not isinstance(image, str) or not image:
+            raise _KeyError("image", "'image' must be a path")
+        image = os.path.join(base, os.path.expanduser(image))
+    return ExportSpec(
+        name=text("name"),
+        description=text("description"),
+        read_only=read_only,
+        image=image,
+        size=size("size"),
+        memory=size("memory"),
+        min_block=size("min-block"),
+        preferred_block=size("preferred-block"),
+        max_block=size("max-block"),
+    )
