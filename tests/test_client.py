@@ -24,7 +24,8 @@ from twisted.internet.defer import CancelledError, Deferred, DeferredList, gathe
 from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IListeningPort
-from twisted.internet.protocol import connectionDone
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.task import deferLater
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -1117,6 +1118,24 @@ class ProtocolTests(SynchronousTestCase):
         proto.connectionLost(Failure(ConnectionDone()))
         self.assertIsNone(self.successResultOf(done))
 
+    def test_raw_disc(self) -> None:
+        """
+        request(DISC) goes out at once with requests in flight, which still
+        get their replies; it fires when the server closes the connection.
+        """
+        proto, transport, client = protocol_pair()
+        flush = client.flush()
+        transport.clear()
+        disc = client.request(CMD_DISC, 0, 0)
+        self.assertEqual(transport.value(), struct.pack(">IHHQQI", 0x25609513, 0, 2, 2, 0, 0))
+        self.assertFalse(transport.disconnecting)
+        self.failureResultOf(client.flush(), ConnectionDone)
+        proto.dataReceived(chunk(DONE, NONE, 1))
+        self.successResultOf(flush)
+        self.assertNoResult(disc)
+        proto.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.successResultOf(disc).command, CMD_DISC)
+
     def test_eshutdown_disconnects(self) -> None:
         """ESHUTDOWN from the server starts a soft disconnect (section 2.8)."""
         proto, transport, client = protocol_pair()
@@ -1343,6 +1362,48 @@ class IntegrationTests(TestCase):
         error = await failure_of(client.request(CMD_READ, 512, 512), NBDError)
         self.assertEqual(error.errno, EINVAL)
         await client.disconnect()
+
+    async def test_disc_completes_in_flight(self) -> None:
+        """
+        C-06: after NBD_CMD_DISC the server still answers every request sent
+        before it, then closes.
+        """
+        endpoint = await self.serve(Export("", memory_device(SIZE)))
+        for extended in (False, True):
+            client = await connect(reactor, endpoint, extended_headers=extended)
+            writes = [client.write(i * 4096, b"%04d" % i) for i in range(200)]
+            reads = [client.read(i * 4096, 4) for i in range(200, 400)]
+            disc = client.request(CMD_DISC, 0, 0)
+            await gatherResults(writes)
+            self.assertEqual(await gatherResults(reads), [bytes(4)] * 200)
+            await disc
+
+    async def test_connect_cancelled(self) -> None:
+        """Cancelling connect() during the handshake (a silent server) drops the connection."""
+        made: Deferred[None] = Deferred()
+        lost: Deferred[None] = Deferred()
+
+        class Silent(Protocol):
+            def connectionMade(self) -> None:
+                made.callback(None)
+
+            def connectionLost(self, reason: Failure = connectionDone) -> None:
+                lost.callback(None)
+
+        port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(
+            Factory.forProtocol(Silent)
+        )
+        self.addCleanup(port.stopListening)
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+        d = Deferred.fromCoroutine(connect(reactor, endpoint))
+        await made
+        # One more turn of the reactor: the client side is connected too, and
+        # connect() is waiting for the greeting.
+        await deferLater(reactor, 0, lambda: None)
+        self.assertNoResult(d)
+        d.cancel()
+        await failure_of(d, CancelledError)
+        await lost
 
     async def test_many_in_flight(self) -> None:
         """A thousand requests in flight at once, beyond the server's queue depth."""

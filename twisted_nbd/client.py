@@ -227,6 +227,28 @@ class NBDClientProtocol(Protocol):
         self._flush()
         return d
 
+    def send_disconnect(self, send: Callable[[], int]) -> Deferred[Reply]:
+        """
+        Queue an NBD_CMD_DISC with C{send} and write it at once, whatever is
+        in flight; leave the closing to the server, which must first answer
+        every request in flight (C-06).
+
+        @return: a Deferred that fires with a L{Reply} without data when the
+            connection has closed.
+        """
+        unusable = self.unusable()
+        if unusable is not None:
+            return fail(unusable)
+        try:
+            cookie = send()
+        except ValueError as e:
+            return fail(e)
+        self._disconnecting = self._disc_sent = True
+        self._flush()
+        closed: Deferred[None] = Deferred()
+        self._closed_waiters.append(closed)
+        return closed.addCallback(lambda _: Reply(cookie, Cmd.DISC))
+
     def unusable(self) -> Exception | None:
         """Why no request can be sent any more, or C{None} if one can."""
         if self._closed_reason is not None or self._lost:
@@ -380,15 +402,23 @@ class NBDClient:
         C{payload} follows it unchanged. A READ's reply is expected to carry
         C{length} bytes.
 
+        An NBD_CMD_DISC goes out at once, even with requests in flight (which
+        the server must still answer), and its Deferred fires with a L{Reply}
+        when the server closes the connection; nothing may be sent after it.
+
         @return: a Deferred that fires with the L{Reply} (its C{data} for a
             READ, its C{extents} by context id for a BLOCK_STATUS), or fails
             with L{NBDError} carrying the server's errno, or
             L{ValueError} if the fields do not fit the header.
         """
         conn = self._conn
-        return self.protocol.send(
-            lambda: conn.send_request(command, offset, length, flags, payload)
-        )
+
+        def send() -> int:
+            return conn.send_request(command, offset, length, flags, payload)
+
+        if command == Cmd.DISC:
+            return self.protocol.send_disconnect(send)
+        return self.protocol.send(send)
 
     def _refusal(self, command: int, offset: int, length: int, flags: int = 0) -> Exception | None:
         """Why a polite client must not send this request, or C{None}."""
