@@ -30,6 +30,8 @@ BUILD_TIMEOUT = 300
 #: Left out of the copy: version control, caches and earlier build output.
 _IGNORE = shutil.ignore_patterns(
     ".git",
+    ".venv",
+    "venv",
     "build",
     "dist",
     "*.egg-info",
