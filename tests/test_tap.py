@@ -615,7 +615,7 @@ class MakeServiceTests(TestCase):
 
         deviceService = service.getServiceNamed("device")
         assert isinstance(deviceService, BlockDeviceService)
-        device = deviceService.device
+        device = deviceService.devices[0]
         self.assertIsInstance(device, FileBlockDevice)
         self.assertEqual(device.size, 1 << 30)
         pool = deviceService.pool
@@ -641,8 +641,8 @@ class MakeServiceTests(TestCase):
         service, _ = self.build("--image", path, "--read-only")
         deviceService = service.getServiceNamed("device")
         assert isinstance(deviceService, BlockDeviceService)
-        self.addCleanup(deviceService.device.close)
-        self.assertFalse(deviceService.device.capabilities.can_write)
+        self.addCleanup(deviceService.devices[0].close)
+        self.assertFalse(deviceService.devices[0].capabilities.can_write)
 
     def test_memoryHasNoPool(self) -> None:
         """
@@ -658,7 +658,7 @@ class MakeServiceTests(TestCase):
         Stopping the service closes the device.
         """
         device = ControllableBlockDevice(MiB)
-        service = BlockDeviceService(device)
+        service = BlockDeviceService([device])
         service.startService()
         self.successResultOf(service.stopService())
         self.assertTrue(device.closed)
@@ -671,7 +671,7 @@ class MakeServiceTests(TestCase):
         """
         device = _SlowClosingDevice()
         pool = ThreadPool(minthreads=0, maxthreads=1, name="test")
-        service = BlockDeviceService(device, pool)
+        service = BlockDeviceService([device], pool)
         self.assertTrue(IService.providedBy(service))
         service.startService()
         self.addCleanup(lambda: pool.stop() if pool.started else None)
@@ -760,12 +760,117 @@ class TwistdTests(TestCase):
             "--listen",
             "--max-queue-depth",
             "--max-bytes-in-flight",
+            "--config",
+            "--min-block",
+            "--preferred-block",
+            "--max-block",
         ]:
             self.assertIn(option, result.stdout)
         self.assertIn("Examples:", result.stdout)
+
+    def test_badConfig(self) -> None:
+        """
+        A config file with a mistake is reported in one line naming the
+        file and the line.
+        """
+        cwd = self.mktempDir()
+        path = os.path.join(cwd, "exports.toml")
+        with open(path, "w") as f:
+            f.write('[[export]]\nname = "a"\nimage = "missing.raw"\n')
+        result = runTwistd("-n", "nbd", "--config", path, cwd=cwd)
+        self.assertOneLineError(result, f"{path}:3: export 'a': ")
 
     def mktempDir(self) -> str:
         """Make and return a new empty directory to run twistd in."""
         path: str = self.mktemp()
         os.mkdir(path)
         return path
+
+
+class ConfigOptionTests(TestCase):
+    """
+    C{--config} (several exports from a TOML file) and the block size
+    options.
+    """
+
+    def writeConfig(self, text: str) -> str:
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        path = os.path.join(directory, "exports.toml")
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def test_configExports(self) -> None:
+        """
+        Every export of the file is served by one factory, the default one
+        for the empty name.
+        """
+        path = self.writeConfig(
+            'default = "b"\n'
+            '[[export]]\nname = "a"\nmemory = "1M"\ndescription = "first"\n'
+            '[[export]]\nname = "b"\nimage = "b.raw"\nsize = "2M"\nread-only = false\n'
+        )
+        options = parse("--config", path, "--listen", "tcp:0:interface=127.0.0.1")
+        self.assertEqual([spec.name for spec in options.config.exports], ["a", "b"])
+        service = makeService(options, MemoryReactorClock())
+        deviceService = service.getServiceNamed("device")
+        assert isinstance(deviceService, BlockDeviceService)
+        for device in deviceService.devices:
+            self.addCleanup(device.close)
+        listener = list(service)[1]
+        assert isinstance(listener, StreamServerEndpointService)
+        factory = listener.factory
+        assert isinstance(factory, NBDServerFactory)
+        registry = factory.registry
+        self.assertEqual(sorted(e.name for e in registry), ["a", "b"])
+        default = registry.lookup("")
+        assert default is not None
+        self.assertEqual((default.name, default.size), ("b", 2 * MiB))
+        self.assertTrue(os.path.exists(os.path.join(os.path.dirname(path), "b.raw")))
+
+    def test_configExcludesSingleExportOptions(self) -> None:
+        """
+        --config cannot be combined with options describing one export.
+        """
+        path = self.writeConfig('[[export]]\nname = "a"\nmemory = "1M"\n')
+        for extra in (["--memory", "1M"], ["--read-only"], ["--name", "x"], ["--min-block", "512"]):
+            with self.assertRaises(UsageError) as caught:
+                parse("--config", path, *extra)
+            self.assertIn(extra[0], str(caught.exception))
+
+    def test_badConfigFile(self) -> None:
+        """
+        A config mistake becomes a one-line usage error naming file and line.
+        """
+        path = self.writeConfig('[[export]]\nname = "a"\nmemory = "lots"\n')
+        with self.assertRaises(UsageError) as caught:
+            parse("--config", path)
+        self.assertIn(f"{path}:3:", str(caught.exception))
+
+    def test_blockSizes(self) -> None:
+        """
+        --min-block, --preferred-block and --max-block reach the export.
+        """
+        options = parse(
+            "--memory", "1M", "--min-block", "512", "--preferred-block", "8K", "--max-block", "1M"
+        )
+        [spec] = options.config.exports
+        self.assertEqual((spec.min_block, spec.preferred_block, spec.max_block), (512, 8192, MiB))
+        service = makeService(options, MemoryReactorClock())
+        listener = list(service)[1]
+        assert isinstance(listener, StreamServerEndpointService)
+        assert isinstance(listener.factory, NBDServerFactory)
+        export = listener.factory.registry.lookup("")
+        assert export is not None
+        caps = export.capabilities
+        self.assertEqual((caps.min_block, caps.preferred_block, caps.max_block), (512, 8192, MiB))
+
+    def test_badBlockSizes(self) -> None:
+        """
+        Block sizes that break the protocol's rules are usage errors.
+        """
+        for argv in (["--min-block", "3000"], ["--preferred-block", "256"], ["--max-block", "1K"]):
+            with self.assertRaises(UsageError) as caught:
+                parse("--memory", "1M", *argv)
+            self.assertIn("--min-block/--preferred-block/--max-block", str(caught.exception))

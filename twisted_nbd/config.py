@@ -166,11 +166,14 @@ class ExportSpec:
     preferred_block: int | None = None
     max_block: int | None = None
 
-    def check(self) -> None:
+    def check(self, size_hint: str = "give a size", read_only_hint: str = "serve it read-only") -> None:
         """
         Check the specification as a whole, and that its image can be
         opened (or created).
 
+        @param size_hint: how the user asks for a new image to be created,
+            for messages.
+        @param read_only_hint: how the user asks for read-only, likewise.
         @raise ValueError: with a one-line reason.
         """
         for what, text in (("name", self.name), ("description", self.description)):
@@ -182,17 +185,39 @@ class ExportSpec:
             raise ValueError("give exactly one of an image and a memory size")
         if self.memory is not None and self.size is not None:
             raise ValueError("a size only applies to an image; a memory export has its own")
+        self.check_block_sizes()
+        self.check_image(size_hint, read_only_hint)
+
+    def check_block_sizes(self) -> None:
+        """
+        Check the block size settings against the protocol's rules.
+
+        @raise ValueError: with a one-line reason.
+        """
         defaults = Capabilities()
         check_block_sizes(
             self.min_block or defaults.min_block,
             self.preferred_block or max(defaults.preferred_block, self.min_block or 1),
             self.max_block or defaults.max_block,
         )
+
+    def check_image(
+        self, size_hint: str = "give a size", read_only_hint: str = "serve it read-only"
+    ) -> None:
+        """
+        Check that the image, if any, can be opened, or created when a size
+        is given.
+
+        @raise ValueError: with a one-line reason.
+        """
         if self.image is None:
             return
-        existing = check_image(self.image, self.read_only)
+        try:
+            existing = check_image(self.image, self.read_only)
+        except ValueError as e:
+            raise ValueError(str(e).replace("serve it read-only", read_only_hint)) from None
         if existing is None and self.size is None:
-            raise ValueError(f"{self.image} does not exist (give a size to create a sparse image)")
+            raise ValueError(f"{self.image} does not exist ({size_hint} to create a sparse image)")
         if existing is None:
             parent = os.path.dirname(self.image)
             if not os.path.isdir(parent):

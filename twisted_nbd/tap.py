@@ -21,26 +21,33 @@ for tests and for embedding.
 from __future__ import annotations
 
 import os
-import re
-import stat
-from typing import Any, cast
+from typing import Any, Sequence, cast
 
 from twisted.application import strports
 from twisted.application.service import MultiService, Service
 from twisted.internet import endpoints
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.logger import Logger
 from twisted.python import usage
-from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from twisted_nbd.backends.file import FileBlockDevice, create_image
 from twisted_nbd.backends.memory import MemoryBlockDevice
+from twisted_nbd.config import (
+    MAX_SIZE,
+    Config,
+    ConfigError,
+    ExportSpec,
+    load_config,
+    parse_size,
+)
 from twisted_nbd.exports import MAX_STRING, Export, ExportRegistry
 from twisted_nbd.interfaces import IBlockDevice
 from twisted_nbd.protocol import NBDServerFactory
 
 __all__ = [
     "BlockDeviceService",
+    "openExports",
     "DEFAULT_LISTEN",
     "MAX_SIZE",
     "Options",
@@ -51,27 +58,11 @@ __all__ = [
 #: Where the server listens when no C{--listen} is given: the IANA NBD port.
 DEFAULT_LISTEN = "tcp:10809"
 
-#: The largest size accepted: offsets are signed 64-bit numbers in most
-#: clients (qemu, the Linux kernel), so nothing larger is usable.
-MAX_SIZE = 2**63 - 1
+_log = Logger()
 
-#: The most threads the I/O pool of a file-backed export starts.
+#: The most threads the I/O pool of file-backed exports starts.
 IO_THREADS = 8
 
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "k": 1 << 10,
-    "kib": 1 << 10,
-    "m": 1 << 20,
-    "mib": 1 << 20,
-    "g": 1 << 30,
-    "gib": 1 << 30,
-    "t": 1 << 40,
-    "tib": 1 << 40,
-    "p": 1 << 50,
-    "pib": 1 << 50,
-}
 _EXAMPLES = """
 Endpoints for --listen (quote them in a shell):
   tcp:10809                          every IPv4 interface, port 10809
@@ -87,41 +78,6 @@ Examples:
   nbdinfo nbd://127.0.0.1
   qemu-img info nbd://127.0.0.1:10809
 """
-_AMBIGUOUS_UNITS = frozenset({"kb", "mb", "gb", "tb", "pb"})
-_SIZE = re.compile(r"([+-]?[0-9]+)\s*([a-z]*)")
-
-
-def parse_size(text: str) -> int:
-    """
-    Parse a size such as C{512}, C{64K}, C{512M}, C{1G}, C{2T} or C{10GiB}.
-
-    Suffixes are powers of 1024 and case-insensitive (C{k}, C{K} and C{KiB}
-    are all 1024); C{KB}, C{MB}, ... are refused because they are read as
-    powers of 1000 elsewhere.
-
-    @return: the size in bytes, at least 1 and at most L{MAX_SIZE}.
-    @raise ValueError: C{text} is not a size, or is zero, negative or too
-        large; the message is one line meant for the user.
-    """
-    cleaned = text.strip().lower()
-    match = _SIZE.fullmatch(cleaned)
-    if match is None or (match.group(2) not in _UNITS and match.group(2) not in _AMBIGUOUS_UNITS):
-        raise ValueError(
-            f"{text!r} is not a size: write a number of bytes with an optional "
-            "K, M, G, T or P suffix (powers of 1024), e.g. 512M or 1G"
-        )
-    number, unit = int(match.group(1)), match.group(2)
-    if unit in _AMBIGUOUS_UNITS:
-        plain = unit[0].upper()
-        raise ValueError(
-            f"{text!r} is ambiguous: write {number}{plain} or {number}{plain}iB (powers of 1024)"
-        )
-    if number <= 0:
-        raise ValueError(f"{text!r} is not a usable size: it must be greater than zero")
-    size = number * _UNITS[unit]
-    if size > MAX_SIZE:
-        raise ValueError(f"{text!r} is too large: the limit is {MAX_SIZE} bytes (8 EiB - 1)")
-    return size
 
 
 def _checkString(option: str, text: str) -> None:
@@ -156,59 +112,40 @@ def _checkEndpoint(description: str) -> None:
         ) from None
 
 
-def _checkImage(path: str, readOnly: bool) -> int | None:
-    """
-    Check that the server will be able to open C{path} the way it needs.
-
-    @return: the size of the existing file or block device, or C{None} if
-        nothing exists at C{path}.
-    @raise usage.UsageError: C{path} exists but cannot be served.
-    """
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        raise usage.UsageError(f"--image {path}: {e.strerror}") from None
-    if stat.S_ISDIR(mode):
-        raise usage.UsageError(f"--image {path} is a directory, not an image file")
-    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
-        raise usage.UsageError(f"--image {path} is neither a regular file nor a block device")
-    flags = (os.O_RDONLY if readOnly else os.O_RDWR) | os.O_CLOEXEC
-    try:
-        fd = os.open(path, flags)
-    except OSError as e:
-        if readOnly:
-            raise usage.UsageError(f"--image {path} cannot be read: {e.strerror}") from None
-        raise usage.UsageError(
-            f"--image {path} cannot be opened for writing: {e.strerror} "
-            "(add --read-only to serve it read-only)"
-        ) from None
-    try:
-        if stat.S_ISBLK(mode):
-            return os.lseek(fd, 0, os.SEEK_END)
-        return os.fstat(fd).st_size
-    except OSError as e:
-        raise usage.UsageError(f"--image {path}: cannot find its size: {e.strerror}") from None
-    finally:
-        os.close(fd)
+#: Options that describe a single export, which --config replaces.
+_SINGLE_EXPORT_OPTIONS = (
+    "image",
+    "memory",
+    "size",
+    "name",
+    "description",
+    "read-only",
+    "min-block",
+    "preferred-block",
+    "max-block",
+)
 
 
 class Options(usage.Options):
     """
     The options of C{twistd nbd}.
 
-    After parsing, C{self["size"]}, C{self["memory"]},
+    After parsing, C{self.config} is the L{Config} to serve (from
+    C{--config}, or one export built from the other options),
     C{self["max-queue-depth"]} and C{self["max-bytes-in-flight"]} are
-    C{int}s (the first two may be C{None}), C{self["image"]} is an absolute
-    path or C{None}, and C{self["listen"]} is a non-empty list of endpoint
-    descriptions.
+    C{int}s, and C{self["listen"]} is a non-empty list of endpoint
+    descriptions. For a single export, C{self["size"]} and
+    C{self["memory"]} are C{int}s or C{None} and C{self["image"]} is an
+    absolute path or C{None}.
     """
 
+    config: Config
+
     longdesc = (
-        "Serve one block device over the Network Block Device protocol (NBD): an image "
-        "file or block device (--image) or a RAM disk (--memory). Clients asking for the "
-        "empty export name get it, as do those asking for --name. SIZE is a number of "
+        "Serve block devices over the Network Block Device protocol (NBD): an image "
+        "file or block device (--image) or a RAM disk (--memory), or several exports "
+        "described in a TOML file (--config). Clients asking for the "
+        "empty export name get the default export. SIZE is a number of "
         "bytes with an optional K, M, G, T or P suffix (or KiB, MiB, ...), all powers of "
         "1024: 512, 64K, 512M, 1G, 2T. --listen takes a Twisted server endpoint string "
         "and may be repeated."
@@ -235,6 +172,31 @@ class Options(usage.Options):
         ["memory", "m", None, "Serve a sparse RAM disk of SIZE bytes instead of an image."],
         ["name", None, None, "The export's name [default: empty]."],
         ["description", None, None, "A description of the export, shown by nbdinfo."],
+        [
+            "config",
+            "c",
+            None,
+            "Serve the exports described in this TOML file instead (see docs/usage.md); "
+            "it cannot be combined with the single-export options.",
+        ],
+        [
+            "min-block",
+            None,
+            None,
+            "Minimum block SIZE clients must align to: a power of two up to 64K [default: 1].",
+        ],
+        [
+            "preferred-block",
+            None,
+            None,
+            "Preferred block SIZE advertised to clients, a power of two [default: 4K].",
+        ],
+        [
+            "max-block",
+            None,
+            None,
+            "Largest payload of one READ or WRITE [default: 32M].",
+        ],
         [
             "max-queue-depth",
             None,
@@ -271,56 +233,16 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         """
         Check the options together, convert sizes and numbers, and make sure
-        the image can be opened (or created).
+        every image can be opened (or created).
 
         @raise usage.UsageError: with a one-line explanation.
         """
-        image, memory = self["image"], self["memory"]
-        if image is None and memory is None:
-            raise usage.UsageError(
-                "nothing to serve: give --image PATH (an image file) or --memory SIZE (a RAM disk)"
-            )
-        if image is not None and memory is not None:
-            raise usage.UsageError("--image and --memory cannot be used together")
-        if memory is not None and self["size"] is not None:
-            raise usage.UsageError("--size only applies to --image; --memory takes its own size")
-
-        self["size"] = self._size("size")
-        self["memory"] = self._size("memory")
         self["max-bytes-in-flight"] = self._size("max-bytes-in-flight")
         self["max-queue-depth"] = self._count("max-queue-depth")
-
-        for option in ("name", "description"):
-            if self[option] is None:
-                self[option] = ""
-        _checkString("name", self["name"])
-        _checkString("description", self["description"])
-
-        if image is not None:
-            if image == "":
-                raise usage.UsageError("--image needs a path")
-            image = self["image"] = os.path.abspath(image)
-            existing = _checkImage(image, self["read-only"])
-            size = self["size"]
-            if existing is None and size is None:
-                raise usage.UsageError(
-                    f"--image {image} does not exist (add --size SIZE to create a sparse image)"
-                )
-            if existing is None:
-                parent = os.path.dirname(image)
-                if not os.path.isdir(parent):
-                    raise usage.UsageError(
-                        f"--image {image} cannot be created: {parent} is not a directory"
-                    )
-                if not os.access(parent, os.W_OK | os.X_OK):
-                    raise usage.UsageError(
-                        f"--image {image} cannot be created: {parent} is not writable"
-                    )
-            elif size is not None and size != existing:
-                raise usage.UsageError(
-                    f"--image {image} already exists with {existing} bytes, not {size} "
-                    "(drop --size to serve it as it is)"
-                )
+        if self["config"] is not None:
+            self.config = self._fromFile(self["config"])
+        else:
+            self.config = self._fromOptions()
 
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
@@ -330,6 +252,61 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--listen {description!r} is given twice")
             seen.add(description)
             _checkEndpoint(description)
+
+    def _fromFile(self, path: str) -> Config:
+        """Load C{--config}, which describes every export by itself."""
+        single = [option for option in _SINGLE_EXPORT_OPTIONS if self[option] not in (None, False)]
+        if single:
+            raise usage.UsageError(
+                f"--config describes the exports; --{single[0]} belongs in its [[export]] tables"
+            )
+        try:
+            return load_config(path)
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+
+    def _fromOptions(self) -> Config:
+        """Build the one export the command line describes."""
+        image, memory = self["image"], self["memory"]
+        if image is None and memory is None:
+            raise usage.UsageError(
+                "nothing to serve: give --image PATH (an image file), --memory SIZE "
+                "(a RAM disk) or --config FILE (several exports)"
+            )
+        if image is not None and memory is not None:
+            raise usage.UsageError("--image and --memory cannot be used together")
+        if memory is not None and self["size"] is not None:
+            raise usage.UsageError("--size only applies to --image; --memory takes its own size")
+        for option in ("size", "memory", "min-block", "preferred-block", "max-block"):
+            self[option] = self._size(option)
+        for option in ("name", "description"):
+            if self[option] is None:
+                self[option] = ""
+            _checkString(option, self[option])
+        if image is not None:
+            if image == "":
+                raise usage.UsageError("--image needs a path")
+            image = self["image"] = os.path.abspath(image)
+        spec = ExportSpec(
+            name=self["name"],
+            description=self["description"],
+            read_only=self["read-only"],
+            image=image,
+            size=self["size"],
+            memory=self["memory"],
+            min_block=self["min-block"],
+            preferred_block=self["preferred-block"],
+            max_block=self["max-block"],
+        )
+        try:
+            spec.check_block_sizes()
+        except ValueError as e:
+            raise usage.UsageError(f"--min-block/--preferred-block/--max-block: {e}") from None
+        try:
+            spec.check_image(size_hint="add --size SIZE", read_only_hint="add --read-only")
+        except ValueError as e:
+            raise usage.UsageError(f"--image {e}") from None
+        return Config([spec], default=spec.name)
 
     def _size(self, option: str) -> int | None:
         """
@@ -366,19 +343,19 @@ class Options(usage.Options):
 
 class BlockDeviceService(Service):
     """
-    Owns a block device, and the thread pool its blocking calls run in if it
-    has one: starts the pool with the service, and on stop closes the
-    device (which waits for the requests still running) and then stops the
-    pool.
+    Owns the served block devices, and the thread pool their blocking calls
+    run in if they need one: starts the pool with the service, and on stop
+    closes every device (each waits for its requests still running) and
+    then stops the pool.
 
-    A stopped service cannot be started again: its device is closed.
+    A stopped service cannot be started again: its devices are closed.
 
-    @ivar device: the L{IBlockDevice}.
-    @ivar pool: the device's L{ThreadPool}, or C{None}.
+    @ivar devices: the L{IBlockDevice}s.
+    @ivar pool: their L{ThreadPool}, or C{None}.
     """
 
-    def __init__(self, device: IBlockDevice, pool: ThreadPool | None = None) -> None:
-        self.device = device
+    def __init__(self, devices: Sequence[IBlockDevice], pool: ThreadPool | None = None) -> None:
+        self.devices = list(devices)
         self.pool = pool
 
     def startService(self) -> None:
@@ -392,28 +369,80 @@ class BlockDeviceService(Service):
 
     def stopService(self) -> Deferred[None]:
         """
-        Close the device, then stop the pool.
+        Close the devices, then stop the pool.
 
-        @return: a Deferred that fires once both are done.
+        @return: a Deferred that fires once all are done.
         """
         Service.stopService(self)
-        closed: Deferred[None] = maybeDeferred(self.device.close)
+        closed = DeferredList(
+            [maybeDeferred(device.close) for device in self.devices], consumeErrors=True
+        )
 
-        def stopPool(result: None | Failure) -> None | Failure:
+        def stopPool(result: object) -> None:
             if self.pool is not None and self.pool.started:
                 self.pool.stop()
-            return result
+            for ok, value in cast("list[tuple[bool, Any]]", result):
+                if not ok:
+                    _log.failure("Closing a block device failed", value)
 
-        closed.addBoth(stopPool)
-        return closed
+        return closed.addCallback(stopPool)
+
+
+def openExports(
+    config: Config, reactor: Any, max_threads: int = IO_THREADS
+) -> tuple[ExportRegistry, BlockDeviceService]:
+    """
+    Open the devices a L{Config} describes, creating sparse images where a
+    size asks for one.
+
+    @return: the registry of exports, and the service that owns the devices
+        and their thread pool (not yet started).
+    @raise OSError: an image could not be created or opened after all; the
+        devices already opened are closed.
+    """
+    pool: ThreadPool | None = None
+    devices: list[IBlockDevice] = []
+    exports: list[Export] = []
+    try:
+        for spec in config.exports:
+            device: IBlockDevice
+            if spec.memory is not None:
+                device = MemoryBlockDevice(spec.memory)
+            else:
+                assert spec.image is not None
+                if spec.size is not None:
+                    create_image(spec.image, spec.size)
+                if pool is None:
+                    pool = ThreadPool(minthreads=1, maxthreads=max_threads, name="nbd-io")
+                device = FileBlockDevice(
+                    spec.image, read_only=spec.read_only, reactor=reactor, threadpool=pool
+                )
+            devices.append(device)
+            exports.append(
+                Export(
+                    spec.name,
+                    device,
+                    description=spec.description,
+                    read_only=spec.read_only,
+                    min_block=spec.min_block,
+                    preferred_block=spec.preferred_block,
+                    max_block=spec.max_block,
+                )
+            )
+        registry = ExportRegistry.of(exports, config.default)
+    except BaseException:
+        for device in devices:
+            device.close()
+        raise
+    return registry, BlockDeviceService(devices, pool)
 
 
 def makeService(options: Options, reactor: Any = None) -> MultiService:
     """
     Build the service tree for parsed L{Options}.
 
-    Opening the device happens here, before twistd drops privileges
-    (C{--uid}); the image is created first if C{--size} asked for it.
+    Opening the devices happens here, before twistd drops privileges
+    (C{--uid}); images are created first where a size asks for it.
 
     @param reactor: the reactor to listen with and to deliver the thread
         pool's results to; the global reactor if C{None}.
@@ -422,7 +451,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         L{StreamServerEndpointService
         <twisted.application.internet.StreamServerEndpointService>} per
         C{--listen}.
-    @raise OSError: the image could not be created or opened after all.
+    @raise OSError: an image could not be created or opened after all.
     """
     if reactor is None:
         from twisted.internet import reactor as globalReactor
@@ -430,37 +459,18 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         reactor = globalReactor
 
     top = MultiService()
-    device: IBlockDevice
-    pool: ThreadPool | None = None
-    if options["memory"] is not None:
-        device = MemoryBlockDevice(options["memory"])
-    else:
-        if options["size"] is not None:
-            create_image(options["image"], options["size"])
-        maxThreads = min(IO_THREADS, options["max-queue-depth"])
-        pool = ThreadPool(minthreads=1, maxthreads=maxThreads, name="nbd-io")
-        device = FileBlockDevice(
-            options["image"], read_only=options["read-only"], reactor=reactor, threadpool=pool
-        )
-    deviceService: Service = BlockDeviceService(device, pool)
-    deviceService.setName("device")
-    deviceService.setServiceParent(top)
-
-    try:
-        export = Export(
-            options["name"],
-            device,
-            description=options["description"],
-            read_only=options["read-only"],
-        )
-        factory = NBDServerFactory(
-            ExportRegistry.of([export]),
-            max_queue_depth=options["max-queue-depth"],
-            max_bytes_in_flight=options["max-bytes-in-flight"],
-        )
-        for description in options["listen"]:
-            strports.service(description, factory, reactor=reactor).setServiceParent(top)
-    except BaseException:
-        device.close()
-        raise
+    registry, deviceService = openExports(
+        options.config, reactor, min(IO_THREADS, options["max-queue-depth"])
+    )
+    # Typed as a plain Service: mypy sees the inherited methods as Twisted's.
+    owner: Service = deviceService
+    owner.setName("device")
+    owner.setServiceParent(top)
+    factory = NBDServerFactory(
+        registry,
+        max_queue_depth=options["max-queue-depth"],
+        max_bytes_in_flight=options["max-bytes-in-flight"],
+    )
+    for description in options["listen"]:
+        strports.service(description, factory, reactor=reactor).setServiceParent(top)
     return top
