@@ -168,8 +168,8 @@ class NBDClientProtocol(Protocol):
             self._close()
 
     def _reply(self, reply: Reply) -> None:
-        d = self._requests.pop(reply.cookie)
-        if not d.called:  # it may have been cancelled
+        d = self._requests.pop(reply.cookie, None)
+        if d is not None and not d.called:  # it may have been cancelled
             if reply.error is not None:
                 d.errback(reply.error)
             else:
