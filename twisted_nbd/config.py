@@ -166,7 +166,9 @@ class ExportSpec:
     preferred_block: int | None = None
     max_block: int | None = None
 
-    def check(self, size_hint: str = "give a size", read_only_hint: str = "serve it read-only") -> None:
+    def check(
+        self, size_hint: str = "give a size", read_only_hint: str = "serve it read-only"
+    ) -> None:
         """
         Check the specification as a whole, and that its image can be
         opened (or created).
