@@ -937,3 +937,39 @@ class FileBlockDeviceTests(TestCase):
         self.assertEqual(cast(NBDError, error).errno, Errno.ESHUTDOWN)
         self.assertIsNone(self.successResultOf(device.close()))
         self.assertEqual(pool.jobs, [])
+
+
+class MemoryHugeRangeTests(SynchronousTestCase):
+    """
+    Zeroing and trimming a memory device cost what is allocated, not the
+    length: they run in the reactor thread, so a huge request must not stall
+    the server (it once took minutes for 2^62 bytes).
+    """
+
+    SIZE = 2**63 - 4096
+
+    def test_trimHugeRange(self) -> None:
+        """Trimming 2^62 bytes drops the pages inside and keeps the others."""
+        device = MemoryBlockDevice(self.SIZE)
+        for offset in (0, 1 << 40, 1 << 61, (1 << 62) + 5, self.SIZE - 10):
+            self.successResultOf(device.write(offset, b"data"))
+        self.successResultOf(device.trim(1, 1 << 62))
+        self.assertEqual(device.page_count, 3)
+        self.assertEqual(self.successResultOf(device.read(0, 4)), b"d\0\0\0")
+        self.assertEqual(self.successResultOf(device.read((1 << 62) + 5, 4)), b"data")
+        self.assertEqual(self.successResultOf(device.read(1 << 40, 4)), bytes(4))
+
+    def test_zeroHugeRange(self) -> None:
+        """Zeroing with may_trim over 2^62 bytes of an empty device allocates nothing."""
+        device = MemoryBlockDevice(self.SIZE)
+        self.successResultOf(device.write_zeroes(0, 1 << 62))
+        self.assertEqual(device.page_count, 0)
+
+    def test_noHoleHugeRangeRefused(self) -> None:
+        """A NO_HOLE zeroing that would allocate more than MAX_ALLOCATION fails with
+        ENOSPC and changes nothing."""
+        device = MemoryBlockDevice(self.SIZE)
+        self.successResultOf(device.write(100, b"keep"))
+        failure = self.failureResultOf(device.write_zeroes(0, 1 << 62, may_trim=False), NBDError)
+        self.assertEqual(failure.value.errno, Errno.ENOSPC)
+        self.assertEqual(self.successResultOf(device.read(100, 4)), b"keep")

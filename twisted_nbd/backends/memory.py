@@ -15,9 +15,17 @@ from typing import Callable, Sequence, TypeVar
 from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
+from twisted_nbd._wire import Errno
+from twisted_nbd.errors import NBDError
 from twisted_nbd.interfaces import STATE_HOLE, STATE_ZERO, Capabilities, Extent, IBlockDevice
 
-__all__ = ["DEFAULT_CAPABILITIES", "DEFAULT_PAGE_SIZE", "MAX_EXTENTS", "MemoryBlockDevice"]
+__all__ = [
+    "DEFAULT_CAPABILITIES",
+    "DEFAULT_PAGE_SIZE",
+    "MAX_ALLOCATION",
+    "MAX_EXTENTS",
+    "MemoryBlockDevice",
+]
 
 _T = TypeVar("_T")
 
@@ -37,6 +45,10 @@ DEFAULT_CAPABILITIES = Capabilities(
     can_extents=True,
     can_multi_conn=True,
 )
+
+#: The most new memory one NO_HOLE zeroing may allocate; beyond it the
+#: request fails with ENOSPC instead of eating the machine's memory.
+MAX_ALLOCATION = 1 << 30
 
 _HOLE = STATE_HOLE | STATE_ZERO
 
@@ -172,22 +184,64 @@ class MemoryBlockDevice:
         entirely are dropped, and partly covered ones are dropped too if they
         end up all zeroes; without it, every page touched stays (or becomes)
         allocated, as NBD_CMD_FLAG_NO_HOLE requires.
+
+        The cost follows the pages that exist, not the length: zeroing
+        2^62 bytes of a huge sparse device is as quick as zeroing one page,
+        because this runs in the reactor thread.
+
+        @raise NBDError: C{ENOSPC} when keeping the range allocated would
+            take more than L{MAX_ALLOCATION} bytes of new pages.
         """
-        for index, start, chunk in self._spans(offset, length):
-            if deallocate:
-                if self._wholePage(index, start, chunk):
-                    self._pages.pop(index, None)
-                    continue
-                page = self._pages.get(index)
-                if page is None:
-                    continue
-                page[start : start + chunk] = self._zeroes[:chunk]
-                # Comparing 64 KiB is cheap, and it keeps block_status honest
-                # about ranges zeroed in several unaligned requests.
-                if page == self._zeroes:
-                    del self._pages[index]
-            else:
-                self._page(index)[start : start + chunk] = self._zeroes[:chunk]
+        if length <= 0:
+            return
+        pageSize = self.page_size
+        end = offset + length
+        first, last = offset // pageSize, (end - 1) // pageSize
+        middle = range(first + 1, last)
+        # Visit whichever is smaller: the pages of the range, or the allocated ones.
+        if len(middle) <= len(self._pages):
+            present = [index for index in middle if index in self._pages]
+        else:
+            present = [index for index in self._pages if first < index < last]
+        absent = len(middle) - len(present)
+        if not deallocate and absent * pageSize > MAX_ALLOCATION:
+            # Refuse before touching anything.
+            raise NBDError(
+                Errno.ENOSPC,
+                f"keeping {absent * pageSize} bytes allocated needs more memory than the "
+                f"{MAX_ALLOCATION} bytes a memory device allocates at once",
+            )
+        # The first and last pages may be partly covered: handle them one by one.
+        for index in sorted({first, last}):
+            start = max(offset, index * pageSize)
+            stop = min(end, (index + 1) * pageSize)
+            self._zeroSpan(index, start - index * pageSize, stop - start, deallocate)
+        if deallocate:
+            for index in present:
+                del self._pages[index]
+            return
+        for index in present:
+            self._pages[index][:] = self._zeroes
+        for index in middle:
+            if index not in self._pages:
+                self._pages[index] = bytearray(pageSize)
+
+    def _zeroSpan(self, index: int, start: int, chunk: int, deallocate: bool) -> None:
+        """Zero C{chunk} bytes from C{start} in page C{index}."""
+        if deallocate:
+            if self._wholePage(index, start, chunk):
+                self._pages.pop(index, None)
+                return
+            page = self._pages.get(index)
+            if page is None:
+                return
+            page[start : start + chunk] = self._zeroes[:chunk]
+            # Comparing 64 KiB is cheap, and it keeps block_status honest
+            # about ranges zeroed in several unaligned requests.
+            if page == self._zeroes:
+                del self._pages[index]
+        else:
+            self._page(index)[start : start + chunk] = self._zeroes[:chunk]
 
     def flush(self) -> Deferred[None]:
         """
