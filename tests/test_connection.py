@@ -752,6 +752,16 @@ class ExtendedHeaderTests(TranscriptMixin, SynchronousTestCase):
         self.assertIsInstance(events[0], RequestRejected)
         self.assertEqual(events[1:], [ReadRequest(2, 0, 4, 0)])
 
+    def test_flush_with_payload_reason(self) -> None:
+        """A FLUSH with a payload is refused for the payload, not for its length field."""
+        events, _ = self.requests(
+            b.ext_request(Cmd.FLUSH, 1, 0, 4, CmdFlags.PAYLOAD_LEN, b"abcd")
+            + b.ext_request(Cmd.FLUSH, 2)
+        )
+        self.assertIsInstance(events[0], RequestRejected)
+        self.assertIn("takes no payload", events[0].reason)
+        self.assertEqual(events[1], FlushRequest(2))
+
     def test_payload_over_maximum_closes(self) -> None:
         """A PAYLOAD_LEN over the maximum payload gets a hard close."""
         events, _ = self.requests(b.ext_request(Cmd.WRITE, 1, 0, 64 << 20, CmdFlags.PAYLOAD_LEN))

@@ -592,15 +592,18 @@ class ServerConnection:
                     )
             else:
                 has_payload = header.type == Cmd.WRITE
-            rejection = self._validate(header)
-            if rejection is None and has_payload != (header.type == Cmd.WRITE):
-                rejection = self._reject(
+            if has_payload != (header.type == Cmd.WRITE):
+                # Only with extended headers can these disagree; say so before
+                # anything else, since the length field means something else.
+                rejection: RequestRejected | None = self._reject(
                     header,
                     Errno.EINVAL,
                     "WRITE must carry PAYLOAD_LEN"
                     if header.type == Cmd.WRITE
                     else f"command {header.type} takes no payload",
                 )
+            else:
+                rejection = self._validate(header)
             if not has_payload:
                 return rejection if rejection is not None else self._make_request(header)
             if rejection is not None:
