@@ -836,3 +836,40 @@ class SparseReadPlanTests(SynchronousTestCase):
     def test_clamped(self) -> None:
         """Extents running past the read are cut at its end."""
         self.assertEqual(plan_sparse_read(0, 8192, [Extent(1 << 30, 3)]), [(0, 8192, True)])
+
+
+class ShutdownTests(TranscriptMixin, SynchronousTestCase):
+    """A server that shuts down refuses new work (H-19, C-07)."""
+
+    def test_options_refused_H19(self) -> None:
+        """H-19: every option but ABORT gets ERR_SHUTDOWN; ABORT still gets ACK."""
+        conn = new_connection()
+        conn.data_to_send()
+        conn.receive_data(b.client_flags())
+        self.assertIs(conn.next_event(), NEED_DATA)
+        conn.shutdown()
+        conn.receive_data(b.go() + b.option(Opt.LIST) + b.option(Opt.ABORT))
+        events = [conn.next_event() for _ in range(3)]
+        self.assertEqual(
+            [getattr(e, "reply", None) for e in events[:2]], [Rep.ERR_SHUTDOWN, Rep.ERR_SHUTDOWN]
+        )
+        self.assertEqual(events[2], Aborted())
+        replies = b.parse_option_replies(b"".join(conn.data_to_send()))
+        self.assertEqual([r[1] for r in replies], [Rep.ERR_SHUTDOWN, Rep.ERR_SHUTDOWN, Rep.ACK])
+
+    def test_requests_refused_C07(self) -> None:
+        """C-07: requests after shutdown get ESHUTDOWN; a WRITE's payload is skipped."""
+        conn = new_connection()
+        conn.receive_data(HANDSHAKE)
+        while conn.next_event() is not NEED_DATA:
+            pass
+        conn.data_to_send()
+        conn.shutdown()
+        conn.receive_data(b.write(1, 0, b.read(66, 0, 1)) + b.read(2, 0, 1) + b.request(Cmd.DISC))
+        events = []
+        while (event := conn.next_event()) is not NEED_DATA:
+            events.append(event)
+        self.assertEqual([getattr(e, "errno", None) for e in events[:2]], [Errno.ESHUTDOWN] * 2)
+        self.assertEqual(events[2], DisconnectRequest())
+        replies = b.parse_simple_replies(b"".join(conn.data_to_send()))
+        self.assertEqual(replies, [(Errno.ESHUTDOWN, 1), (Errno.ESHUTDOWN, 2)])

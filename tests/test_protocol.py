@@ -11,6 +11,7 @@ import struct
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IPushProducer
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -18,7 +19,7 @@ from zope.interface.verify import verifyObject
 
 from tests import builders as b
 from tests.test_connection import GREETING, after_go
-from twisted_nbd._wire import ChunkType, Cmd, CmdFlags, Errno, Opt
+from twisted_nbd._wire import ChunkType, Cmd, CmdFlags, Errno, Opt, Rep
 from twisted_nbd.errors import NBDError
 from twisted_nbd.exports import Export, ExportRegistry
 from twisted_nbd.interfaces import Extent
@@ -363,3 +364,66 @@ class SparseReadTests(SynchronousTestCase):
         [(flags, typ, cookie, payload)] = b.parse_chunks(h.transport.value())
         self.assertEqual((flags, typ, cookie), (1, ChunkType.ERROR, 5))
         self.assertEqual(payload[6:], b"bad sector")
+
+
+class ShutdownTests(SynchronousTestCase):
+    """Graceful shutdown of connections and of the factory (C-07)."""
+
+    def test_drains_then_closes_C07(self) -> None:
+        """C-07: requests in flight finish, new ones get ESHUTDOWN, then the connection
+        closes and the shutdown Deferred fires when it is lost."""
+        h = Harness()
+        h.send(b.read(1, 0, 4))
+        done = h.proto.shutdown()
+        h.send(b.read(2, 0, 4))
+        self.assertEqual(h.replies(), [(Errno.ESHUTDOWN, 2)])
+        self.assertFalse(h.transport.disconnecting)
+        h.device.take("read").succeed(b"data")
+        self.assertTrue(h.transport.disconnecting)
+        self.assertNoResult(done)
+        h.proto.connectionLost(Failure(ConnectionDone()))
+        self.successResultOf(done)
+
+    def test_factory_shutdown_timeout(self) -> None:
+        """Connections still busy when the timeout passes are dropped."""
+        h = Harness()
+        factory = h.proto.factory
+        assert isinstance(factory, NBDServerFactory)
+        self.assertEqual(factory.connections, {h.proto})
+        h.send(b.read(1, 0, 4))
+        clock = Clock()
+        done = factory.shutdown(timeout=5, clock=clock)
+        clock.advance(4)
+        self.assertFalse(h.transport.disconnecting)
+        clock.advance(1)
+        self.assertTrue(h.transport.disconnecting)
+        h.proto.connectionLost(Failure(ConnectionDone()))
+        self.successResultOf(done)
+        self.assertEqual(factory.connections, set())
+        self.flushLoggedErrors()
+
+    def test_idle_connections_close_at_once(self) -> None:
+        """An idle connection closes as soon as shutdown starts, and its deadline is
+        cancelled once every connection is gone."""
+        h = Harness()
+        factory = h.proto.factory
+        assert isinstance(factory, NBDServerFactory)
+        clock = Clock()
+        done = factory.shutdown(timeout=5, clock=clock)
+        self.assertTrue(h.transport.disconnecting)
+        h.proto.connectionLost(Failure(ConnectionDone()))
+        self.successResultOf(done)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_late_connection_shut_down(self) -> None:
+        """A connection made after shutdown began is refused at the first option (H-19)."""
+        h = Harness()
+        factory = h.proto.factory
+        assert isinstance(factory, NBDServerFactory)
+        factory.shutdown()
+        proto = factory.buildProtocol(None)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        transport.clear()
+        proto.dataReceived(b.client_flags() + b.go())
+        self.assertEqual(b.parse_option_replies(transport.value())[0][1], Rep.ERR_SHUTDOWN)

@@ -17,7 +17,9 @@ from typing import Any
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import TestCase as _TrialTestCase
@@ -31,6 +33,7 @@ from twisted_nbd.tap import (
     DEFAULT_LISTEN,
     MAX_SIZE,
     BlockDeviceService,
+    NBDService,
     Options,
     makeService,
     parse_size,
@@ -874,3 +877,42 @@ class ConfigOptionTests(TestCase):
             with self.assertRaises(UsageError) as caught:
                 parse("--memory", "1M", *argv)
             self.assertIn("--min-block/--preferred-block/--max-block", str(caught.exception))
+
+
+class ShutdownOrderTests(TestCase):
+    """
+    Stopping the service tree stops listening, drains the connections, and
+    only then closes the devices (C-07).
+    """
+
+    def test_devicesCloseAfterConnections(self) -> None:
+        """
+        The device service stops only once every connection is gone.
+        """
+        clock = MemoryReactorClock()
+        options = parse("--memory", "1M", "--listen", "tcp:0:interface=127.0.0.1")
+        service = makeService(options, clock)
+        assert isinstance(service, NBDService)
+        service.startService()
+        proto = service.factory.buildProtocol(None)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        stopped = service.stopService()
+        self.assertTrue(transport.disconnecting)
+        self.assertTrue(service.getServiceNamed("device").running)
+        self.assertNoResult(stopped)
+        proto.connectionLost(Failure(ConnectionDone()))
+        self.successResultOf(stopped)
+        self.assertFalse(service.getServiceNamed("device").running)
+
+    def test_shutdownTimeoutOption(self) -> None:
+        """
+        --shutdown-timeout takes seconds; nonsense is a usage error.
+        """
+        self.assertEqual(parse("--memory", "1M")["shutdown-timeout"], 10.0)
+        self.assertEqual(
+            parse("--memory", "1M", "--shutdown-timeout", "2.5")["shutdown-timeout"], 2.5
+        )
+        for bad in ("soon", "-1", "nan", "inf"):
+            with self.assertRaises(UsageError):
+                parse("--memory", "1M", "--shutdown-timeout", bad)

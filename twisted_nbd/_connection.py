@@ -297,6 +297,7 @@ class ServerConnection:
         # (export name, selected context names) from the last SET_META_CONTEXT.
         self._meta: tuple[str, tuple[str, ...]] | None = None
         self.export: Export | None = None
+        self.shutting_down = False
         self._caps = Capabilities()
         self.tx_flags = 0
         # Bytes of payload still to be thrown away (T-05, H-04).
@@ -316,6 +317,13 @@ class ServerConnection:
             # After DISC or ABORT anything more is a client error: never act on it (C-06).
             return
         self._buffer.append(data)
+
+    def shutdown(self) -> None:
+        """
+        The server is shutting down: from now on every option but ABORT gets
+        ERR_SHUTDOWN (H-19) and every request ESHUTDOWN (C-07).
+        """
+        self.shutting_down = True
 
     def data_to_send(self) -> list[bytes]:
         """Take the bytes queued by the handshake and by rejected requests."""
@@ -409,6 +417,10 @@ class ServerConnection:
         return OptionRejected(option, reply, reason)
 
     def _handle_option(self, option: int, data: bytes) -> Event | None:
+        if self.shutting_down and option != Opt.ABORT:
+            if option == Opt.EXPORT_NAME:
+                raise ProtocolViolation("NBD_OPT_EXPORT_NAME while the server shuts down")
+            raise _OptionError(Rep.ERR_SHUTDOWN, "the server is shutting down (H-19)")
         if option == Opt.EXPORT_NAME:
             return self._export_name(data)
         if option == Opt.ABORT:
@@ -638,6 +650,8 @@ class ServerConnection:
         if command == Cmd.DISC:
             # DISC gets no reply, so there is nothing to reject: just stop.
             return None
+        if self.shutting_down:
+            return self._reject(h, Errno.ESHUTDOWN, "the server is shutting down (C-07)")
         caps = self._caps
         # Plain ints: IntFlag's ~ only complements within the members it knows.
         allowed = int(_COMMAND_FLAGS.get(command, 0))

@@ -26,7 +26,7 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence, cast
 
 from twisted.internet.defer import Deferred, DeferredList, FirstError, gatherResults, maybeDeferred
-from twisted.internet.interfaces import IConsumer, IPushProducer, ITCPTransport
+from twisted.internet.interfaces import IConsumer, IPushProducer, IReactorTime, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -123,6 +123,7 @@ class NBDServerProtocol(Protocol):
         self._disconnecting = False  # DISC or ABORT received: close when idle
         self._closed = False
         self._parsing = False
+        self._lost: list[Deferred[None]] = []
 
     # ------------------------------------------------------------ IProtocol
 
@@ -134,6 +135,11 @@ class NBDServerProtocol(Protocol):
             transport.setTcpNoDelay(True)
         cast(IConsumer, transport).registerProducer(self, True)
         self._flush_outbox()
+        factory = self.factory
+        if isinstance(factory, NBDServerFactory):
+            factory.connections.add(self)
+            if factory.shutting_down:
+                self.shutdown()
 
     def dataReceived(self, data: bytes) -> None:
         if self._closed:
@@ -145,6 +151,39 @@ class NBDServerProtocol(Protocol):
         # Late backend results are dropped from here on (see _send).
         self._closed = True
         self._device = None
+        factory = self.factory
+        if isinstance(factory, NBDServerFactory):
+            factory.connections.discard(self)
+        waiting, self._lost = self._lost, []
+        for d in waiting:
+            d.callback(None)
+
+    # ------------------------------------------------------------ shutdown
+
+    def shutdown(self) -> Deferred[None]:
+        """
+        The server is shutting down (C-07, H-19): answer what is already
+        buffered with ESHUTDOWN (or ERR_SHUTDOWN during option haggling),
+        let the requests in flight finish, then close.
+
+        @return: a Deferred that fires once the connection is closed.
+        """
+        d: Deferred[None] = Deferred()
+        if self._closed:
+            d.callback(None)
+            return d
+        self._lost.append(d)
+        self._conn.shutdown()
+        self._parse()
+        if not self._closed:
+            self._disconnecting = True
+            self._maybe_close()
+        return d
+
+    def abort(self) -> None:
+        """Drop the connection at once, whatever is in flight."""
+        if not self._closed:
+            self._abort()
 
     # ------------------------------------------------------------ IPushProducer
 
@@ -167,7 +206,7 @@ class NBDServerProtocol(Protocol):
     def _must_wait(self) -> bool:
         return (
             self._closed
-            or self._disconnecting
+            or (self._disconnecting and not self._conn.shutting_down)
             or self._transport_paused
             or self.in_flight >= self.max_queue_depth
             or self.bytes_in_flight >= self.max_bytes_in_flight
@@ -443,6 +482,44 @@ class NBDServerFactory(Factory):
         self.registry = registry
         self.max_queue_depth = max_queue_depth
         self.max_bytes_in_flight = max_bytes_in_flight
+        self.connections: set[NBDServerProtocol] = set()
+        self.shutting_down = False
+
+    def shutdown(
+        self, timeout: float | None = None, clock: IReactorTime | None = None
+    ) -> Deferred[None]:
+        """
+        Shut every connection down gracefully (see
+        L{NBDServerProtocol.shutdown}); connections made later are shut down
+        as soon as they are made.
+
+        @param timeout: after this many seconds, drop the connections still
+            open, whatever they have in flight; C{None} waits for ever.
+        @param clock: what measures C{timeout}.
+        @return: a Deferred that fires with C{None} once every connection
+            is closed.
+        """
+        self.shutting_down = True
+        closed = DeferredList([proto.shutdown() for proto in list(self.connections)])
+        if timeout is None or clock is None:
+            return closed.addCallback(lambda _: None)
+
+        def expire() -> None:
+            for proto in list(self.connections):
+                proto.log.warn(
+                    "Dropping client {peer}: still busy {timeout}s after shutdown began",
+                    peer=proto._peer(),
+                    timeout=timeout,
+                )
+                proto.abort()
+
+        deadline = clock.callLater(timeout, expire)
+
+        def done(_: object) -> None:
+            if deadline.active():
+                deadline.cancel()
+
+        return closed.addCallback(done)
 
     def buildProtocol(self, addr: object) -> NBDServerProtocol:
         proto = NBDServerProtocol(

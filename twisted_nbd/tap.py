@@ -47,6 +47,7 @@ from twisted_nbd.protocol import NBDServerFactory
 
 __all__ = [
     "BlockDeviceService",
+    "NBDService",
     "openExports",
     "DEFAULT_LISTEN",
     "MAX_SIZE",
@@ -204,6 +205,13 @@ class Options(usage.Options):
             "Stop reading a connection's requests while this many are in flight (at least 1).",
         ],
         [
+            "shutdown-timeout",
+            None,
+            "10",
+            "On stop, give requests in flight this many SECONDS to finish before "
+            "dropping their connections.",
+        ],
+        [
             "max-bytes-in-flight",
             None,
             "64M",
@@ -239,6 +247,14 @@ class Options(usage.Options):
         """
         self["max-bytes-in-flight"] = self._size("max-bytes-in-flight")
         self["max-queue-depth"] = self._count("max-queue-depth")
+        try:
+            self["shutdown-timeout"] = float(self["shutdown-timeout"])
+        except ValueError:
+            raise usage.UsageError(
+                f"--shutdown-timeout: {self['shutdown-timeout']!r} is not a number of seconds"
+            ) from None
+        if not 0 <= self["shutdown-timeout"] < float("inf"):
+            raise usage.UsageError("--shutdown-timeout must be zero or more seconds")
         if self["config"] is not None:
             self.config = self._fromFile(self["config"])
         else:
@@ -437,6 +453,47 @@ def openExports(
     return registry, BlockDeviceService(devices, pool)
 
 
+class NBDService(MultiService):
+    """
+    The service tree of an NBD server: the device service (named
+    C{"device"}) and the listeners. Stopping it is ordered so that no
+    request is cut short: stop listening, shut the connections down
+    gracefully (C-07: requests in flight finish, new ones get ESHUTDOWN)
+    for at most C{shutdown_timeout} seconds, and only then close the
+    devices.
+
+    @ivar factory: the L{NBDServerFactory} every listener uses.
+    """
+
+    def __init__(self, factory: NBDServerFactory, reactor: Any, shutdown_timeout: float) -> None:
+        MultiService.__init__(self)
+        self.factory = factory
+        self._reactor = reactor
+        self.shutdown_timeout = shutdown_timeout
+
+    def stopService(self) -> Deferred[None]:
+        """
+        Stop listening, drain the connections, then close the devices.
+
+        @return: a Deferred that fires once all of that is done.
+        """
+        Service.stopService(self)
+        children = list(self)
+        devices = [child for child in children if child.name == "device"]
+        listeners = [child for child in children if child.name != "device"]
+        stopped = DeferredList(
+            [maybeDeferred(child.stopService) for child in reversed(listeners)],
+            consumeErrors=True,
+        )
+        stopped.addCallback(lambda _: self.factory.shutdown(self.shutdown_timeout, self._reactor))
+        stopped.addCallback(
+            lambda _: DeferredList(
+                [maybeDeferred(child.stopService) for child in devices], consumeErrors=True
+            )
+        )
+        return stopped.addCallback(lambda _: None)
+
+
 def makeService(options: Options, reactor: Any = None) -> MultiService:
     """
     Build the service tree for parsed L{Options}.
@@ -458,19 +515,19 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
 
         reactor = globalReactor
 
-    top = MultiService()
     registry, deviceService = openExports(
         options.config, reactor, min(IO_THREADS, options["max-queue-depth"])
     )
-    # Typed as a plain Service: mypy sees the inherited methods as Twisted's.
-    owner: Service = deviceService
-    owner.setName("device")
-    owner.setServiceParent(top)
     factory = NBDServerFactory(
         registry,
         max_queue_depth=options["max-queue-depth"],
         max_bytes_in_flight=options["max-bytes-in-flight"],
     )
+    top = NBDService(factory, reactor, options["shutdown-timeout"])
+    # Typed as a plain Service: mypy sees the inherited methods as Twisted's.
+    owner: Service = deviceService
+    owner.setName("device")
+    owner.setServiceParent(top)
     for description in options["listen"]:
         strports.service(description, factory, reactor=reactor).setServiceParent(top)
     return top
