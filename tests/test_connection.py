@@ -222,7 +222,8 @@ class HandshakeTests(TranscriptMixin, SynchronousTestCase):
         self.assertEqual(events, [VIOLATION])
 
     def test_go_bad_lengths_H11(self) -> None:
-        """H-11: GO whose lengths don't add up gets ERR_INVALID; haggling goes on."""
+        """H-11/H-18: GO whose lengths don't add up gets ERR_INVALID; haggling goes on
+        (a bad option is answered, never a reason to hang up)."""
         bad = [
             struct.pack(">I", 100) + b"disk",  # name runs past the end
             b.info_data("disk") + b"extra",  # trailing bytes

@@ -10,11 +10,12 @@ import struct
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IPushProducer, ITCPTransport
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from tests import builders as b
@@ -74,6 +75,33 @@ class ProducerTests(SynchronousTestCase):
         transport = StringTransport()
         proto.makeConnection(transport)
         self.assertEqual(transport.value(), GREETING)
+
+    def test_tcp_nodelay_C10(self) -> None:
+        """C-10: on TCP, Nagle's algorithm is turned off so small replies go at once."""
+
+        @implementer(ITCPTransport)
+        class TCPTransport(StringTransport):
+            nodelay = False
+            keepalive = False
+
+            def setTcpNoDelay(self, enabled: bool) -> None:
+                self.nodelay = enabled
+
+            def getTcpNoDelay(self) -> bool:
+                return self.nodelay
+
+            def setTcpKeepAlive(self, enabled: bool) -> None:
+                self.keepalive = enabled
+
+            def getTcpKeepAlive(self) -> bool:
+                return self.keepalive
+
+            def loseWriteConnection(self) -> None:
+                self.loseConnection()
+
+        transport = TCPTransport()
+        NBDServerFactory(ExportRegistry()).buildProtocol(None).makeConnection(transport)
+        self.assertTrue(transport.nodelay)
 
     def test_pauses_exactly_at_queue_depth(self) -> None:
         """Reading pauses when the queue depth is reached, and resumes after one finishes."""
