@@ -10,9 +10,19 @@ once, where C{buffer += data} would copy it hundreds of times.
 
 from __future__ import annotations
 
+import enum
 from collections import deque
 
-__all__ = ["ReceiveBuffer"]
+__all__ = ["NEED_DATA", "ReceiveBuffer"]
+
+
+class _NeedData(enum.Enum):
+    NEED_DATA = "NEED_DATA"
+
+
+#: What the sans-I/O parsers return when the buffered bytes do not yet hold
+#: a whole message.
+NEED_DATA = _NeedData.NEED_DATA
 
 
 class ReceiveBuffer:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Mapping, NamedTuple, Sequence, Union
 
 from twisted_nbd import _wire as w
-from twisted_nbd._buffer import ReceiveBuffer
+from twisted_nbd._buffer import NEED_DATA, ReceiveBuffer, _NeedData
 from twisted_nbd._wire import ChunkType, Cmd, CmdFlags, Errno, Opt, Rep, ReplyFlags, TxFlags
 from twisted_nbd.errors import NBDError, ProtocolViolation
 from twisted_nbd.interfaces import Extent
@@ -68,12 +68,6 @@ MAX_STRING = 4096
 _REPLY_MAGIC_SIZE = w.SIMPLE_REPLY.size  # the smallest reply header
 
 
-class _NeedData(enum.Enum):
-    NEED_DATA = "NEED_DATA"
-
-
-#: Returned by L{ClientConnection.next_event} when more bytes are needed.
-NEED_DATA = _NeedData.NEED_DATA
 
 
 class Phase(enum.Enum):

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence, Union
 
 from twisted_nbd import _wire as w
-from twisted_nbd._buffer import ReceiveBuffer
+from twisted_nbd._buffer import NEED_DATA, ReceiveBuffer, _NeedData
 from twisted_nbd._wire import Cmd, CmdFlags, Errno, Opt, Rep, TxFlags
 from twisted_nbd.errors import ProtocolViolation
 from twisted_nbd.exports import MAX_STRING, Export
@@ -61,12 +61,6 @@ MAX_EXTENT_32 = 0x1_0000_0000 - 0x1_0000
 MAX_EXTENTS = 1 << 20
 
 
-class _NeedData(enum.Enum):
-    NEED_DATA = "NEED_DATA"
-
-
-#: Returned by L{ServerConnection.next_event} when more bytes are needed.
-NEED_DATA = _NeedData.NEED_DATA
 
 
 class Phase(enum.Enum):
