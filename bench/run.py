@@ -401,7 +401,7 @@ def warm(path: Path) -> None:
 
 
 def server_argv(
-    name: str, image: Path, port: int, log: Path, twisted_args: Sequence[str]
+    name: str, image: Path, port: int | str, log: Path, twisted_args: Sequence[str]
 ) -> list[str]:
     if name == TWISTED:
         return [
@@ -525,7 +525,9 @@ def nbd_greets(port: int) -> bool:
 # -- fio --------------------------------------------------------------------------------------
 
 
-def fio_argv(workload: Workload, port: int, runtime: int, ramp: int, output: Path) -> list[str]:
+def fio_argv(
+    workload: Workload, port: int | str, runtime: int, ramp: int, output: Path
+) -> list[str]:
     return [
         "fio",
         f"--name={workload.name}",
@@ -1072,11 +1074,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "twisted_args": config.twisted_args,
                     "workloads": [dataclasses.asdict(w) for w in config.workloads],
                     "commands": {
-                        s: server_argv(s, Path("IMG"), 0, Path("LOG"), config.twisted_args)
+                        s: server_argv(s, Path("IMG"), "PORT", Path("LOG"), config.twisted_args)
                         for s in config.servers
                     },
                     "fio": fio_argv(
-                        config.workloads[0], 0, config.runtime, config.ramp, Path("OUT")
+                        config.workloads[0], "PORT", config.runtime, config.ramp, Path("OUT")
                     ),
                 },
                 "summary": rows,
