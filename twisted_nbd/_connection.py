@@ -261,7 +261,15 @@ _COMMAND_FLAGS = {
     Cmd.WRITE_ZEROES: CmdFlags.FUA | CmdFlags.NO_HOLE | CmdFlags.FAST_ZERO,
     Cmd.BLOCK_STATUS: CmdFlags.FUA | CmdFlags.REQ_ONE,
 }
-_WRITING = frozenset({Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES})
+_WRITING = frozenset({int(Cmd.WRITE), int(Cmd.TRIM), int(Cmd.WRITE_ZEROES)})
+# Plain-int copies of the constants the per-request path uses.
+_READ, _WRITE, _DISC, _FLUSH = int(Cmd.READ), int(Cmd.WRITE), int(Cmd.DISC), int(Cmd.FLUSH)
+_TRIM, _CACHE, _WRITE_ZEROES = int(Cmd.TRIM), int(Cmd.CACHE), int(Cmd.WRITE_ZEROES)
+_BLOCK_STATUS = int(Cmd.BLOCK_STATUS)
+_FUA, _NO_HOLE, _DF = int(CmdFlags.FUA), int(CmdFlags.NO_HOLE), int(CmdFlags.DF)
+_REQ_ONE, _FAST_ZERO = int(CmdFlags.REQ_ONE), int(CmdFlags.FAST_ZERO)
+_PAYLOAD_LEN = int(CmdFlags.PAYLOAD_LEN)
+_READ_ONLY = int(TxFlags.READ_ONLY)
 _KNOWN_OPTIONS = frozenset(int(o) for o in Opt)
 
 
@@ -294,6 +302,12 @@ class ServerConnection:
         self.shutting_down = False
         self._caps = Capabilities()
         self.tx_flags = 0
+        # Set by _enter_transmission for _validate.
+        self._allowed: dict[int, int] = {}
+        self._size = 0
+        self._max_block = 0
+        self._mask = 0
+        self._block_status_ok = False
         # Bytes of payload still to be thrown away (T-05, H-04).
         self._discard = 0
         # An option or write header waiting for its data.
@@ -572,9 +586,36 @@ class ServerConnection:
 
     def _enter_transmission(self, export: Export) -> None:
         self.export = export
-        self._caps = export.capabilities
-        self.tx_flags = self._tx_flags(self._caps, export.read_only)
+        caps = self._caps = export.capabilities
+        tx = self.tx_flags = self._tx_flags(caps, export.read_only)
         self.phase = Phase.TRANSMISSION
+        # Tables for _validate, which runs for every request: the flags each
+        # command accepts here, as plain ints (IntFlag arithmetic is slow, and
+        # its ~ only complements within the members it knows).
+        optional = [(tx & TxFlags.SEND_FUA, _FUA), (tx & TxFlags.SEND_DF, _DF)]
+        optional.append((tx & TxFlags.SEND_FAST_ZERO, _FAST_ZERO))
+        refused = sum(flag for advertised, flag in optional if not advertised)
+        extra = int(CmdFlags.PAYLOAD_LEN) if self.extended_headers else 0
+        supported = {
+            Cmd.READ: True,
+            Cmd.WRITE: not tx & _READ_ONLY,
+            Cmd.FLUSH: caps.can_flush,
+            Cmd.TRIM: bool(tx & TxFlags.SEND_TRIM),
+            Cmd.CACHE: True,
+            Cmd.WRITE_ZEROES: bool(tx & TxFlags.SEND_WRITE_ZEROES),
+            Cmd.BLOCK_STATUS: True,
+        }
+        self._allowed = {
+            int(command): (int(flags) & ~refused) | extra
+            for command, flags in _COMMAND_FLAGS.items()
+            if supported[command]
+        }
+        self._size = export.size
+        self._max_block = caps.max_block
+        self._mask = caps.min_block - 1
+        self._block_status_ok = bool(
+            self._meta is not None and self._meta[1] and self._lookup(self._meta[0]) is export
+        )
 
     # ------------------------------------------------------------ transmission
 
@@ -590,15 +631,15 @@ class ServerConnection:
                 raise ProtocolViolation(f"request magic {header.magic:#x} is wrong (T-01)")
             if self.extended_headers:
                 # Extended headers: a payload follows exactly when PAYLOAD_LEN is set.
-                has_payload = bool(header.flags & CmdFlags.PAYLOAD_LEN)
+                has_payload = bool(header.flags & _PAYLOAD_LEN)
                 if has_payload and header.length > self._caps.max_block:
                     raise ProtocolViolation(
                         f"payload of {header.length} bytes is over the maximum "
                         f"{self._caps.max_block} (extended headers say: hard close)"
                     )
             else:
-                has_payload = header.type == Cmd.WRITE
-            if has_payload != (header.type == Cmd.WRITE):
+                has_payload = header.type == _WRITE
+            if has_payload != (header.type == _WRITE):
                 # Only with extended headers can these disagree; say so before
                 # anything else, since the length field means something else.
                 rejection: RequestRejected | None = self._reject(
@@ -627,7 +668,7 @@ class ServerConnection:
             header.cookie,
             header.offset,
             self._buffer.take(header.length),
-            bool(header.flags & CmdFlags.FUA),
+            bool(header.flags & _FUA),
         )
 
     def _reject(self, header: w.RequestHeader, errno: Errno, reason: str) -> RequestRejected:
@@ -636,115 +677,105 @@ class ServerConnection:
         return RequestRejected(header.cookie, header.type, errno, reason)
 
     def _validate(self, h: w.RequestHeader) -> RequestRejected | None:
-        """Check a request against the rules and the export; the rejection if any."""
-        try:
-            command = Cmd(h.type)
-        except ValueError:
-            return self._reject(h, Errno.EINVAL, f"unknown command {h.type} (T-03)")
-        if command == Cmd.DISC:
+        """
+        Check a request against the rules and the export; the rejection if
+        any. This runs for every request, so it works on plain ints and the
+        tables L{_enter_transmission} made; names are looked up only to
+        explain a rejection.
+        """
+        command = h.type
+        if command == _DISC:
             # DISC gets no reply, so there is nothing to reject: just stop.
             return None
+        allowed = self._allowed.get(command)
+        if allowed is None:
+            return self._reject_unsupported(h)
         if self.shutting_down:
             return self._reject(h, Errno.ESHUTDOWN, "the server is shutting down (C-07)")
-        caps = self._caps
-        # Plain ints: IntFlag's ~ only complements within the members it knows.
-        allowed = int(_COMMAND_FLAGS.get(command, 0))
-        if not self.tx_flags & TxFlags.SEND_FUA:
-            allowed &= ~int(CmdFlags.FUA)
-        if not self.tx_flags & TxFlags.SEND_DF:
-            allowed &= ~int(CmdFlags.DF)
-        if not self.tx_flags & TxFlags.SEND_FAST_ZERO:
-            allowed &= ~int(CmdFlags.FAST_ZERO)
-        if self.extended_headers:
-            # Whether the command may carry a payload is checked by the caller.
-            allowed |= int(CmdFlags.PAYLOAD_LEN)
         if h.flags & ~allowed:
-            return self._reject(
-                h, Errno.EINVAL, f"flags {h.flags:#x} are not valid for {command.name} (T-04)"
-            )
-        if command == Cmd.RESIZE:
-            return self._reject(h, Errno.EINVAL, "RESIZE is not supported (T-03)")
-        if command == Cmd.FLUSH:
-            if h.offset or h.length:
-                return self._reject(h, Errno.EINVAL, "FLUSH must have zero offset and length")
-            if not caps.can_flush:
-                return self._reject(h, Errno.EINVAL, "FLUSH is not supported on this export")
-            return None
-        if command in _WRITING and self.tx_flags & TxFlags.READ_ONLY:
-            return self._reject(h, Errno.EPERM, f"{command.name} on a read-only export (T-08)")
-        if command == Cmd.TRIM and not caps.can_trim:
-            return self._reject(h, Errno.EINVAL, "TRIM is not supported on this export")
-        if command == Cmd.WRITE_ZEROES and not caps.can_zero:
-            return self._reject(h, Errno.EINVAL, "WRITE_ZEROES is not supported on this export")
-        if command == Cmd.BLOCK_STATUS:
-            if (
-                self._meta is None
-                or not self._meta[1]
-                or self.export is None
-                or (self._lookup(self._meta[0]) is not self.export)
-            ):
-                return self._reject(
-                    h, Errno.EINVAL, "BLOCK_STATUS without a selected meta context (T-17)"
-                )
-        size = self.export.size if self.export is not None else 0
-        if h.offset > size or h.length > size - h.offset:
-            errno = Errno.ENOSPC if command in (Cmd.WRITE, Cmd.WRITE_ZEROES) else Errno.EINVAL
-            return self._reject(
-                h,
-                errno,
-                f"{command.name} of {h.length} bytes at {h.offset} is beyond the "
-                f"export size {size} (T-06)",
-            )
-        if h.length > caps.max_block and command in (Cmd.READ, Cmd.WRITE):
             return self._reject(
                 h,
                 Errno.EINVAL,
-                f"{command.name} of {h.length} bytes is over the maximum payload "
-                f"{caps.max_block} (T-10)",
+                f"flags {h.flags:#x} are not valid for {Cmd(command).name} (T-04)",
             )
-        mask = caps.min_block - 1
-        if (h.offset & mask or h.length & mask) and not (
+        offset, length = h.offset, h.length
+        if command == _FLUSH:
+            if offset or length:
+                return self._reject(h, Errno.EINVAL, "FLUSH must have zero offset and length")
+            return None
+        if command == _BLOCK_STATUS and not self._block_status_ok:
+            return self._reject(
+                h, Errno.EINVAL, "BLOCK_STATUS without a selected meta context (T-17)"
+            )
+        size = self._size
+        if offset > size or length > size - offset:
+            errno = Errno.ENOSPC if command in (_WRITE, _WRITE_ZEROES) else Errno.EINVAL
+            return self._reject(
+                h,
+                errno,
+                f"{Cmd(command).name} of {length} bytes at {offset} is beyond the "
+                f"export size {size} (T-06)",
+            )
+        if length > self._max_block and command in (_READ, _WRITE):
+            return self._reject(
+                h,
+                Errno.EINVAL,
+                f"{Cmd(command).name} of {length} bytes is over the maximum payload "
+                f"{self._max_block} (T-10)",
+            )
+        mask = self._mask
+        if (offset & mask or length & mask) and not (
             # The tail of an export whose size is not a multiple of min_block.
-            h.offset + h.length == size and not h.offset & mask
+            offset + length == size and not offset & mask
         ):
             return self._reject(
                 h,
                 Errno.EINVAL,
-                f"{command.name} at {h.offset} of {h.length} bytes is not aligned to the "
-                f"minimum block size {caps.min_block} (T-07)",
+                f"{Cmd(command).name} at {offset} of {length} bytes is not aligned to the "
+                f"minimum block size {mask + 1} (T-07)",
             )
-        if command == Cmd.BLOCK_STATUS and h.length == 0:
+        if command == _BLOCK_STATUS and length == 0:
             return self._reject(h, Errno.EINVAL, "BLOCK_STATUS of zero bytes")
         return None
 
+    def _reject_unsupported(self, h: w.RequestHeader) -> RequestRejected:
+        """Refuse a command this export does not take, saying why."""
+        try:
+            name = Cmd(h.type).name
+        except ValueError:
+            return self._reject(h, Errno.EINVAL, f"unknown command {h.type} (T-03)")
+        if h.type in _WRITING and self.tx_flags & _READ_ONLY:
+            return self._reject(h, Errno.EPERM, f"{name} on a read-only export (T-08)")
+        return self._reject(h, Errno.EINVAL, f"{name} is not supported on this export (T-03)")
+
     def _make_request(self, h: w.RequestHeader) -> Event | None:
-        command = Cmd(h.type)
-        fua = bool(h.flags & CmdFlags.FUA)
-        if command == Cmd.DISC:
+        command, flags = h.type, h.flags
+        if command == _READ:
+            return ReadRequest(h.cookie, h.offset, h.length, flags)
+        if command == _DISC:
             self.phase = Phase.CLOSED
             return DisconnectRequest()
-        if command == Cmd.FLUSH:
+        if command == _FLUSH:
             return FlushRequest(h.cookie)
-        if h.length == 0 and command != Cmd.READ:
+        if h.length == 0:
             # T-09: nothing to do; say so at once rather than bother the backend.
             self._outbox.append(self._ok(h.cookie, h.offset))
             return None
-        if command == Cmd.READ:
-            return ReadRequest(h.cookie, h.offset, h.length, h.flags)
-        if command == Cmd.TRIM:
+        fua = bool(flags & _FUA)
+        if command == _TRIM:
             return TrimRequest(h.cookie, h.offset, h.length, fua)
-        if command == Cmd.WRITE_ZEROES:
+        if command == _WRITE_ZEROES:
             return WriteZeroesRequest(
                 h.cookie,
                 h.offset,
                 h.length,
                 fua,
-                may_trim=not h.flags & CmdFlags.NO_HOLE,
-                fast=bool(h.flags & CmdFlags.FAST_ZERO),
+                may_trim=not flags & _NO_HOLE,
+                fast=bool(flags & _FAST_ZERO),
             )
-        if command == Cmd.CACHE:
+        if command == _CACHE:
             return CacheRequest(h.cookie, h.offset, h.length)
-        return BlockStatusRequest(h.cookie, h.offset, h.length, bool(h.flags & CmdFlags.REQ_ONE))
+        return BlockStatusRequest(h.cookie, h.offset, h.length, bool(flags & _REQ_ONE))
 
     # ------------------------------------------------------------ replies
 
