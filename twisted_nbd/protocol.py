@@ -347,13 +347,27 @@ class NBDServerProtocol(Protocol):
             assert isinstance(request, BlockStatusRequest)
             d = maybeDeferred(device.block_status, request.offset, request.length)
             done = self._block_status_done(request)
-        # A reply that cannot be built (a backend breaking its contract) is an
-        # error reply too, so the client hears about it.
-        chain = cast("Deferred[Any]", d)
-        chain.addCallback(done)
-        chain.addErrback(self._failed, request)
-        chain.addCallback(self._send, size)
-        chain.addErrback(self._bug)
+        # One callback for success and failure alike: every link in a Deferred's
+        # chain costs a few microseconds, and this runs once per request.
+        cast("Deferred[Any]", d).addBoth(self._finish, request, done, size)
+
+    def _finish(
+        self, result: object, request: Request, done: Callable[[Any], list[bytes]], size: int
+    ) -> None:
+        """A request finished in the backend: build its reply and send it."""
+        try:
+            if isinstance(result, Failure):
+                reply = self._failed(result, request)
+            else:
+                try:
+                    reply = done(result)
+                except Exception:
+                    # A reply that cannot be built (a backend breaking its
+                    # contract) is an error reply too, so the client hears of it.
+                    reply = self._failed(Failure(), request)  # type: ignore[no-untyped-call]
+            self._send(reply, size)
+        except Exception:
+            self._bug(Failure())  # type: ignore[no-untyped-call]
 
     def _sparse_read(self, device: IBlockDevice, request: ReadRequest) -> Deferred[list[bytes]]:
         """
