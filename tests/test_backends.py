@@ -30,6 +30,7 @@ from twisted_nbd.backends.file import (
     FALLOC_FL_PUNCH_HOLE,
     FALLOC_FL_ZERO_RANGE,
     MAX_EXTENTS,
+    NOWAIT_READ_MAX,
     ZERO_CHUNK,
     FileBlockDevice,
     create_image,
@@ -369,15 +370,72 @@ class FileBlockDeviceTests(TestCase):
         self.addCleanup(device.close)
         return device
 
-    def openControlled(self, size: int = 4 * MiB) -> tuple[FileBlockDevice, FakeThreadPool]:
-        """Open a device whose pool jobs run only when the test says."""
+    def openControlled(
+        self, size: int = 4 * MiB, nowait: bool = False
+    ) -> tuple[FileBlockDevice, FakeThreadPool]:
+        """
+        Open a device whose pool jobs run only when the test says. Reads
+        from the page cache in the calling thread are off unless C{nowait},
+        so reads take the pool path these tests control.
+        """
         pool = FakeThreadPool()
         device = self.open(
             size,
             reactor=cast(IReactorFromThreads, ImmediateReactor()),
             threadpool=cast(ThreadPool, pool),
         )
+        device._nowait = nowait
         return device, pool
+
+    # Reads served from the page cache without the pool.
+
+    def test_cachedReadSkipsPool(self) -> None:
+        """A small read of cached data is answered at once, with no pool job."""
+        device, pool = self.openControlled(nowait=True)
+        with open(self.path, "r+b") as f:
+            f.write(pattern(10000))
+        d = device.read(1, 9000)
+        self.assertEqual(pool.jobs, [])
+        self.assertEqual(self.successResultOf(d), pattern(10000)[1:9001])
+
+    def test_uncachedReadUsesPool(self) -> None:
+        """When the kernel would block (EAGAIN), the read goes to the pool."""
+        device, pool = self.openControlled(nowait=True)
+
+        def wouldBlock(fd: int, buffers: list[bytearray], offset: int, flags: int) -> int:
+            raise BlockingIOError(errno.EAGAIN, "would block")
+
+        self.patch(device, "_preadv", wouldBlock)
+        d = device.read(0, 4096)
+        self.assertNoResult(d)
+        self.assertEqual(self.run_(pool, d), bytes(4096))
+        self.assertTrue(device._nowait)
+
+    def test_partlyCachedReadUsesPool(self) -> None:
+        """A short non-blocking read is thrown away and the pool reads it all."""
+        device, pool = self.openControlled(nowait=True)
+        self.patch(device, "_preadv", lambda fd, buffers, offset, flags: 100)
+        d = device.read(0, 4096)
+        self.assertNoResult(d)
+        self.assertEqual(self.run_(pool, d), bytes(4096))
+
+    def test_nowaitUnsupported(self) -> None:
+        """Where RWF_NOWAIT is not supported, the device stops trying it."""
+        device, pool = self.openControlled(nowait=True)
+
+        def unsupported(fd: int, buffers: list[bytearray], offset: int, flags: int) -> int:
+            raise OSError(errno.EOPNOTSUPP, "not supported")
+
+        self.patch(device, "_preadv", unsupported)
+        self.assertEqual(self.run_(pool, device.read(0, 16)), bytes(16))
+        self.assertFalse(device._nowait)
+
+    def test_largeReadUsesPool(self) -> None:
+        """Reads over NOWAIT_READ_MAX always go to the pool."""
+        device, pool = self.openControlled(nowait=True)
+        d = device.read(0, NOWAIT_READ_MAX + 1)
+        self.assertNoResult(d)
+        self.assertEqual(self.run_(pool, d), bytes(NOWAIT_READ_MAX + 1))
 
     def run_(self, pool: FakeThreadPool, d: Deferred[Any]) -> Any:
         """Run the pool's jobs and return what C{d} fired with."""
@@ -493,6 +551,9 @@ class FileBlockDeviceTests(TestCase):
         request's Deferred rather than raising.
         """
         device = self.open(reactor=cast(IReactorFromThreads, ImmediateReactor()))
+        self.failureResultOf(device.flush(), TypeError)
+        # Reads of cached data need no pool at all; others fail the same way.
+        device._nowait = False
         self.failureResultOf(device.read(0, 1), TypeError)
 
     def test_durability(self) -> None:
