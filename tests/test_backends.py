@@ -38,7 +38,14 @@ from twisted_nbd.backends.file import (
 from twisted_nbd.backends.memory import DEFAULT_CAPABILITIES, MemoryBlockDevice
 from twisted_nbd.backends.memory import MAX_EXTENTS as MEMORY_MAX_EXTENTS
 from twisted_nbd.errors import NBDError, errnoFromOSError
-from twisted_nbd.interfaces import STATE_HOLE, STATE_ZERO, Capabilities, Extent, IBlockDevice
+from twisted_nbd.interfaces import (
+    STATE_HOLE,
+    STATE_ZERO,
+    Capabilities,
+    Extent,
+    IBlockDevice,
+    ISparseRead,
+)
 from twisted_nbd.testing import BlockDeviceConformanceMixin
 
 KiB = 1024
@@ -1034,3 +1041,54 @@ class MemoryHugeRangeTests(SynchronousTestCase):
         failure = self.failureResultOf(device.write_zeroes(0, 1 << 62, may_trim=False), NBDError)
         self.assertEqual(failure.value.errno, Errno.ENOSPC)
         self.assertEqual(self.successResultOf(device.read(100, 4)), b"keep")
+
+
+class SparseReadMixin:
+    """
+    L{ISparseRead}: the segments of a sparse read cover the range in order
+    and, with holes expanded to zeroes, equal a plain read.
+    """
+
+    def makeSparseDevice(self, size: int) -> IBlockDevice:
+        raise NotImplementedError
+
+    async def test_readSparseMatchesRead(self) -> None:
+        """Data runs hold the bytes; zero runs are long holes; both add up to read()."""
+        device = self.makeSparseDevice(4 * MiB)
+        self.addCleanup(device.close)  # type: ignore[attr-defined]
+        await device.write(5000, pattern(3000))
+        await device.write(3 * MiB, pattern(100, seed=7))
+        segments = await ISparseRead(device).read_sparse(1000, 3 * MiB)
+        position, rebuilt = 1000, b""
+        for at, part in segments:
+            assert at == position, (at, position)
+            if isinstance(part, int):
+                assert part >= 4096, part
+                rebuilt += bytes(part)
+                position += part
+            else:
+                rebuilt += part
+                position += len(part)
+        assert position == 1000 + 3 * MiB
+        assert rebuilt == await device.read(1000, 3 * MiB)
+        assert any(isinstance(part, int) for _, part in segments), segments
+
+
+class MemorySparseReadTests(SparseReadMixin, TestCase):
+    """read_sparse on the memory backend."""
+
+    def makeSparseDevice(self, size: int) -> IBlockDevice:
+        device = MemoryBlockDevice(size)
+        assert ISparseRead.providedBy(device)
+        return device
+
+
+class FileSparseReadTests(SparseReadMixin, TestCase):
+    """read_sparse on the file backend, in one pool job."""
+
+    def makeSparseDevice(self, size: int) -> IBlockDevice:
+        path = os.path.join(tempDirectory(self), "sparse.img")
+        create_image(path, size)
+        device = FileBlockDevice(path)
+        assert ISparseRead.providedBy(device)
+        return device

@@ -7,6 +7,7 @@ connection loss, with C{StringTransport} and a L{ControllableBlockDevice}.
 from __future__ import annotations
 
 import struct
+from typing import Sequence
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionDone
@@ -23,7 +24,7 @@ from tests.test_connection import GREETING, after_go
 from twisted_nbd._wire import ChunkType, Cmd, CmdFlags, Errno, Opt, Rep
 from twisted_nbd.errors import NBDError
 from twisted_nbd.exports import Export, ExportRegistry
-from twisted_nbd.interfaces import Extent
+from twisted_nbd.interfaces import Extent, ISparseRead, Segment
 from twisted_nbd.protocol import NBDServerFactory, NBDServerProtocol
 from twisted_nbd.testing import ControllableBlockDevice
 
@@ -455,3 +456,48 @@ class ShutdownTests(SynchronousTestCase):
         transport.clear()
         proto.dataReceived(b.client_flags() + b.go())
         self.assertEqual(b.parse_option_replies(transport.value())[0][1], Rep.ERR_SHUTDOWN)
+
+
+@implementer(ISparseRead)
+class SparseDevice(ControllableBlockDevice):
+    """A controllable device that also answers read_sparse."""
+
+    def read_sparse(self, offset: int, length: int) -> Deferred[Sequence[Segment]]:
+        return self._record("read_sparse", offset=offset, length=length)
+
+
+class ISparseReadTests(SynchronousTestCase):
+    """A device that provides ISparseRead answers large structured READs in one call."""
+
+    def harness(self) -> Harness:
+        h = Harness(structured=True)
+        device = SparseDevice(SIZE)
+        h.device = device
+        h.proto._device = device
+        return h
+
+    def test_one_call(self) -> None:
+        """read_sparse replaces block_status + read; its segments become chunks."""
+        h = self.harness()
+        h.send(b.read(5, 0, 128 << 10))
+        h.device.take("read_sparse").succeed([(0, b"d" * 4096), (4096, (124 << 10))])
+        chunks = b.parse_chunks(h.transport.value())
+        self.assertEqual(
+            [(flags, typ) for flags, typ, _, _ in chunks],
+            [(0, ChunkType.OFFSET_DATA), (1, ChunkType.OFFSET_HOLE)],
+        )
+
+    def test_bad_segments_are_eio(self) -> None:
+        """Segments that do not cover the read exactly become EIO, not a bad reply."""
+        for segments in (
+            [(0, b"d" * 4096)],
+            [(0, 4096), (8192, (120 << 10))],
+            [(0, 0), (0, 128 << 10)],
+        ):
+            h = self.harness()
+            h.send(b.read(5, 0, 128 << 10))
+            h.device.take("read_sparse").succeed(segments)
+            [(flags, typ, _, payload)] = b.parse_chunks(h.transport.value())
+            self.assertEqual((flags, typ), (1, ChunkType.ERROR))
+            self.assertEqual(struct.unpack(">I", payload[:4])[0], Errno.EIO)
+        self.flushLoggedErrors(RuntimeError)

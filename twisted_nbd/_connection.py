@@ -26,7 +26,8 @@ from twisted_nbd._buffer import NEED_DATA, ReceiveBuffer, _NeedData
 from twisted_nbd._wire import Cmd, CmdFlags, Errno, Opt, Rep, TxFlags
 from twisted_nbd.errors import ProtocolViolation
 from twisted_nbd.exports import MAX_STRING, Export
-from twisted_nbd.interfaces import STATE_ZERO, Capabilities, Extent
+from twisted_nbd.extents import plan_sparse_read
+from twisted_nbd.interfaces import Capabilities, Extent
 
 __all__ = [
     "NEED_DATA",
@@ -45,6 +46,7 @@ __all__ = [
     "TrimRequest",
     "WriteRequest",
     "WriteZeroesRequest",
+    "plan_sparse_read",
 ]
 
 #: The largest option payload we read into memory; larger ones are drained
@@ -932,39 +934,3 @@ class ServerConnection:
             self.extended_headers,
         )
         return [head, payload]
-
-
-#: Zero runs shorter than this are sent as data: a hole chunk would save little.
-MIN_HOLE = 4096
-
-
-def plan_sparse_read(
-    offset: int, length: int, extents: Sequence[Extent]
-) -> list[tuple[int, int, bool]]:
-    """
-    Split the read of C{length} bytes at C{offset} into consecutive
-    C{(offset, length, is_hole)} segments from a backend's extents: runs
-    that read as zeroes (L{STATE_ZERO}) of at least L{MIN_HOLE} bytes are
-    holes, everything else (and anything the extents do not cover) is data.
-    """
-    end = offset + length
-    pos = offset
-    segments: list[list[int]] = []
-    for extent in extents:
-        if pos >= end:
-            break
-        run = min(extent.length, end - pos)
-        if run <= 0:
-            break
-        hole = int(bool(extent.flags & STATE_ZERO) and run >= MIN_HOLE)
-        if segments and segments[-1][2] == hole:
-            segments[-1][1] += run
-        else:
-            segments.append([pos, run, hole])
-        pos += run
-    if pos < end:
-        if segments and not segments[-1][2]:
-            segments[-1][1] += end - pos
-        else:
-            segments.append([pos, end - pos, 0])
-    return [(start, run, bool(hole)) for start, run, hole in segments]

@@ -24,7 +24,15 @@ from zope.interface import Attribute, Interface
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
 
-__all__ = ["Capabilities", "Extent", "IBlockDevice", "STATE_HOLE", "STATE_ZERO"]
+__all__ = [
+    "Capabilities",
+    "Extent",
+    "IBlockDevice",
+    "ISparseRead",
+    "STATE_HOLE",
+    "STATE_ZERO",
+    "Segment",
+]
 
 #: C{base:allocation} status bit: the range is not allocated.
 STATE_HOLE = 1
@@ -82,6 +90,11 @@ class Extent:
 
     length: int
     flags: int
+
+
+#: A piece of a sparse read: C{(offset, data)} for bytes that were read, or
+#: C{(offset, length)} for a run that reads as zeroes.
+Segment = tuple[int, "bytes | int"]
 
 
 class IBlockDevice(Interface):
@@ -176,4 +189,25 @@ class IBlockDevice(Interface):
 
         @return: a Deferred that fires with C{None} once the resources are
             released.
+        """
+
+
+class ISparseRead(Interface):
+    """
+    An optional companion of L{IBlockDevice} for devices that know where
+    their zeroes are. With structured replies the server sends zero runs as
+    OFFSET_HOLE chunks instead of bytes; a device that provides this does
+    the lookup and the reads in one call (one thread pool trip for the file
+    backend) instead of the server calling C{block_status} then C{read}.
+    """
+
+    def read_sparse(offset: int, length: int) -> "Deferred[Sequence[Segment]]":
+        """
+        Read C{length} bytes at C{offset}, describing zero runs instead of
+        returning them.
+
+        @return: a Deferred that fires with consecutive segments covering
+            exactly the range, each C{(offset, data)} or C{(offset,
+            zero_run_length)} (see L{twisted_nbd.extents.plan_sparse_read}),
+            or fails with L{NBDError}.
         """

@@ -54,7 +54,7 @@ from twisted_nbd._connection import (
 from twisted_nbd._wire import CmdFlags, Errno
 from twisted_nbd.errors import NBDError, ProtocolViolation
 from twisted_nbd.exports import ExportRegistry
-from twisted_nbd.interfaces import Extent, IBlockDevice
+from twisted_nbd.interfaces import Extent, IBlockDevice, ISparseRead, Segment
 
 __all__ = [
     "DEFAULT_MAX_BYTES_IN_FLIGHT",
@@ -81,6 +81,24 @@ def _first_error(failure: Failure) -> Failure:
     if isinstance(failure.value, FirstError):
         return failure.value.subFailure
     return failure
+
+
+def _check_segments(request: ReadRequest, segments: Sequence[Segment]) -> None:
+    """
+    Check that a sparse read's segments cover the request exactly, in
+    order, none empty (T-14, T-15): a backend's mistake must become an
+    error reply, never a malformed one.
+
+    @raise RuntimeError: they do not.
+    """
+    position = request.offset
+    for at, part in segments:
+        size = part if isinstance(part, int) else len(part)
+        if at != position or size <= 0:
+            raise RuntimeError(f"sparse read segment ({at}, {size}) does not follow {position}")
+        position += size
+    if position != request.offset + request.length:
+        raise RuntimeError(f"sparse read segments end at {position}, not at the end of the read")
 
 
 def _request_bytes(request: Request) -> int:
@@ -372,36 +390,37 @@ class NBDServerProtocol(Protocol):
     def _sparse_read(self, device: IBlockDevice, request: ReadRequest) -> Deferred[list[bytes]]:
         """
         Read only what is data and describe zero runs as holes (OFFSET_HOLE
-        chunks), as qemu-nbd does: one block_status call, then one read per
-        data run, all in flight together.
+        chunks), as qemu-nbd does. A device that provides L{ISparseRead}
+        does it in one call; for others, one block_status call, then one
+        read per data run, all in flight together.
         """
+        offset, length = request.offset, request.length
+        segments: Deferred[Sequence[Segment]]
+        if ISparseRead.providedBy(device):
+            segments = maybeDeferred(device.read_sparse, offset, length)
+        else:
 
-        def plan(extents: Sequence[Extent]) -> Deferred[list[bytes]]:
-            segments = plan_sparse_read(request.offset, request.length, extents)
-            reads = [
-                maybeDeferred(device.read, start, run) for start, run, hole in segments if not hole
-            ]
-            gathered = gatherResults(reads, consumeErrors=True)
-            gathered.addErrback(_first_error)
+            def plan(extents: Sequence[Extent]) -> Deferred[Sequence[Segment]]:
+                planned = plan_sparse_read(offset, length, extents)
+                reads = [
+                    maybeDeferred(device.read, at, run) for at, run, hole in planned if not hole
+                ]
+                gathered = gatherResults(reads, consumeErrors=True)
+                gathered.addErrback(_first_error)
 
-            def assemble(datas: list[bytes]) -> list[bytes]:
-                parts: list[tuple[int, bytes | int]] = []
-                it = iter(datas)
-                for start, run, hole in segments:
-                    if hole:
-                        parts.append((start, run))
-                        continue
-                    data = next(it)
-                    if len(data) != run:
-                        raise RuntimeError(
-                            f"backend returned {len(data)} bytes for a read of {run}"
-                        )
-                    parts.append((start, data))
-                return self._conn.reply_read_sparse(request, parts)
+                def assemble(datas: list[bytes]) -> Sequence[Segment]:
+                    it = iter(datas)
+                    return [(at, run) if hole else (at, next(it)) for at, run, hole in planned]
 
-            return gathered.addCallback(assemble)
+                return gathered.addCallback(assemble)
 
-        return maybeDeferred(device.block_status, request.offset, request.length).addCallback(plan)
+            segments = maybeDeferred(device.block_status, offset, length).addCallback(plan)
+
+        def reply(parts: Sequence[Segment]) -> list[bytes]:
+            _check_segments(request, parts)
+            return self._conn.reply_read_sparse(request, parts)
+
+        return segments.addCallback(reply)
 
     def _track_write(self, d: Deferred[None]) -> Deferred[None]:
         """Remember a writing request until it finishes, for FLUSH."""

@@ -31,7 +31,16 @@ from zope.interface import implementer
 
 from twisted_nbd._wire import Errno
 from twisted_nbd.errors import NBDError, errnoFromOSError
-from twisted_nbd.interfaces import STATE_HOLE, STATE_ZERO, Capabilities, Extent, IBlockDevice
+from twisted_nbd.extents import read_planned
+from twisted_nbd.interfaces import (
+    STATE_HOLE,
+    STATE_ZERO,
+    Capabilities,
+    Extent,
+    IBlockDevice,
+    ISparseRead,
+    Segment,
+)
 
 if TYPE_CHECKING:
     from twisted.python.threadpool import ThreadPool
@@ -165,7 +174,7 @@ def _deviceSize(fd: int, mode: int) -> int:
     return os.fstat(fd).st_size
 
 
-@implementer(IBlockDevice)
+@implementer(IBlockDevice, ISparseRead)
 class FileBlockDevice:
     """
     An L{IBlockDevice} over one file descriptor, its blocking calls run in a
@@ -449,6 +458,21 @@ class FileBlockDevice:
         # A short read means part of the range is not cached (or the file
         # shrank): let the pool do the whole read, which handles both.
         return bytes(buffer) if got == length else None
+
+    def read_sparse(self, offset: int, length: int) -> Deferred[Sequence[Segment]]:
+        """
+        Find the holes with C{SEEK_DATA}/C{SEEK_HOLE} and read the data
+        between them, all in one pool job (L{ISparseRead}).
+
+        @return: a Deferred that fires with the segments, or fails with
+            L{NBDError}.
+        """
+
+        def job() -> Sequence[Segment]:
+            extents = self._blockStatus(offset, length)
+            return read_planned(offset, length, extents, self._readAll)
+
+        return self._run("read", offset, job)
 
     def write(self, offset: int, data: bytes, fua: bool = False) -> Deferred[None]:
         """

@@ -17,7 +17,16 @@ from zope.interface import implementer
 
 from twisted_nbd._wire import Errno
 from twisted_nbd.errors import NBDError
-from twisted_nbd.interfaces import STATE_HOLE, STATE_ZERO, Capabilities, Extent, IBlockDevice
+from twisted_nbd.extents import read_planned
+from twisted_nbd.interfaces import (
+    STATE_HOLE,
+    STATE_ZERO,
+    Capabilities,
+    Extent,
+    IBlockDevice,
+    ISparseRead,
+    Segment,
+)
 
 __all__ = [
     "DEFAULT_CAPABILITIES",
@@ -64,7 +73,7 @@ def _call(f: Callable[[], _T]) -> Deferred[_T]:
         return fail(e)
 
 
-@implementer(IBlockDevice)
+@implementer(IBlockDevice, ISparseRead)
 class MemoryBlockDevice:
     """
     An L{IBlockDevice} kept in memory, sparse in pages of C{page_size} bytes.
@@ -147,19 +156,31 @@ class MemoryBlockDevice:
         @return: an already-fired Deferred with exactly C{length} bytes.
         """
 
-        def read() -> bytes:
-            # Views into the pages and into the shared zero page, joined once:
-            # a single copy whatever the length.
-            pieces: list[memoryview] = []
-            for index, start, chunk in self._spans(offset, length):
-                page = self._pages.get(index)
-                if page is None:
-                    pieces.append(self._zeroes[:chunk])
-                else:
-                    pieces.append(memoryview(page)[start : start + chunk])
-            return b"".join(pieces)
+        return _call(lambda: self._read(offset, length))
 
-        return _call(read)
+    def _read(self, offset: int, length: int) -> bytes:
+        # Views into the pages and into the shared zero page, joined once:
+        # a single copy whatever the length.
+        pieces: list[memoryview] = []
+        for index, start, chunk in self._spans(offset, length):
+            page = self._pages.get(index)
+            if page is None:
+                pieces.append(self._zeroes[:chunk])
+            else:
+                pieces.append(memoryview(page)[start : start + chunk])
+        return b"".join(pieces)
+
+    def read_sparse(self, offset: int, length: int) -> Deferred[Sequence[Segment]]:
+        """
+        Read C{length} bytes at C{offset}, describing absent pages as zero
+        runs instead of returning their bytes (L{ISparseRead}).
+
+        @return: an already-fired Deferred with the segments.
+        """
+
+        return _call(
+            lambda: read_planned(offset, length, self._blockStatus(offset, length), self._read)
+        )
 
     def write(self, offset: int, data: bytes, fua: bool = False) -> Deferred[None]:
         """
