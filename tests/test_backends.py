@@ -241,7 +241,8 @@ class MemoryBlockDeviceTests(SynchronousTestCase):
         self.assertEqual(device.page_count, 2)
         self.assertEqual(self.successResultOf(device.read(0, 2 * page)), bytes(2 * page))
         extents = self.successResultOf(device.block_status(0, 2 * page))
-        self.assertEqual(list(extents), [Extent(2 * page, 0)])
+        # Allocated (no HOLE bit) and known to read as zeroes.
+        self.assertEqual(list(extents), [Extent(2 * page, STATE_ZERO)])
 
     def test_fastZeroSucceeds(self) -> None:
         """Zeroing memory is always fast, so a fast zero never fails."""
@@ -1092,3 +1093,27 @@ class FileSparseReadTests(SparseReadMixin, TestCase):
         device = FileBlockDevice(path)
         assert ISparseRead.providedBy(device)
         return device
+
+
+class MemoryZeroStatusTests(SynchronousTestCase):
+    """Allocated pages known to be zero report STATE_ZERO (not HOLE)."""
+
+    def test_noHoleZeroReportsZero(self) -> None:
+        """NO_HOLE zeroing leaves allocated zero pages: STATE_ZERO until written."""
+        device = MemoryBlockDevice(1 * MiB)
+        self.successResultOf(device.write(0, pattern(256 * KiB)))
+        self.successResultOf(device.write_zeroes(0, 256 * KiB, may_trim=False))
+        self.assertEqual(
+            self.successResultOf(device.block_status(0, 1 * MiB)),
+            [Extent(256 * KiB, STATE_ZERO), Extent(768 * KiB, HOLE)],
+        )
+        self.successResultOf(device.write(100, b"x"))
+        self.assertEqual(
+            self.successResultOf(device.block_status(0, 256 * KiB)),
+            [Extent(64 * KiB, 0), Extent(192 * KiB, STATE_ZERO)],
+        )
+        self.successResultOf(device.trim(0, 128 * KiB))
+        self.assertEqual(
+            self.successResultOf(device.block_status(0, 256 * KiB)),
+            [Extent(128 * KiB, HOLE), Extent(128 * KiB, STATE_ZERO)],
+        )

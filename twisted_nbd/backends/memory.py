@@ -111,6 +111,9 @@ class MemoryBlockDevice:
         self.capabilities = capabilities or DEFAULT_CAPABILITIES
         self.page_size = page_size
         self._pages: dict[int, bytearray] = {}
+        # Allocated pages known to hold only zeroes (zeroed with NO_HOLE and not
+        # written since): block_status reports them as STATE_ZERO.
+        self._zeroPages: set[int] = set()
         # One shared page of zeroes: reads of holes slice it instead of
         # allocating, and zeroing copies from it.
         self._zeroes = memoryview(bytes(page_size))
@@ -195,6 +198,7 @@ class MemoryBlockDevice:
             position = 0
             for index, start, chunk in self._spans(offset, len(view)):
                 self._page(index)[start : start + chunk] = view[position : position + chunk]
+                self._zeroPages.discard(index)
                 position += chunk
 
         return _call(write)
@@ -240,18 +244,21 @@ class MemoryBlockDevice:
         if deallocate:
             for index in present:
                 del self._pages[index]
+                self._zeroPages.discard(index)
             return
         for index in present:
             self._pages[index][:] = self._zeroes
         for index in middle:
             if index not in self._pages:
                 self._pages[index] = bytearray(pageSize)
+            self._zeroPages.add(index)
 
     def _zeroSpan(self, index: int, start: int, chunk: int, deallocate: bool) -> None:
         """Zero C{chunk} bytes from C{start} in page C{index}."""
         if deallocate:
             if self._wholePage(index, start, chunk):
                 self._pages.pop(index, None)
+                self._zeroPages.discard(index)
                 return
             page = self._pages.get(index)
             if page is None:
@@ -261,8 +268,12 @@ class MemoryBlockDevice:
             # about ranges zeroed in several unaligned requests.
             if page == self._zeroes:
                 del self._pages[index]
+                self._zeroPages.discard(index)
         else:
-            self._page(index)[start : start + chunk] = self._zeroes[:chunk]
+            page = self._page(index)
+            page[start : start + chunk] = self._zeroes[:chunk]
+            if self._wholePage(index, start, chunk) or page == self._zeroes:
+                self._zeroPages.add(index)
 
     def flush(self) -> Deferred[None]:
         """
@@ -309,7 +320,8 @@ class MemoryBlockDevice:
     def block_status(self, offset: int, length: int) -> Deferred[Sequence[Extent]]:
         """
         Describe allocation from C{offset}: absent pages are
-        C{STATE_HOLE | STATE_ZERO}, present ones C{0}. Extents never run past
+        C{STATE_HOLE | STATE_ZERO}, present ones C{0}, or C{STATE_ZERO}
+        when known to hold only zeroes. Extents never run past
         C{offset + length} or the device's size, and stop after
         L{MAX_EXTENTS}.
 
@@ -349,7 +361,7 @@ class MemoryBlockDevice:
                 if len(runs) >= MAX_EXTENTS:
                     break
             stop = min(pageStart + pageSize, end)
-            add(stop - position, 0)
+            add(stop - position, STATE_ZERO if index in self._zeroPages else 0)
             position = stop
             if len(runs) >= MAX_EXTENTS:
                 break
@@ -364,4 +376,5 @@ class MemoryBlockDevice:
         @return: an already-fired Deferred with C{None}.
         """
         self._pages.clear()
+        self._zeroPages.clear()
         return succeed(None)
