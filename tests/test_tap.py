@@ -414,12 +414,54 @@ class BadUsageTests(TestCase):
         An image whose permissions forbid reading is refused, naming the
         reason.
         """
-        if os.geteuid() == 0:
-            self.skipTest("root can read a file whatever its permissions")
-        path = self.mktemp()
+        if os.geteuid() != 0:
+            path = self.mktemp()
+            Path(path).write_bytes(b"\0" * 512)
+            os.chmod(path, 0)
+            self.assertUsageError(["--image", path, "--read-only"], "cannot be read")
+            return
+        # Root reads anything because it has CAP_DAC_OVERRIDE (and
+        # CAP_DAC_READ_SEARCH): check in a child process that has them dropped
+        # (util-linux's setpriv), so real permissions apply, not a simulation.
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            self.fail("setpriv (util-linux) is needed to test permissions as root")
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        path = os.path.join(directory, "unreadable.img")
         Path(path).write_bytes(b"\0" * 512)
         os.chmod(path, 0)
-        self.assertUsageError(["--image", path, "--read-only"], "cannot be read")
+        code = (
+            "import sys\n"
+            "from twisted.python.usage import UsageError\n"
+            "from twisted_nbd.tap import Options\n"
+            "try:\n"
+            "    Options().parseOptions(['--image', sys.argv[1], '--read-only'])\n"
+            "except UsageError as e:\n"
+            "    print(e)\n"
+        )
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+        result = subprocess.run(
+            [
+                setpriv,
+                "--bounding-set",
+                "-dac_override,-dac_read_search",
+                "--",
+                sys.executable,
+                "-c",
+                code,
+                path,
+            ],
+            env=env,
+            cwd=directory,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=SUBPROCESS_TIMEOUT,
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("cannot be read", result.stdout)
 
     def test_imageOpenFails(self) -> None:
         """
