@@ -16,54 +16,30 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
-import socket
-import struct
 import subprocess
 import tempfile
-import time
-import unittest
 from pathlib import Path
-from typing import Any, Callable, NoReturn, TypeVar
+from typing import Any, Callable, TypeVar
 
 import pytest
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.trial.unittest import TestCase
 
+from tests.interop.helpers import LOOPBACK, NBDServer, require_tool
 from twisted_nbd.client import NBDClient, NBDHandshakeError, connect, list_exports
 from twisted_nbd.errors import NBDError
 from twisted_nbd.interfaces import STATE_HOLE, STATE_ZERO
 
 pytestmark = pytest.mark.interop
 
-LOOPBACK = "127.0.0.1"
 MiB = 1 << 20
 SIZE = 64 * MiB
-#: How long a server may take to accept connections.
-START_TIMEOUT = 20.0
-#: How long it may take to exit after SIGTERM (then SIGKILL).
-STOP_TIMEOUT = 10.0
-PORT_ATTEMPTS = 5
 CMD_READ = 0
 EINVAL = 22
 REP_ERR_UNKNOWN = 0x80000006
 
 _E = TypeVar("_E", bound=BaseException)
-
-
-def _missing(what: str) -> NoReturn:
-    if os.environ.get("CI") == "true":
-        raise AssertionError(f"{what} is missing, and CI=true requires it")
-    raise unittest.SkipTest(f"{what} is not installed")
-
-
-def require_tool(name: str) -> str:
-    """The path of C{name}; skip (or, in CI, fail) if it is not installed."""
-    path = shutil.which(name)
-    if path is None:
-        _missing(f"the {name!r} program")
-    return path
 
 
 def tool_version(argv: list[str]) -> tuple[int, ...] | None:
@@ -78,102 +54,6 @@ def tool_version(argv: list[str]) -> tuple[int, ...] | None:
     if match is None:
         return None
     return tuple(int(part) for part in match.groups() if part is not None)
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((LOOPBACK, 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _recv_exactly(sock: socket.socket, count: int) -> bytes:
-    data = b""
-    while len(data) < count:
-        more = sock.recv(count - len(data))
-        if not more:
-            raise ConnectionError("closed")
-        data += more
-    return data
-
-
-def nbd_ready(port: int) -> bool:
-    """
-    Whether an NBD server answers on C{port}: read its greeting, then leave
-    politely with NBD_OPT_ABORT so it has nothing to complain about.
-    """
-    try:
-        with socket.create_connection((LOOPBACK, port), timeout=2) as s:
-            magic, second, flags = struct.unpack(">QQH", _recv_exactly(s, 18))
-            if magic != 0x4E42444D41474943 or second != 0x49484156454F5054:
-                raise AssertionError(f"port {port} does not greet like NBD")
-            s.sendall(struct.pack(">I", flags & 3) + struct.pack(">QII", second, 2, 0))
-            try:
-                _recv_exactly(s, 20)
-            except (OSError, ConnectionError):
-                pass  # some servers close without the ACK
-            return True
-    except (OSError, ConnectionError):
-        return False
-
-
-class ServerProcess:
-    """An NBD server subprocess on a free loopback port."""
-
-    def __init__(self, command: Callable[[int], list[str]], workdir: Path) -> None:
-        self.command = command
-        self.log_path = workdir / "server.log"
-        self.port = 0
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        """Start it and wait (bounded) until it accepts NBD connections."""
-        for _ in range(PORT_ATTEMPTS):
-            self.port = free_port()
-            with open(self.log_path, "ab") as log:
-                self.process = subprocess.Popen(
-                    self.command(self.port),
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            deadline = time.monotonic() + START_TIMEOUT
-            while time.monotonic() < deadline:
-                if self.process.poll() is not None:
-                    break  # exited: maybe the port was taken meanwhile; try another
-                if nbd_ready(self.port):
-                    return
-                time.sleep(0.05)
-            else:
-                self.stop()
-                raise AssertionError(
-                    f"{self.command(self.port)} did not listen within {START_TIMEOUT} s\n"
-                    f"{self.log()}"
-                )
-        raise AssertionError(f"the server would not start:\n{self.log()}")
-
-    def stop(self) -> None:
-        process = self.process
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(STOP_TIMEOUT)
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text("utf-8", "replace")
-        except OSError:
-            return ""
-
-    @property
-    def endpoint(self) -> str:
-        return f"tcp:{LOOPBACK}:{self.port}"
 
 
 async def failure_of(d: Deferred[Any], kind: type[_E]) -> _E:
@@ -195,7 +75,7 @@ class InteropMixin:
     #: The first version with extended headers, and the version command.
     extended_since: tuple[int, ...] = ()
     version_command: list[str] = []
-    server: ServerProcess
+    server: NBDServer
 
     def command(self, workdir: Path) -> Callable[[int], list[str]]:
         raise NotImplementedError
@@ -204,7 +84,7 @@ class InteropMixin:
         case: Any = self
         workdir = Path(tempfile.mkdtemp(prefix="nbd-client-interop-"))
         case.addCleanup(shutil.rmtree, workdir, True)
-        self.server = ServerProcess(self.command(workdir), workdir)
+        self.server = NBDServer([], workdir, command=self.command(workdir))
         case.addCleanup(self.server.stop)
         self.server.start()
 

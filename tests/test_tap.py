@@ -54,6 +54,24 @@ SUBPROCESS_TIMEOUT = 120
 
 MiB = 1024 * 1024
 
+#: Every option of C{twistd nbd}; the usage text must document each.
+ALL_OPTIONS = [
+    "--image",
+    "--size",
+    "--memory",
+    "--name",
+    "--description",
+    "--read-only",
+    "--listen",
+    "--max-queue-depth",
+    "--max-bytes-in-flight",
+    "--shutdown-timeout",
+    "--config",
+    "--min-block",
+    "--preferred-block",
+    "--max-block",
+]
+
 GOOD_SIZES = [
     ("1", 1),
     ("512", 512),
@@ -298,17 +316,7 @@ class OptionsTests(TestCase):
         The usage text documents every option and gives examples.
         """
         text = str(Options())
-        for option in [
-            "--image",
-            "--size",
-            "--memory",
-            "--name",
-            "--description",
-            "--read-only",
-            "--listen",
-            "--max-queue-depth",
-            "--max-bytes-in-flight",
-        ]:
+        for option in ALL_OPTIONS:
             self.assertIn(option, text)
         self.assertIn("Examples:", text)
         self.assertIn("twistd -n nbd --memory 1G", text)
@@ -795,21 +803,7 @@ class TwistdTests(TestCase):
         """
         result = runTwistd("nbd", "--help", cwd=self.mktempDir())
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
-        for option in [
-            "--image",
-            "--size",
-            "--memory",
-            "--name",
-            "--description",
-            "--read-only",
-            "--listen",
-            "--max-queue-depth",
-            "--max-bytes-in-flight",
-            "--config",
-            "--min-block",
-            "--preferred-block",
-            "--max-block",
-        ]:
+        for option in ALL_OPTIONS:
             self.assertIn(option, result.stdout)
         self.assertIn("Examples:", result.stdout)
 

@@ -22,7 +22,7 @@ import tempfile
 import time
 import unittest
 from pathlib import Path
-from typing import Any, Mapping, NoReturn, Sequence
+from typing import Any, Callable, Mapping, NoReturn, Sequence
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -248,8 +248,19 @@ class NBDServer:
     @ivar process: the C{Popen}, once started.
     """
 
-    def __init__(self, args: Sequence[str], workdir: Path) -> None:
+    def __init__(
+        self,
+        args: Sequence[str],
+        workdir: Path,
+        command: Callable[[int], list[str]] | None = None,
+    ) -> None:
+        """
+        @param args: the options after C{twistd -n nbd}.
+        @param command: instead, the whole command line of another NBD
+            server (nbdkit, qemu-nbd) for a given port.
+        """
         self.args = list(args)
+        self._command = command
         self.workdir = workdir
         self.log_path = workdir / "twistd.log"
         self.output_path = workdir / "twistd.out"
@@ -266,7 +277,14 @@ class NBDServer:
         assert self.process is not None
         return self.process.pid
 
+    @property
+    def endpoint(self) -> str:
+        """The Twisted client endpoint string of the server."""
+        return f"tcp:{LOOPBACK}:{self.port}"
+
     def command(self, port: int) -> list[str]:
+        if self._command is not None:
+            return self._command(port)
         return [
             *_twistd_command(),
             "-n",
