@@ -127,7 +127,6 @@ class NBDServerProtocol(Protocol):
     ) -> None:
         if max_queue_depth < 1 or max_bytes_in_flight < 1:
             raise ValueError("the queue depth and byte limits must be at least 1")
-        self._registry = registry
         self.max_queue_depth = max_queue_depth
         self.max_bytes_in_flight = max_bytes_in_flight
         self._conn = ServerConnection(registry.lookup, lambda: iter(registry))
