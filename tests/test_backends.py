@@ -331,6 +331,9 @@ class FakeThreadPool:
     until the test runs it, so a test decides when a "thread" finishes.
     """
 
+    #: Threads a real pool would run at most (the batching runner reads it).
+    max = 8
+
     def __init__(self) -> None:
         self.jobs: list[Callable[[], None]] = []
 

@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING, Callable, Sequence, TypeVar, cast
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorFromThreads, IReactorThreads
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from twisted_nbd._batch import BatchingRunner
 from twisted_nbd._wire import Errno
 from twisted_nbd.errors import NBDError, errnoFromOSError
 from twisted_nbd.extents import read_planned
@@ -256,6 +256,8 @@ class FileBlockDevice:
         self._closing = False
         self._closed = False
         self._closeWaiters: list[Deferred[None]] = []
+        # Made when the first request needs the pool (see _threads).
+        self._runner: BatchingRunner | None = None
         # The system calls that move data, as attributes so tests can make
         # them return short counts or fail.
         self._pread: Callable[[int, int, int], bytes] = os.pread
@@ -300,12 +302,16 @@ class FileBlockDevice:
                 reason = e.strerror or str(e)
                 raise NBDError(errnoFromOSError(e), f"{operation}{where}: {reason}") from e
 
-        try:
-            reactor, threadpool = self._threads()
-        except BaseException as e:
-            # No usable reactor or pool: still answer with a Deferred.
-            return fail(e)
-        d = deferToThreadPool(reactor, threadpool, inThread)
+        runner = self._runner
+        if runner is None:
+            try:
+                reactor, threadpool = self._threads()
+            except BaseException as e:
+                # No usable reactor or pool: still answer with a Deferred.
+                return fail(e)
+            # Several requests share one pool hand-off under load (see _batch).
+            runner = self._runner = BatchingRunner(reactor, threadpool, threadpool.max)
+        d = runner.run(inThread)
         self._pending += 1
         d.addBoth(self._finished)
         return d
