@@ -57,6 +57,10 @@ setup(
             "mypy-zope==1.0.17",
             "ruff>=0.6",
             "build>=1",
+            # The packaging test builds without isolation, with these: older
+            # setuptools need the wheel package for bdist_wheel.
+            "setuptools>=64",
+            "wheel",
         ],
     },
     zip_safe=False,
