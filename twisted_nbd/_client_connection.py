@@ -251,15 +251,7 @@ class _ChunkHeader:
 _CMDS = frozenset(int(c) for c in Cmd)
 _CHUNK_TYPES = frozenset(int(t) for t in ChunkType)
 # The flags a polite client may set on each command it sends.
-_VALID_FLAGS: dict[int, int] = {
-    Cmd.READ: CmdFlags.FUA | CmdFlags.DF,
-    Cmd.WRITE: CmdFlags.FUA,
-    Cmd.FLUSH: CmdFlags.FUA,
-    Cmd.TRIM: CmdFlags.FUA,
-    Cmd.CACHE: CmdFlags.FUA,
-    Cmd.WRITE_ZEROES: CmdFlags.FUA | CmdFlags.NO_HOLE | CmdFlags.FAST_ZERO,
-    Cmd.BLOCK_STATUS: CmdFlags.FUA | CmdFlags.REQ_ONE,
-}
+_VALID_FLAGS = w.COMMAND_FLAGS
 # The transmission flag that exposes a command, for the optional ones.
 _FEATURES: dict[int, int] = {
     Cmd.FLUSH: TxFlags.SEND_FLUSH,

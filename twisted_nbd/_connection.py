@@ -253,16 +253,6 @@ class _Reader:
             raise _OptionError(Rep.ERR_INVALID, "option data is longer than its lengths say")
 
 
-# The command flags each command accepts, before negotiation narrows them.
-_COMMAND_FLAGS = {
-    Cmd.READ: CmdFlags.FUA | CmdFlags.DF,
-    Cmd.WRITE: CmdFlags.FUA,
-    Cmd.FLUSH: CmdFlags.FUA,
-    Cmd.TRIM: CmdFlags.FUA,
-    Cmd.CACHE: CmdFlags.FUA,
-    Cmd.WRITE_ZEROES: CmdFlags.FUA | CmdFlags.NO_HOLE | CmdFlags.FAST_ZERO,
-    Cmd.BLOCK_STATUS: CmdFlags.FUA | CmdFlags.REQ_ONE,
-}
 _WRITING = frozenset({int(Cmd.WRITE), int(Cmd.TRIM), int(Cmd.WRITE_ZEROES)})
 # Plain-int copies of the constants the per-request path uses.
 _READ, _WRITE, _DISC, _FLUSH = int(Cmd.READ), int(Cmd.WRITE), int(Cmd.DISC), int(Cmd.FLUSH)
@@ -598,7 +588,7 @@ class ServerConnection:
         optional.append((tx & TxFlags.SEND_FAST_ZERO, _FAST_ZERO))
         refused = sum(flag for advertised, flag in optional if not advertised)
         extra = int(CmdFlags.PAYLOAD_LEN) if self.extended_headers else 0
-        supported = {
+        supported: dict[int, bool] = {
             Cmd.READ: True,
             Cmd.WRITE: not tx & _READ_ONLY,
             Cmd.FLUSH: caps.can_flush,
@@ -609,7 +599,7 @@ class ServerConnection:
         }
         self._allowed = {
             int(command): (int(flags) & ~refused) | extra
-            for command, flags in _COMMAND_FLAGS.items()
+            for command, flags in w.COMMAND_FLAGS.items()
             if supported[command]
         }
         self._size = export.size

@@ -161,6 +161,18 @@ class Errno(IntEnum):
     ESHUTDOWN = 108
 
 
+#: The command flags the spec defines for each command (section 2.7); which
+#: of them a connection may use also depends on what was advertised.
+COMMAND_FLAGS: dict[int, int] = {
+    Cmd.READ: CmdFlags.FUA | CmdFlags.DF,
+    Cmd.WRITE: CmdFlags.FUA,
+    Cmd.FLUSH: CmdFlags.FUA,
+    Cmd.TRIM: CmdFlags.FUA,
+    Cmd.CACHE: CmdFlags.FUA,
+    Cmd.WRITE_ZEROES: CmdFlags.FUA | CmdFlags.NO_HOLE | CmdFlags.FAST_ZERO,
+    Cmd.BLOCK_STATUS: CmdFlags.FUA | CmdFlags.REQ_ONE,
+}
+
 # Fixed structures, all big-endian.
 GREETING = struct.Struct(">QQH")
 CLIENT_FLAGS = struct.Struct(">I")
