@@ -14,14 +14,14 @@ behaves like C{deferToThreadPool}.
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, TypeVar, cast
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorFromThreads
+from twisted.internet.interfaces import IReactorFromThreads, IReactorThreads
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-__all__ = ["BATCH_MAX", "BatchingRunner"]
+__all__ = ["BATCH_MAX", "BatchingRunner", "threads"]
 
 _T = TypeVar("_T")
 
@@ -30,6 +30,24 @@ _T = TypeVar("_T")
 BATCH_MAX = 32
 
 _Result = tuple["Deferred[Any]", bool, Any]
+
+
+def threads(
+    reactor: IReactorFromThreads | None, threadpool: ThreadPool | None
+) -> tuple[IReactorFromThreads, ThreadPool]:
+    """
+    The reactor and pool to use: the ones given, or the global reactor and
+    its own pool. Call it when the pool is first needed, not at import or
+    construction time: library code must not pick the global reactor
+    before the application has installed the one it wants.
+    """
+    if reactor is None:
+        from twisted.internet import reactor as globalReactor
+
+        reactor = cast(IReactorFromThreads, globalReactor)
+    if threadpool is None:
+        threadpool = IReactorThreads(reactor).getThreadPool()
+    return reactor, threadpool
 
 
 class BatchingRunner:

@@ -12,14 +12,14 @@ Base classes that make backends and filters short to write.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Callable, Sequence, TypeVar
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorFromThreads
-from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from twisted_nbd._batch import BatchingRunner, threads
 from twisted_nbd._wire import Errno
 from twisted_nbd.errors import NBDError
 from twisted_nbd.interfaces import Capabilities, Extent, IBlockDevice
@@ -117,6 +117,7 @@ class ThreadedBlockDevice(BlockDevice):
     ) -> None:
         self._reactor = reactor
         self._threadpool = threadpool
+        self._runner: BatchingRunner | None = None
 
     def pread(self, offset: int, length: int) -> bytes:
         """Return C{length} bytes at C{offset}; runs in a thread."""
@@ -129,20 +130,15 @@ class ThreadedBlockDevice(BlockDevice):
     def sync(self) -> None:
         """Make completed writes durable; runs in a thread."""
 
-    def _in_thread(self, f: Callable[..., _T], *args: Any) -> Deferred[_T]:
-        reactor = self._reactor
-        pool = self._threadpool
-        if reactor is None:
-            from twisted.internet import reactor as global_reactor
-
-            reactor = global_reactor  # type: ignore[assignment]
-        if pool is None:
-            pool = reactor.getThreadPool()  # type: ignore[union-attr]
-        assert reactor is not None and pool is not None
-        return deferToThreadPool(reactor, pool, f, *args)
+    def _in_thread(self, f: Callable[[], _T]) -> Deferred[_T]:
+        # Batched like the file backend's: several calls share one pool hand-off.
+        if self._runner is None:
+            reactor, pool = threads(self._reactor, self._threadpool)
+            self._runner = BatchingRunner(reactor, pool, pool.max)
+        return self._runner.run(f)
 
     def read(self, offset: int, length: int) -> Deferred[bytes]:
-        return self._in_thread(self.pread, offset, length)
+        return self._in_thread(lambda: self.pread(offset, length))
 
     def write(self, offset: int, data: bytes, fua: bool = False) -> Deferred[None]:
         def job() -> None:

@@ -24,11 +24,11 @@ import sys
 from typing import TYPE_CHECKING, Callable, Sequence, TypeVar, cast
 
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IReactorFromThreads, IReactorThreads
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from twisted_nbd._batch import BatchingRunner
+from twisted_nbd._batch import BatchingRunner, threads
 from twisted_nbd._wire import Errno
 from twisted_nbd.errors import NBDError, errnoFromOSError
 from twisted_nbd.extents import read_planned
@@ -256,7 +256,7 @@ class FileBlockDevice:
         self._closing = False
         self._closed = False
         self._closeWaiters: list[Deferred[None]] = []
-        # Made when the first request needs the pool (see _threads).
+        # Made when the first request needs the pool (see _run).
         self._runner: BatchingRunner | None = None
         # The system calls that move data, as attributes so tests can make
         # them return short counts or fail.
@@ -269,22 +269,6 @@ class FileBlockDevice:
         self._pwrite: Callable[[int, memoryview, int], int] = os.pwrite
 
     # Running things in the pool.
-
-    def _threads(self) -> tuple[IReactorFromThreads, ThreadPool]:
-        """
-        The reactor and pool to use, looked up now rather than at import or
-        construction time: library code must not pick the global reactor
-        before the application has installed the one it wants.
-        """
-        reactor = self._reactor
-        if reactor is None:
-            from twisted.internet import reactor as globalReactor
-
-            reactor = cast(IReactorFromThreads, globalReactor)
-        threadpool = self._threadpool
-        if threadpool is None:
-            threadpool = IReactorThreads(reactor).getThreadPool()
-        return reactor, threadpool
 
     def _run(self, operation: str, offset: int | None, job: Callable[[], _T]) -> Deferred[_T]:
         """
@@ -305,7 +289,7 @@ class FileBlockDevice:
         runner = self._runner
         if runner is None:
             try:
-                reactor, threadpool = self._threads()
+                reactor, threadpool = threads(self._reactor, self._threadpool)
             except BaseException as e:
                 # No usable reactor or pool: still answer with a Deferred.
                 return fail(e)
