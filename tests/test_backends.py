@@ -24,7 +24,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
 from twisted_nbd._wire import Errno
-from twisted_nbd.backends import file as fileModule
+from twisted_nbd.backends import file as file_module
 from twisted_nbd.backends.file import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
@@ -37,7 +37,7 @@ from twisted_nbd.backends.file import (
 )
 from twisted_nbd.backends.memory import DEFAULT_CAPABILITIES, MemoryBlockDevice
 from twisted_nbd.backends.memory import MAX_EXTENTS as MEMORY_MAX_EXTENTS
-from twisted_nbd.errors import NBDError, errnoFromOSError
+from twisted_nbd.errors import NBDError, errno_from_os_error
 from twisted_nbd.interfaces import (
     STATE_HOLE,
     STATE_ZERO,
@@ -61,7 +61,7 @@ def pattern(length: int, seed: int = 0) -> bytes:
     )
 
 
-def tempDirectory(case: SynchronousTestCase) -> str:
+def temp_directory(case: SynchronousTestCase) -> str:
     """
     A new directory, removed when the test ends.
 
@@ -73,7 +73,7 @@ def tempDirectory(case: SynchronousTestCase) -> str:
     return directory
 
 
-def holesWork(directory: str) -> bool:
+def holes_work(directory: str) -> bool:
     """
     Whether the file system under C{directory} punches holes and reports
     them with C{SEEK_DATA}, so tests can insist on exact extents where it
@@ -85,7 +85,7 @@ def holesWork(directory: str) -> bool:
         os.pwrite(fd, b"x" * (2 * MiB), 0)
         os.fsync(fd)
         try:
-            fileModule._fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, MiB)
+            file_module._fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, MiB)
             return os.lseek(fd, 0, os.SEEK_DATA) == MiB
         except OSError:
             return False
@@ -100,9 +100,9 @@ class MemoryConformanceTests(BlockDeviceConformanceMixin, TestCase):
     exactly.
     """
 
-    exactAllocation = True
+    exact_allocation = True
 
-    def makeDevice(self, size: int) -> IBlockDevice:
+    def make_device(self, size: int) -> IBlockDevice:
         return MemoryBlockDevice(size)
 
 
@@ -112,9 +112,9 @@ class MemorySmallPageConformanceTests(BlockDeviceConformanceMixin, TestCase):
     the conformance tests.
     """
 
-    exactAllocation = True
+    exact_allocation = True
 
-    def makeDevice(self, size: int) -> IBlockDevice:
+    def make_device(self, size: int) -> IBlockDevice:
         return MemoryBlockDevice(size, page_size=4 * KiB)
 
 
@@ -142,7 +142,7 @@ class MemoryBlockDeviceTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(device.read(TiB // 2, 9)), b"\0" * 5 + b"abc\0")
         self.assertEqual(device.page_count, 3)
 
-    def test_readsAllocateNothing(self) -> None:
+    def test_reads_allocate_nothing(self) -> None:
         """Reading and asking for block status allocate no pages."""
         device = MemoryBlockDevice(TiB)
         self.assertEqual(self.successResultOf(device.read(TiB - MiB, MiB)), bytes(MiB))
@@ -150,7 +150,7 @@ class MemoryBlockDeviceTests(SynchronousTestCase):
         self.successResultOf(device.cache(0, TiB))
         self.assertEqual(device.page_count, 0)
 
-    def test_blockStatusHugeSparseDevice(self) -> None:
+    def test_block_status_huge_sparse_device(self) -> None:
         """
         Block status over a huge device with a few pages describes them
         exactly, without walking every page number.
@@ -170,7 +170,7 @@ class MemoryBlockDeviceTests(SynchronousTestCase):
             ],
         )
 
-    def test_blockStatusMerges(self) -> None:
+    def test_block_status_merges(self) -> None:
         """Neighbouring pages with the same status make one extent."""
         device = MemoryBlockDevice(MiB, page_size=4 * KiB)
         self.successResultOf(device.write(8 * KiB, bytes(12 * KiB)))
@@ -180,14 +180,14 @@ class MemoryBlockDeviceTests(SynchronousTestCase):
             [Extent(8 * KiB, HOLE), Extent(12 * KiB, 0), Extent(MiB - 20 * KiB, HOLE)],
         )
 
-    def test_blockStatusStopsAtRequestedEnd(self) -> None:
+    def test_block_status_stops_at_requested_end(self) -> None:
         """Extents stop at the end of the request, even inside a page."""
         device = MemoryBlockDevice(MiB)
         self.successResultOf(device.write(0, b"x"))
         self.assertEqual(self.status(device, 10, 100), [Extent(100, 0)])
         self.assertEqual(self.status(device, MiB - 7, 5), [Extent(5, HOLE)])
 
-    def test_blockStatusClampedToSize(self) -> None:
+    def test_block_status_clamped_to_size(self) -> None:
         """
         On a device whose size is not a whole number of pages, the last
         extent ends at the size.
@@ -199,7 +199,7 @@ class MemoryBlockDeviceTests(SynchronousTestCase):
             [Extent(4 * KiB, HOLE), Extent(10, 0)],
         )
 
-    def test_blockStatusCapped(self) -> None:
+    def test_block_status_capped(self) -> None:
         """
         On a badly fragmented device, block status stops after
         L{MEMORY_MAX_EXTENTS} extents, which still start at the offset.
@@ -211,7 +211,7 @@ class MemoryBlockDeviceTests(SynchronousTestCase):
         self.assertEqual(len(extents), MEMORY_MAX_EXTENTS)
         self.assertEqual(extents[:3], [Extent(512, 0), Extent(512, HOLE), Extent(512, 0)])
 
-    def test_zeroingFreesPages(self) -> None:
+    def test_zeroing_frees_pages(self) -> None:
         """
         Trimming or zeroing whole pages frees them; zeroing part of a page
         frees it only once the whole page is zero.
@@ -229,7 +229,7 @@ class MemoryBlockDeviceTests(SynchronousTestCase):
         self.assertEqual(device.page_count, 1)
         self.assertEqual(self.successResultOf(device.read(0, 3 * page)), bytes(3 * page))
 
-    def test_noHoleAllocates(self) -> None:
+    def test_no_hole_allocates(self) -> None:
         """
         Zeroing without permission to trim keeps pages, and allocates
         absent ones, as NO_HOLE asks.
@@ -244,7 +244,7 @@ class MemoryBlockDeviceTests(SynchronousTestCase):
         # Allocated (no HOLE bit) and known to read as zeroes.
         self.assertEqual(list(extents), [Extent(2 * page, STATE_ZERO)])
 
-    def test_fastZeroSucceeds(self) -> None:
+    def test_fast_zero_succeeds(self) -> None:
         """Zeroing memory is always fast, so a fast zero never fails."""
         device = MemoryBlockDevice(MiB)
         self.successResultOf(device.write(0, pattern(MiB)))
@@ -255,7 +255,7 @@ class MemoryBlockDeviceTests(SynchronousTestCase):
             pattern(MiB)[:5] + bytes(MiB - 10) + pattern(MiB)[-5:],
         )
 
-    def test_readIsACopy(self) -> None:
+    def test_read_is_a_copy(self) -> None:
         """What a read returned does not change when the device is written."""
         device = MemoryBlockDevice(MiB)
         self.successResultOf(device.write(0, b"before"))
@@ -263,7 +263,7 @@ class MemoryBlockDeviceTests(SynchronousTestCase):
         self.successResultOf(device.write(0, b"after!"))
         self.assertEqual(bytes(data), b"before")
 
-    def test_writeAcceptsBytesLikeObjects(self) -> None:
+    def test_write_accepts_bytes_like_objects(self) -> None:
         """A write accepts any bytes-like object, such as a memoryview."""
         device = MemoryBlockDevice(MiB)
         self.successResultOf(device.write(3, cast(bytes, memoryview(b"xyz"))))
@@ -280,20 +280,20 @@ class MemoryBlockDeviceTests(SynchronousTestCase):
         caps = device.capabilities
         self.assertTrue(caps.can_fast_zero and caps.can_cache and caps.can_extents)
         self.assertTrue(caps.can_multi_conn and caps.can_write and caps.can_zero)
-        readOnly = Capabilities(can_write=False)
-        self.assertIs(MemoryBlockDevice(MiB, readOnly).capabilities, readOnly)
+        read_only = Capabilities(can_write=False)
+        self.assertIs(MemoryBlockDevice(MiB, read_only).capabilities, read_only)
 
-    def test_invalidArguments(self) -> None:
+    def test_invalid_arguments(self) -> None:
         """A negative size or a page size that is not positive is refused."""
         self.assertRaises(ValueError, MemoryBlockDevice, -1)
         self.assertRaises(ValueError, MemoryBlockDevice, MiB, page_size=0)
 
-    def test_emptyDevice(self) -> None:
+    def test_empty_device(self) -> None:
         """A device of no bytes reads no bytes."""
         device = MemoryBlockDevice(0)
         self.assertEqual(self.successResultOf(device.read(0, 0)), b"")
 
-    def test_closeReleasesMemory(self) -> None:
+    def test_close_releases_memory(self) -> None:
         """Closing drops every page, and closing again is harmless."""
         device = MemoryBlockDevice(MiB)
         self.successResultOf(device.write(0, pattern(MiB)))
@@ -301,7 +301,7 @@ class MemoryBlockDeviceTests(SynchronousTestCase):
         self.assertEqual(device.page_count, 0)
         self.assertIsNone(self.successResultOf(device.close()))
 
-    def test_errorsFailTheDeferred(self) -> None:
+    def test_errors_fail_the_deferred(self) -> None:
         """A bug inside an operation fails its Deferred instead of raising."""
         device = MemoryBlockDevice(MiB)
         failure = self.failureResultOf(device.write(0, cast(bytes, object())), TypeError)
@@ -314,12 +314,12 @@ class FileConformanceTests(BlockDeviceConformanceMixin, TestCase):
     """
 
     def setUp(self) -> None:
-        self.directory = tempDirectory(self)
+        self.directory = temp_directory(self)
         self.threadpool = ThreadPool(minthreads=0, maxthreads=4, name="test_backends")
         self.threadpool.start()
         self.addCleanup(self.threadpool.stop)
 
-    def makeDevice(self, size: int) -> IBlockDevice:
+    def make_device(self, size: int) -> IBlockDevice:
         path = os.path.join(self.directory, f"disk{len(os.listdir(self.directory))}.img")
         create_image(path, size)
         return FileBlockDevice(path, threadpool=self.threadpool)
@@ -338,7 +338,7 @@ class FakeThreadPool:
         self.jobs: list[Callable[[], None]] = []
 
     def callInThreadWithCallback(
-        self, onResult: Callable[[bool, object], None], f: Callable[..., object], *a: Any
+        self, on_result: Callable[[bool, object], None], f: Callable[..., object], *a: Any
     ) -> None:
         def job() -> None:
             try:
@@ -346,13 +346,13 @@ class FakeThreadPool:
             except BaseException as e:
                 from twisted.python.failure import Failure
 
-                onResult(False, Failure(e))
+                on_result(False, Failure(e))
             else:
-                onResult(True, result)
+                on_result(True, result)
 
         self.jobs.append(job)
 
-    def runAll(self) -> None:
+    def run_all(self) -> None:
         jobs, self.jobs = self.jobs, []
         for job in jobs:
             job()
@@ -371,7 +371,7 @@ class FileBlockDeviceTests(TestCase):
     """
 
     def setUp(self) -> None:
-        self.directory = tempDirectory(self)
+        self.directory = temp_directory(self)
         self.path = os.path.join(self.directory, "disk.img")
 
     def open(self, size: int = 4 * MiB, **kwargs: Any) -> FileBlockDevice:
@@ -381,7 +381,7 @@ class FileBlockDeviceTests(TestCase):
         self.addCleanup(device.close)
         return device
 
-    def openControlled(
+    def open_controlled(
         self, size: int = 4 * MiB, nowait: bool = False
     ) -> tuple[FileBlockDevice, FakeThreadPool]:
         """
@@ -400,39 +400,39 @@ class FileBlockDeviceTests(TestCase):
 
     # Reads served from the page cache without the pool.
 
-    def test_cachedReadSkipsPool(self) -> None:
+    def test_cached_read_skips_pool(self) -> None:
         """A small read of cached data is answered at once, with no pool job."""
-        device, pool = self.openControlled(nowait=True)
+        device, pool = self.open_controlled(nowait=True)
         with open(self.path, "r+b") as f:
             f.write(pattern(10000))
         d = device.read(1, 9000)
         self.assertEqual(pool.jobs, [])
         self.assertEqual(self.successResultOf(d), pattern(10000)[1:9001])
 
-    def test_uncachedReadUsesPool(self) -> None:
+    def test_uncached_read_uses_pool(self) -> None:
         """When the kernel would block (EAGAIN), the read goes to the pool."""
-        device, pool = self.openControlled(nowait=True)
+        device, pool = self.open_controlled(nowait=True)
 
-        def wouldBlock(fd: int, buffers: list[bytearray], offset: int, flags: int) -> int:
+        def would_block(fd: int, buffers: list[bytearray], offset: int, flags: int) -> int:
             raise BlockingIOError(errno.EAGAIN, "would block")
 
-        self.patch(device, "_preadv", wouldBlock)
+        self.patch(device, "_preadv", would_block)
         d = device.read(0, 4096)
         self.assertNoResult(d)
         self.assertEqual(self.run_(pool, d), bytes(4096))
         self.assertTrue(device._nowait)
 
-    def test_partlyCachedReadUsesPool(self) -> None:
+    def test_partly_cached_read_uses_pool(self) -> None:
         """A short non-blocking read is thrown away and the pool reads it all."""
-        device, pool = self.openControlled(nowait=True)
+        device, pool = self.open_controlled(nowait=True)
         self.patch(device, "_preadv", lambda fd, buffers, offset, flags: 100)
         d = device.read(0, 4096)
         self.assertNoResult(d)
         self.assertEqual(self.run_(pool, d), bytes(4096))
 
-    def test_nowaitUnsupported(self) -> None:
+    def test_nowait_unsupported(self) -> None:
         """Where RWF_NOWAIT is not supported, the device stops trying it."""
-        device, pool = self.openControlled(nowait=True)
+        device, pool = self.open_controlled(nowait=True)
 
         def unsupported(fd: int, buffers: list[bytearray], offset: int, flags: int) -> int:
             raise OSError(errno.EOPNOTSUPP, "not supported")
@@ -441,36 +441,36 @@ class FileBlockDeviceTests(TestCase):
         self.assertEqual(self.run_(pool, device.read(0, 16)), bytes(16))
         self.assertFalse(device._nowait)
 
-    def test_largeReadUsesPool(self) -> None:
+    def test_large_read_uses_pool(self) -> None:
         """Reads over NOWAIT_READ_MAX always go to the pool."""
-        device, pool = self.openControlled(nowait=True)
+        device, pool = self.open_controlled(nowait=True)
         d = device.read(0, NOWAIT_READ_MAX + 1)
         self.assertNoResult(d)
         self.assertEqual(self.run_(pool, d), bytes(NOWAIT_READ_MAX + 1))
 
     def run_(self, pool: FakeThreadPool, d: Deferred[Any]) -> Any:
         """Run the pool's jobs and return what C{d} fired with."""
-        pool.runAll()
+        pool.run_all()
         return self.successResultOf(d)
 
-    def runFailure(self, pool: FakeThreadPool, d: Deferred[Any]) -> NBDError:
+    def run_failure(self, pool: FakeThreadPool, d: Deferred[Any]) -> NBDError:
         """Run the pool's jobs and return the L{NBDError} C{d} failed with."""
-        pool.runAll()
+        pool.run_all()
         return cast(NBDError, self.failureResultOf(d, NBDError).value)
 
     # Opening.
 
-    def test_providesIBlockDevice(self) -> None:
+    def test_provides_i_block_device(self) -> None:
         """A file device provides L{IBlockDevice}."""
         self.assertTrue(verifyObject(IBlockDevice, self.open()))
 
-    def test_sizeFromFile(self) -> None:
+    def test_size_from_file(self) -> None:
         """The size is the file's size when it was opened."""
         with open(self.path, "wb") as f:
             f.write(b"x" * 12345)
         self.assertEqual(self.open().size, 12345)
 
-    def test_readWriteCapabilities(self) -> None:
+    def test_read_write_capabilities(self) -> None:
         """
         A writable file device opens the file for reading and writing and
         can do everything, multi-conn included.
@@ -483,7 +483,7 @@ class FileBlockDeviceTests(TestCase):
         self.assertTrue(caps.can_extents and caps.can_multi_conn)
         self.assertEqual(caps.can_fast_zero, sys.platform.startswith("linux"))
 
-    def test_readOnly(self) -> None:
+    def test_read_only(self) -> None:
         """
         A read-only file device opens the file read-only and advertises no
         way of changing it.
@@ -494,7 +494,7 @@ class FileBlockDeviceTests(TestCase):
         for name in ("can_write", "can_fua", "can_trim", "can_zero", "can_fast_zero"):
             self.assertFalse(getattr(caps, name), name)
 
-    def test_readOnlyOpensUnwritableFile(self) -> None:
+    def test_read_only_opens_unwritable_file(self) -> None:
         """
         A file that cannot be written can be served read-only, but opening
         it for writing raises an L{OSError} naming the file.
@@ -503,12 +503,12 @@ class FileBlockDeviceTests(TestCase):
         os.chmod(self.path, 0o444)
         if os.geteuid() == 0:
             # Root may write to any file: refuse the way the kernel would.
-            realOpen = os.open
+            real_open = os.open
 
             def open(path: str, flags: int, *args: Any) -> int:
                 if flags & os.O_ACCMODE != os.O_RDONLY:
                     raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
-                return realOpen(path, flags, *args)
+                return real_open(path, flags, *args)
 
             self.patch(os, "open", open)
         error = self.assertRaises(PermissionError, FileBlockDevice, self.path)
@@ -518,27 +518,27 @@ class FileBlockDeviceTests(TestCase):
         self.addCleanup(device.close)
         self.assertFalse(device.capabilities.can_write)
 
-    def test_openMissing(self) -> None:
+    def test_open_missing(self) -> None:
         """Opening a file that does not exist raises an error naming it."""
         error = self.assertRaises(FileNotFoundError, FileBlockDevice, self.path)
         self.assertEqual(error.errno, errno.ENOENT)
         self.assertIn(self.path, str(error))
 
-    def test_openDirectory(self) -> None:
+    def test_open_directory(self) -> None:
         """A directory is neither a file nor a block device."""
         error = self.assertRaises(OSError, FileBlockDevice, self.directory, read_only=True)
         self.assertEqual(error.errno, errno.EINVAL)
 
-    def test_blockDeviceSizeFromEnd(self) -> None:
+    def test_block_device_size_from_end(self) -> None:
         """The size of a block device is found by seeking to its end."""
         with open(self.path, "wb") as f:
             f.write(b"x" * 5000)
         fd = os.open(self.path, os.O_RDONLY)
         self.addCleanup(os.close, fd)
         self.patch(os, "fstat", lambda fd: self.fail("fstat used for a block device"))
-        self.assertEqual(fileModule._deviceSize(fd, stat.S_IFBLK | 0o600), 5000)
+        self.assertEqual(file_module._device_size(fd, stat.S_IFBLK | 0o600), 5000)
 
-    def test_libraryDoesNotImportReactor(self) -> None:
+    def test_library_does_not_import_reactor(self) -> None:
         """Importing the backends does not install the global reactor."""
         code = (
             "import sys, twisted_nbd.backends.file, twisted_nbd.backends.memory\n"
@@ -550,13 +550,13 @@ class FileBlockDeviceTests(TestCase):
         ).stdout
         self.assertEqual(output.strip(), "False")
 
-    async def test_defaultThreadPool(self) -> None:
+    async def test_default_thread_pool(self) -> None:
         """Without a reactor or pool, the global reactor's pool is used."""
         device = self.open()
         await device.write(5, b"hello")
         self.assertEqual(await device.read(3, 9), b"\0\0hello\0\0")
 
-    def test_noThreadPool(self) -> None:
+    def test_no_thread_pool(self) -> None:
         """
         A reactor that has no thread pool, and no pool given, fails each
         request's Deferred rather than raising.
@@ -572,9 +572,9 @@ class FileBlockDeviceTests(TestCase):
         FUA writes, trims and zeroes, and flushes, call C{fdatasync} after
         their work, in the same job; other requests do not.
         """
-        device, pool = self.openControlled()
+        device, pool = self.open_controlled()
         synced: list[str] = []
-        self.patch(fileModule, "_fdatasync", lambda fd: synced.append("sync"))
+        self.patch(file_module, "_fdatasync", lambda fd: synced.append("sync"))
 
         def pwrite(fd: int, data: memoryview, offset: int) -> int:
             synced.append("write")
@@ -599,14 +599,14 @@ class FileBlockDeviceTests(TestCase):
 
     # create_image.
 
-    def test_createImage(self) -> None:
+    def test_create_image(self) -> None:
         """C{create_image} makes a sparse file of the given size."""
         self.assertTrue(create_image(self.path, 64 * MiB))
         info = os.stat(self.path)
         self.assertEqual(info.st_size, 64 * MiB)
         self.assertLess(info.st_blocks * 512, MiB)
 
-    def test_createImageKeepsExisting(self) -> None:
+    def test_create_image_keeps_existing(self) -> None:
         """C{create_image} neither overwrites nor resizes an existing file."""
         with open(self.path, "wb") as f:
             f.write(b"precious")
@@ -614,112 +614,112 @@ class FileBlockDeviceTests(TestCase):
         with open(self.path, "rb") as f:
             self.assertEqual(f.read(), b"precious")
 
-    def test_createImageNegative(self) -> None:
+    def test_create_image_negative(self) -> None:
         """A negative size is refused and nothing is created."""
         self.assertRaises(ValueError, create_image, self.path, -1)
         self.assertFalse(os.path.exists(self.path))
 
-    def test_createImageTooBig(self) -> None:
+    def test_create_image_too_big(self) -> None:
         """If the size cannot be set, no file is left behind."""
 
-        def tooBig(fd: int, size: int) -> None:
+        def too_big(fd: int, size: int) -> None:
             raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
 
-        self.patch(os, "ftruncate", tooBig)
+        self.patch(os, "ftruncate", too_big)
         error = self.assertRaises(OSError, create_image, self.path, 2**62)
         self.assertEqual(error.errno, errno.EFBIG)
         self.assertFalse(os.path.exists(self.path))
 
     # Reading and writing.
 
-    def test_shortReads(self) -> None:
+    def test_short_reads(self) -> None:
         """A read that the kernel answers in pieces is completed."""
-        device, pool = self.openControlled()
+        device, pool = self.open_controlled()
         with open(self.path, "r+b") as f:
             f.write(pattern(10000))
         calls = []
 
-        def shortPread(fd: int, length: int, offset: int) -> bytes:
+        def short_pread(fd: int, length: int, offset: int) -> bytes:
             calls.append((length, offset))
             return os.pread(fd, min(length, 999), offset)
 
-        self.patch(device, "_pread", shortPread)
+        self.patch(device, "_pread", short_pread)
         self.assertEqual(self.run_(pool, device.read(1, 9000)), pattern(10000)[1:9001])
         self.assertEqual(len(calls), 10)
         self.assertEqual(calls[1], (9000 - 999, 1000))
 
-    def test_readPastShrunkenEnd(self) -> None:
+    def test_read_past_shrunken_end(self) -> None:
         """
         If the file shrinks under the device, what lies past its new end
         reads as zeroes.
         """
-        device, pool = self.openControlled()
+        device, pool = self.open_controlled()
         self.run_(pool, device.write(0, pattern(8192)))
         os.truncate(self.path, 4096)
         self.assertEqual(
             self.run_(pool, device.read(4000, 8192)), pattern(4096)[4000:] + bytes(8096)
         )
 
-    def test_shortWrites(self) -> None:
+    def test_short_writes(self) -> None:
         """A write that the kernel takes in pieces is completed."""
-        device, pool = self.openControlled()
+        device, pool = self.open_controlled()
         calls = []
 
-        def shortPwrite(fd: int, data: memoryview, offset: int) -> int:
+        def short_pwrite(fd: int, data: memoryview, offset: int) -> int:
             calls.append(offset)
             return os.pwrite(fd, data[:1000], offset)
 
-        self.patch(device, "_pwrite", shortPwrite)
+        self.patch(device, "_pwrite", short_pwrite)
         self.run_(pool, device.write(7, pattern(4500)))
         self.assertEqual(calls, [7, 1007, 2007, 3007, 4007])
         with open(self.path, "rb") as f:
             self.assertEqual(f.read(4507), bytes(7) + pattern(4500))
 
-    def test_writeWithoutProgress(self) -> None:
+    def test_write_without_progress(self) -> None:
         """A write that makes no progress fails with C{EIO} instead of spinning."""
-        device, pool = self.openControlled()
+        device, pool = self.open_controlled()
         self.patch(device, "_pwrite", lambda fd, data, offset: 0)
-        self.assertEqual(self.runFailure(pool, device.write(0, b"x")).errno, Errno.EIO)
+        self.assertEqual(self.run_failure(pool, device.write(0, b"x")).errno, Errno.EIO)
 
-    def test_writeNoSpace(self) -> None:
+    def test_write_no_space(self) -> None:
         """
         A full file system fails the write with C{ENOSPC}, saying what
         failed where.
         """
-        device, pool = self.openControlled()
+        device, pool = self.open_controlled()
 
         def full(fd: int, data: memoryview, offset: int) -> int:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
         self.patch(device, "_pwrite", full)
-        error = self.runFailure(pool, device.write(4096, b"x"))
+        error = self.run_failure(pool, device.write(4096, b"x"))
         self.assertEqual(error.errno, Errno.ENOSPC)
         self.assertIn("write at offset 4096", error.message)
         self.assertIn(os.strerror(errno.ENOSPC), error.message)
 
-    def test_readIOError(self) -> None:
+    def test_read_io_error(self) -> None:
         """A failing disk fails the read with C{EIO}."""
-        device, pool = self.openControlled()
+        device, pool = self.open_controlled()
 
         def broken(fd: int, length: int, offset: int) -> bytes:
             raise OSError(errno.EIO, os.strerror(errno.EIO))
 
         self.patch(device, "_pread", broken)
-        error = self.runFailure(pool, device.read(512, 512))
+        error = self.run_failure(pool, device.read(512, 512))
         self.assertEqual(error.errno, Errno.EIO)
         self.assertIn("read at offset 512", error.message)
 
-    def test_unknownErrorIsEIO(self) -> None:
+    def test_unknown_error_is_eio(self) -> None:
         """An errno the protocol has no name for becomes C{EIO}."""
-        device, pool = self.openControlled()
+        device, pool = self.open_controlled()
 
         def odd(fd: int, length: int, offset: int) -> bytes:
             raise OSError(errno.EBADMSG, os.strerror(errno.EBADMSG))
 
         self.patch(device, "_pread", odd)
-        self.assertEqual(self.runFailure(pool, device.read(0, 1)).errno, Errno.EIO)
+        self.assertEqual(self.run_failure(pool, device.read(0, 1)).errno, Errno.EIO)
 
-    def test_errnoMapping(self) -> None:
+    def test_errno_mapping(self) -> None:
         """Host errors that the protocol can express keep their meaning."""
         for host, wire in [
             (errno.ENOSPC, Errno.ENOSPC),
@@ -728,11 +728,11 @@ class FileBlockDeviceTests(TestCase):
             (errno.EROFS, Errno.EPERM),
             (errno.EBADMSG, Errno.EIO),
         ]:
-            self.assertEqual(errnoFromOSError(OSError(host, "x")), wire, errno.errorcode[host])
+            self.assertEqual(errno_from_os_error(OSError(host, "x")), wire, errno.errorcode[host])
 
     # Discarding and zeroing, with fallocate under the test's control.
 
-    def fakeFallocate(
+    def fake_fallocate(
         self, unsupported: set[int], failure: int | None = None, pretend: bool = False
     ) -> list[int]:
         """
@@ -743,7 +743,7 @@ class FileBlockDeviceTests(TestCase):
 
         @return: the list to which the modes tried are appended.
         """
-        real = fileModule._fallocate
+        real = file_module._fallocate
         tried: list[int] = []
 
         def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
@@ -755,12 +755,12 @@ class FileBlockDeviceTests(TestCase):
             if not pretend:
                 real(fd, mode, offset, length)
 
-        self.patch(fileModule, "_fallocate", fallocate)
+        self.patch(file_module, "_fallocate", fallocate)
         return tried
 
     def filled(self) -> tuple[FileBlockDevice, FakeThreadPool]:
         """A controlled device whose first 4 MiB hold a pattern."""
-        device, pool = self.openControlled(8 * MiB)
+        device, pool = self.open_controlled(8 * MiB)
         self.run_(pool, device.write(0, pattern(4 * MiB)))
         return device, pool
 
@@ -769,19 +769,19 @@ class FileBlockDeviceTests(TestCase):
             f.seek(offset)
             return f.read(length)
 
-    def test_fastZeroUnsupported(self) -> None:
+    def test_fast_zero_unsupported(self) -> None:
         """
         Where no C{fallocate} mode works, a fast zero fails with C{ENOTSUP}
         and changes nothing, while a normal one writes zeroes in bounded
         chunks.
         """
         device, pool = self.filled()
-        tried = self.fakeFallocate(
+        tried = self.fake_fallocate(
             {FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE}
         )
-        for mayTrim in (True, False):
-            error = self.runFailure(
-                pool, device.write_zeroes(MiB, 2 * MiB, may_trim=mayTrim, fast=True)
+        for may_trim in (True, False):
+            error = self.run_failure(
+                pool, device.write_zeroes(MiB, 2 * MiB, may_trim=may_trim, fast=True)
             )
             self.assertEqual(error.errno, Errno.ENOTSUP)
         self.assertEqual(self.contents(0, 4 * MiB), pattern(4 * MiB))
@@ -802,29 +802,29 @@ class FileBlockDeviceTests(TestCase):
             pattern(4 * MiB)[: MiB + 1] + bytes(2 * MiB + 5) + pattern(4 * MiB)[3 * MiB + 6 :],
         )
 
-    def test_trimUnsupported(self) -> None:
+    def test_trim_unsupported(self) -> None:
         """Where holes cannot be punched, trim succeeds and does nothing."""
         device, pool = self.filled()
-        self.fakeFallocate({FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE})
+        self.fake_fallocate({FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE})
         self.assertIsNone(self.run_(pool, device.trim(0, MiB)))
         self.assertEqual(self.contents(0, MiB), pattern(MiB))
 
-    def test_unsupportedModeRemembered(self) -> None:
+    def test_unsupported_mode_remembered(self) -> None:
         """A mode found unsupported is not tried again."""
         device, pool = self.filled()
         punch = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
-        tried = self.fakeFallocate({punch})
+        tried = self.fake_fallocate({punch})
         self.run_(pool, device.trim(0, MiB))
         self.run_(pool, device.trim(0, MiB))
         self.assertEqual(tried, [punch])
 
-    def test_noHoleWithoutZeroRange(self) -> None:
+    def test_no_hole_without_zero_range(self) -> None:
         """
         Without zero-range, zeroing with NO_HOLE punches a hole and
         allocates it again, never leaving a plain hole behind on purpose.
         """
         device, pool = self.filled()
-        tried = self.fakeFallocate({FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE})
+        tried = self.fake_fallocate({FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE})
         self.run_(pool, device.write_zeroes(MiB, MiB, may_trim=False))
         self.assertEqual(
             tried,
@@ -840,10 +840,10 @@ class FileBlockDeviceTests(TestCase):
             original[MiB - 1 : MiB] + bytes(MiB) + original[2 * MiB : 2 * MiB + 1],
         )
 
-    def test_mayTrimPrefersPunching(self) -> None:
+    def test_may_trim_prefers_punching(self) -> None:
         """Zeroing that may trim punches a hole first."""
         device, pool = self.filled()
-        tried = self.fakeFallocate(set(), pretend=True)
+        tried = self.fake_fallocate(set(), pretend=True)
         self.run_(pool, device.write_zeroes(0, MiB, may_trim=True))
         self.run_(pool, device.write_zeroes(MiB, MiB, may_trim=False))
         self.assertEqual(
@@ -854,18 +854,18 @@ class FileBlockDeviceTests(TestCase):
             ],
         )
 
-    def test_fallocateFailure(self) -> None:
+    def test_fallocate_failure(self) -> None:
         """A real failure of C{fallocate} fails the request with its errno."""
         device, pool = self.filled()
-        self.fakeFallocate(set(), failure=errno.EIO)
-        error = self.runFailure(pool, device.write_zeroes(0, MiB))
+        self.fake_fallocate(set(), failure=errno.EIO)
+        error = self.run_failure(pool, device.write_zeroes(0, MiB))
         self.assertEqual(error.errno, Errno.EIO)
         self.assertIn("write_zeroes at offset 0", error.message)
-        self.assertEqual(self.runFailure(pool, device.trim(0, MiB)).errno, Errno.EIO)
+        self.assertEqual(self.run_failure(pool, device.trim(0, MiB)).errno, Errno.EIO)
 
     # Block status against the file system.
 
-    def lseekExtents(self, size: int) -> list[Extent]:
+    def lseek_extents(self, size: int) -> list[Extent]:
         """Walk a file's holes and data with C{lseek}, independently."""
         extents = []
         fd = os.open(self.path, os.O_RDONLY)
@@ -888,7 +888,7 @@ class FileBlockDeviceTests(TestCase):
             os.close(fd)
         return extents
 
-    async def test_blockStatusMatchesLseek(self) -> None:
+    async def test_block_status_matches_lseek(self) -> None:
         """
         Block status over a file with a hole in the middle says what
         C{lseek} says, and on file systems with holes, that is exactly the
@@ -901,24 +901,24 @@ class FileBlockDeviceTests(TestCase):
         os.close(fd)
         device = self.open()
         extents = list(await device.block_status(0, device.size))
-        self.assertEqual(extents, self.lseekExtents(device.size))
-        if holesWork(self.directory):
+        self.assertEqual(extents, self.lseek_extents(device.size))
+        if holes_work(self.directory):
             self.assertEqual(extents, [Extent(MiB, 0), Extent(2 * MiB, HOLE), Extent(MiB, 0)])
         # Inside the hole, a short request gets exactly what it asked for.
         extents = list(await device.block_status(MiB + 5, 100))
         position, reality = 0, -1
-        for extent in self.lseekExtents(device.size):
+        for extent in self.lseek_extents(device.size):
             if position <= MiB + 5 < position + extent.length:
                 reality = extent.flags
             position += extent.length
         self.assertEqual(extents, [Extent(100, reality)])
 
-    async def test_trimPunchesHole(self) -> None:
+    async def test_trim_punches_hole(self) -> None:
         """
         On a file system that punches holes, trim and zeroing with may-trim
         free the blocks and block status reports the holes.
         """
-        if not holesWork(self.directory):
+        if not holes_work(self.directory):
             raise SkipTest("this file system does not punch holes")
         device = self.open()
         await device.write(0, pattern(4 * MiB))
@@ -932,12 +932,12 @@ class FileBlockDeviceTests(TestCase):
             extents, [Extent(MiB, 0), Extent(MiB, HOLE), Extent(MiB, 0), Extent(MiB, HOLE)]
         )
 
-    async def test_zeroRangeStaysAllocated(self) -> None:
+    async def test_zero_range_stays_allocated(self) -> None:
         """
         Zeroing with NO_HOLE keeps the blocks allocated (whatever block
         status says: ext4 reports unwritten extents as holes).
         """
-        if not holesWork(self.directory):
+        if not holes_work(self.directory):
             raise SkipTest("this file system does not punch holes")
         device = self.open()
         await device.write(0, pattern(2 * MiB))
@@ -947,12 +947,12 @@ class FileBlockDeviceTests(TestCase):
         self.assertGreaterEqual(os.stat(self.path).st_blocks, before)
         self.assertEqual(await device.read(0, 2 * MiB), bytes(2 * MiB))
 
-    async def test_blockStatusCapped(self) -> None:
+    async def test_block_status_capped(self) -> None:
         """
         Block status over a badly fragmented file stops after
         L{MAX_EXTENTS} extents.
         """
-        if not holesWork(self.directory):
+        if not holes_work(self.directory):
             raise SkipTest("this file system does not punch holes")
         size = 2 * (MAX_EXTENTS + 10) * 4 * KiB
         create_image(self.path, size)
@@ -965,7 +965,7 @@ class FileBlockDeviceTests(TestCase):
         self.assertEqual(len(extents), MAX_EXTENTS)
         self.assertEqual(extents[:2], [Extent(4 * KiB, 0), Extent(4 * KiB, HOLE)])
 
-    async def test_blockStatusClampedWhenFileGrew(self) -> None:
+    async def test_block_status_clamped_when_file_grew(self) -> None:
         """
         If the file grows after it was opened, block status still stops at
         the device's size.
@@ -976,34 +976,34 @@ class FileBlockDeviceTests(TestCase):
         extents = list(await device.block_status(MiB - 10, 10))
         self.assertEqual(sum(e.length for e in extents), 10)
 
-    async def test_blockStatusHoleToEnd(self) -> None:
+    async def test_block_status_hole_to_end(self) -> None:
         """A hole that reaches the end of the file (C{ENXIO}) is one extent."""
         device = self.open(MiB)
         self.assertEqual(list(await device.block_status(0, MiB)), [Extent(MiB, HOLE)])
 
     # Closing.
 
-    def test_closeWaitsForRequests(self) -> None:
+    def test_close_waits_for_requests(self) -> None:
         """
         Closing while a request runs in the pool waits for it before closing
         the descriptor, whose number could otherwise be reused under the
         request.
         """
-        device, pool = self.openControlled()
+        device, pool = self.open_controlled()
         fd = device._fd
         reading = device.read(0, 10)
         closing = device.close()
         self.assertNoResult(closing)
         os.fstat(fd)  # still open
-        pool.runAll()
+        pool.run_all()
         self.assertEqual(self.successResultOf(reading), bytes(10))
         self.assertIsNone(self.successResultOf(closing))
         error = self.assertRaises(OSError, os.fstat, fd)
         self.assertEqual(error.errno, errno.EBADF)
 
-    def test_requestsAfterClose(self) -> None:
+    def test_requests_after_close(self) -> None:
         """Requests after close fail with C{ESHUTDOWN}; closing again is harmless."""
-        device, pool = self.openControlled()
+        device, pool = self.open_controlled()
         self.assertIsNone(self.successResultOf(device.close()))
         error = self.failureResultOf(device.read(0, 1), NBDError).value
         self.assertEqual(cast(NBDError, error).errno, Errno.ESHUTDOWN)
@@ -1020,7 +1020,7 @@ class MemoryHugeRangeTests(SynchronousTestCase):
 
     SIZE = 2**63 - 4096
 
-    def test_trimHugeRange(self) -> None:
+    def test_trim_huge_range(self) -> None:
         """Trimming 2^62 bytes drops the pages inside and keeps the others."""
         device = MemoryBlockDevice(self.SIZE)
         for offset in (0, 1 << 40, 1 << 61, (1 << 62) + 5, self.SIZE - 10):
@@ -1031,13 +1031,13 @@ class MemoryHugeRangeTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(device.read((1 << 62) + 5, 4)), b"data")
         self.assertEqual(self.successResultOf(device.read(1 << 40, 4)), bytes(4))
 
-    def test_zeroHugeRange(self) -> None:
+    def test_zero_huge_range(self) -> None:
         """Zeroing with may_trim over 2^62 bytes of an empty device allocates nothing."""
         device = MemoryBlockDevice(self.SIZE)
         self.successResultOf(device.write_zeroes(0, 1 << 62))
         self.assertEqual(device.page_count, 0)
 
-    def test_noHoleHugeRangeRefused(self) -> None:
+    def test_no_hole_huge_range_refused(self) -> None:
         """A NO_HOLE zeroing that would allocate more than MAX_ALLOCATION fails with
         ENOSPC and changes nothing."""
         device = MemoryBlockDevice(self.SIZE)
@@ -1053,12 +1053,12 @@ class SparseReadMixin:
     and, with holes expanded to zeroes, equal a plain read.
     """
 
-    def makeSparseDevice(self, size: int) -> IBlockDevice:
+    def make_sparse_device(self, size: int) -> IBlockDevice:
         raise NotImplementedError
 
-    async def test_readSparseMatchesRead(self) -> None:
+    async def test_read_sparse_matches_read(self) -> None:
         """Data runs hold the bytes; zero runs are long holes; both add up to read()."""
-        device = self.makeSparseDevice(4 * MiB)
+        device = self.make_sparse_device(4 * MiB)
         self.addCleanup(device.close)  # type: ignore[attr-defined]
         await device.write(5000, pattern(3000))
         await device.write(3 * MiB, pattern(100, seed=7))
@@ -1081,7 +1081,7 @@ class SparseReadMixin:
 class MemorySparseReadTests(SparseReadMixin, TestCase):
     """read_sparse on the memory backend."""
 
-    def makeSparseDevice(self, size: int) -> IBlockDevice:
+    def make_sparse_device(self, size: int) -> IBlockDevice:
         device = MemoryBlockDevice(size)
         assert ISparseRead.providedBy(device)
         return device
@@ -1090,8 +1090,8 @@ class MemorySparseReadTests(SparseReadMixin, TestCase):
 class FileSparseReadTests(SparseReadMixin, TestCase):
     """read_sparse on the file backend, in one pool job."""
 
-    def makeSparseDevice(self, size: int) -> IBlockDevice:
-        path = os.path.join(tempDirectory(self), "sparse.img")
+    def make_sparse_device(self, size: int) -> IBlockDevice:
+        path = os.path.join(temp_directory(self), "sparse.img")
         create_image(path, size)
         device = FileBlockDevice(path)
         assert ISparseRead.providedBy(device)
@@ -1101,7 +1101,7 @@ class FileSparseReadTests(SparseReadMixin, TestCase):
 class MemoryZeroStatusTests(SynchronousTestCase):
     """Allocated pages known to be zero report STATE_ZERO (not HOLE)."""
 
-    def test_noHoleZeroReportsZero(self) -> None:
+    def test_no_hole_zero_reports_zero(self) -> None:
         """NO_HOLE zeroing leaves allocated zero pages: STATE_ZERO until written."""
         device = MemoryBlockDevice(1 * MiB)
         self.successResultOf(device.write(0, pattern(256 * KiB)))

@@ -80,7 +80,7 @@ class ThreadedBytearrayDevice(ThreadedBlockDevice):
 class BlockDeviceTests(BlockDeviceConformanceMixin, TestCase):
     """A BlockDevice with only read and write passes the conformance tests."""
 
-    def makeDevice(self, size: int) -> IBlockDevice:
+    def make_device(self, size: int) -> IBlockDevice:
         return BytearrayDevice(size)
 
     def test_fast_zero_refused(self) -> None:
@@ -112,7 +112,7 @@ class BlockDeviceTests(BlockDeviceConformanceMixin, TestCase):
 class ThreadedBlockDeviceTests(BlockDeviceConformanceMixin, TestCase):
     """A ThreadedBlockDevice with blocking methods passes the conformance tests."""
 
-    def makeDevice(self, size: int) -> IBlockDevice:
+    def make_device(self, size: int) -> IBlockDevice:
         return ThreadedBytearrayDevice(size)
 
     async def test_fua_syncs(self) -> None:
@@ -126,7 +126,7 @@ class ThreadedBlockDeviceTests(BlockDeviceConformanceMixin, TestCase):
 class FilterTests(BlockDeviceConformanceMixin, TestCase):
     """A pass-through filter over the memory backend passes the conformance tests."""
 
-    def makeDevice(self, size: int) -> IBlockDevice:
+    def make_device(self, size: int) -> IBlockDevice:
         return BlockDeviceFilter(MemoryBlockDevice(size))
 
 

@@ -21,13 +21,13 @@ class FakePool:
         self.jobs: list[tuple[Callable[[bool, Any], None], Callable[[], Any]]] = []
 
     def callInThreadWithCallback(
-        self, onResult: Callable[[bool, Any], None], f: Callable[[], Any]
+        self, on_result: Callable[[bool, Any], None], f: Callable[[], Any]
     ) -> None:
-        self.jobs.append((onResult, f))
+        self.jobs.append((on_result, f))
 
-    def runOne(self) -> None:
-        onResult, f = self.jobs.pop(0)
-        onResult(True, f())
+    def run_one(self) -> None:
+        on_result, f = self.jobs.pop(0)
+        on_result(True, f())
 
 
 class FakeReactor:
@@ -62,7 +62,7 @@ class BatchingRunnerTests(SynchronousTestCase):
         """A lone call is one job and one wake-up, like deferToThreadPool."""
         d = self.runner(4).run(lambda: 42)
         self.assertEqual(len(self.pool.jobs), 1)
-        self.pool.runOne()
+        self.pool.run_one()
         self.assertEqual(self.successResultOf(d), 42)
         self.assertEqual(self.reactor.wakeups, 1)
 
@@ -71,7 +71,7 @@ class BatchingRunnerTests(SynchronousTestCase):
         runner = self.runner(1)
         ds = [runner.run(constant(i)) for i in range(10)]
         self.assertEqual(len(self.pool.jobs), 1)
-        self.pool.runOne()
+        self.pool.run_one()
         self.assertEqual([self.successResultOf(d) for d in ds], list(range(10)))
         self.assertEqual(self.reactor.wakeups, 1)
         self.assertEqual(self.pool.jobs, [])
@@ -80,10 +80,10 @@ class BatchingRunnerTests(SynchronousTestCase):
         """A job runs at most BATCH_MAX calls; the rest get another job."""
         runner = self.runner(1)
         ds = [runner.run(constant(i)) for i in range(BATCH_MAX + 3)]
-        self.pool.runOne()
+        self.pool.run_one()
         self.assertNoResult(ds[-1])
         self.assertEqual(len(self.pool.jobs), 1)
-        self.pool.runOne()
+        self.pool.run_one()
         self.assertEqual(self.successResultOf(ds[-1]), BATCH_MAX + 2)
 
     def test_failures(self) -> None:
@@ -94,7 +94,7 @@ class BatchingRunnerTests(SynchronousTestCase):
             raise ZeroDivisionError()
 
         first, second = runner.run(bad), runner.run(lambda: "fine")
-        self.pool.runOne()
+        self.pool.run_one()
         self.failureResultOf(first, ZeroDivisionError)
         self.assertEqual(self.successResultOf(second), "fine")
 
@@ -110,12 +110,12 @@ class BatchingRunnerTests(SynchronousTestCase):
         they delivered, is not stranded: delivery submits a job for it."""
         runner = self.runner(1)
         first = runner.run(lambda: 1)
-        onResult, work = self.pool.jobs.pop(0)
+        on_result, work = self.pool.jobs.pop(0)
         results = work()  # the job has drained the queue...
         late = runner.run(lambda: 2)  # ...when this call arrives, at the job limit
         self.assertEqual(self.pool.jobs, [])
-        onResult(True, results)
+        on_result(True, results)
         self.assertEqual(self.successResultOf(first), 1)
         self.assertEqual(len(self.pool.jobs), 1)
-        self.pool.runOne()
+        self.pool.run_one()
         self.assertEqual(self.successResultOf(late), 2)

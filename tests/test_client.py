@@ -34,6 +34,7 @@ from twisted_nbd._client_connection import (
     NEED_DATA,
     AbortAcknowledged,
     BlockSize,
+    ClientConfiguration,
     ClientConnection,
     ExportsListed,
     HandshakeComplete,
@@ -167,7 +168,9 @@ def events_of(conn: ClientConnection, data: bytes, chunk_size: int = 0) -> list[
 
 def open_conn(structured: bool = True, extended: bool = False, **kwargs: Any) -> ClientConnection:
     """A client connection in transmission, its handshake bytes discarded."""
-    conn = ClientConnection(structured_replies=structured, extended_headers=True)
+    conn = ClientConnection(
+        ClientConfiguration(structured_replies=structured, extended_headers=True)
+    )
     [event] = events_of(conn, handshake_transcript(structured, extended, **kwargs))
     assert isinstance(event, HandshakeComplete), event
     conn.data_to_send()
@@ -252,7 +255,9 @@ class HandshakeTests(SynchronousTestCase):
 
     def test_named_export_and_contexts(self) -> None:
         """The export name and every requested context go into SET_META_CONTEXT and GO."""
-        conn = ClientConnection("disk", meta_contexts=["base:allocation", "qemu:dirty-bitmap:b"])
+        conn = ClientConnection(
+            ClientConfiguration("disk", meta_contexts=["base:allocation", "qemu:dirty-bitmap:b"])
+        )
         events_of(conn, greeting() + opt_reply(OPT_EXTENDED_HEADERS, REP_ACK))
         data = b"".join(conn.data_to_send())
         self.assertEqual(
@@ -277,7 +282,7 @@ class HandshakeTests(SynchronousTestCase):
 
     def test_no_structured_replies(self) -> None:
         """structured_replies=False: no EXTENDED_HEADERS, no meta contexts, just GO."""
-        conn = ClientConnection(structured_replies=False)
+        conn = ClientConnection(ClientConfiguration(structured_replies=False))
         events_of(conn, greeting())
         self.assertEqual(
             b"".join(conn.data_to_send()),
@@ -324,7 +329,7 @@ class HandshakeTests(SynchronousTestCase):
         reads the 10-byte reply (NO_ZEROES agreed) or the 134-byte one.
         """
         for server_flags, padding in ((3, 0), (1, 124)):
-            conn = ClientConnection("disk", structured_replies=False)
+            conn = ClientConnection(ClientConfiguration("disk", structured_replies=False))
             events_of(conn, greeting(server_flags))
             conn.data_to_send()
             self.assertEqual(events_of(conn, opt_reply(OPT_GO, REP_ERR_UNSUP)), [])
@@ -340,7 +345,7 @@ class HandshakeTests(SynchronousTestCase):
 
     def test_not_fixed_newstyle(self) -> None:
         """A server without FIXED_NEWSTYLE gets client flags 0 and EXPORT_NAME at once."""
-        conn = ClientConnection("x")
+        conn = ClientConnection(ClientConfiguration("x"))
         events_of(conn, greeting(0))
         self.assertEqual(
             b"".join(conn.data_to_send()), h("00000000 49484156454f5054 00000001 00000001 78")
@@ -350,7 +355,7 @@ class HandshakeTests(SynchronousTestCase):
 
     def test_go_refused(self) -> None:
         """GO refused (unknown export): HandshakeRefused, then ABORT, then close on its ACK."""
-        conn = ClientConnection("nope")
+        conn = ClientConnection(ClientConfiguration("nope"))
         events_of(conn, greeting())
         conn.data_to_send()
         transcript = (
@@ -372,7 +377,7 @@ class HandshakeTests(SynchronousTestCase):
 
     def test_list(self) -> None:
         """Listing mode: LIST, the SERVER replies collected, then ABORT."""
-        conn = ClientConnection(list_exports=True)
+        conn = ClientConnection(ClientConfiguration(list_exports=True))
         events_of(conn, greeting())
         self.assertEqual(
             b"".join(conn.data_to_send()), h("00000003 49484156454f5054 00000003 00000000")
@@ -383,7 +388,7 @@ class HandshakeTests(SynchronousTestCase):
             + opt_reply(OPT_LIST, REP_ACK)
         )
         for size in (1, 0):
-            conn = ClientConnection(list_exports=True)
+            conn = ClientConnection(ClientConfiguration(list_exports=True))
             events_of(conn, greeting())
             conn.data_to_send()
             [event] = events_of(conn, transcript, size)
@@ -742,7 +747,7 @@ class ExtendedReplyTests(SynchronousTestCase):
 class ViolationTests(SynchronousTestCase):
     """Replies that break the protocol raise ProtocolViolation and close the connection."""
 
-    def assertViolation(self, conn: ClientConnection, data: bytes) -> None:
+    def assert_violation(self, conn: ClientConnection, data: bytes) -> None:
         with self.assertRaises(ProtocolViolation):
             events_of(conn, data)
         self.assertIs(conn.phase, Phase.CLOSED)
@@ -901,7 +906,7 @@ class ViolationTests(SynchronousTestCase):
         """Chunks need structured replies to have been negotiated."""
         conn = open_conn(structured=False)
         conn.send_request(CMD_FLUSH, 0, 0)
-        self.assertViolation(conn, chunk(DONE, NONE, 1))
+        self.assert_violation(conn, chunk(DONE, NONE, 1))
 
 
 # ---------------------------------------------------------------- the Twisted protocol
@@ -928,7 +933,7 @@ def protocol_pair(
     structured: bool = True, extended: bool = False, **kwargs: Any
 ) -> tuple[NBDClientProtocol, RecordingTransport, NBDClient]:
     """A client protocol on a RecordingTransport, past the handshake."""
-    conn = ClientConnection(structured_replies=structured)
+    conn = ClientConnection(ClientConfiguration(structured_replies=structured))
     proto = NBDClientProtocol(conn)
     transport = RecordingTransport()
     proto.makeConnection(transport)
@@ -967,7 +972,9 @@ class ProtocolTests(SynchronousTestCase):
 
     def test_handshake_refused(self) -> None:
         """GO refused: ABORT goes out; the handshake fails with the refusal once closed."""
-        proto = NBDClientProtocol(ClientConnection("x", structured_replies=False))
+        proto = NBDClientProtocol(
+            ClientConnection(ClientConfiguration("x", structured_replies=False))
+        )
         transport = RecordingTransport()
         proto.makeConnection(transport)
         proto.dataReceived(greeting() + opt_reply(OPT_GO, REP_ERR_UNKNOWN, b"unknown"))
@@ -1331,9 +1338,7 @@ class IntegrationTests(TestCase):
     async def test_unknown_export(self) -> None:
         """An unknown export fails connect() with NBDHandshakeError (ERR_UNKNOWN)."""
         endpoint = await self.serve(Export("disk", memory_device(SIZE)))
-        error = await failure_of(
-            Deferred.fromCoroutine(connect(reactor, endpoint, "nope")), NBDHandshakeError
-        )
+        error = await failure_of(connect(reactor, endpoint, "nope"), NBDHandshakeError)
         self.assertEqual(error.reply, REP_ERR_UNKNOWN)
 
     async def test_list_exports(self) -> None:
@@ -1395,7 +1400,7 @@ class IntegrationTests(TestCase):
         )
         self.addCleanup(port.stopListening)
         endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
-        d = Deferred.fromCoroutine(connect(reactor, endpoint))
+        d = connect(reactor, endpoint)
         await made
         # One more turn of the reactor: the client side is connected too, and
         # connect() is waiting for the greeting.

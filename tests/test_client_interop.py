@@ -91,7 +91,7 @@ class InteropMixin:
     async def open(self, **kwargs: Any) -> NBDClient:
         return await connect(reactor, self.server.endpoint, self.export_name, **kwargs)
 
-    def assertFallback(self, client: NBDClient) -> None:
+    def assert_fallback(self, client: NBDClient) -> None:
         """Old servers refuse extended headers: the client uses structured replies."""
         case: Any = self
         case.assertTrue(client.structured_replies)
@@ -103,7 +103,7 @@ class InteropMixin:
         """Negotiation (falling back from extended headers), then I/O, then DISC."""
         case: Any = self
         client = await self.open()
-        self.assertFallback(client)
+        self.assert_fallback(client)
         case.assertEqual(client.size, SIZE)
         case.assertIn("base:allocation", client.meta_contexts)
         case.assertFalse(client.read_only)
@@ -166,7 +166,7 @@ class InteropMixin:
         exports = await list_exports(reactor, self.server.endpoint)
         case.assertIn(self.export_name, [name for name, _ in exports])
         error = await failure_of(
-            Deferred.fromCoroutine(connect(reactor, self.server.endpoint, "no-such-export")),
+            connect(reactor, self.server.endpoint, "no-such-export"),
             NBDHandshakeError,
         )
         case.assertEqual(error.reply, REP_ERR_UNKNOWN)

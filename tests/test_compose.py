@@ -144,7 +144,7 @@ class ConnectionTracker(WrappingFactory):
             for waiter in waiters:
                 waiter.callback(None)
 
-    def whenIdle(self) -> Deferred[None]:
+    def when_idle(self) -> Deferred[None]:
         """
         @return: a Deferred that fires once no connection is open.
         """
@@ -159,7 +159,7 @@ class BodyCollector(Protocol):
     """
     Collect a response body.
 
-    (C{twisted.web.client.readBody} warns about the pooled transport, which
+    (C{twisted.web.client.read_body} warns about the pooled transport, which
     has no C{abortConnection}.)
 
     @ivar done: fires with the whole body.
@@ -179,7 +179,7 @@ class BodyCollector(Protocol):
             self.done.errback(reason)
 
 
-def readBody(response: IResponse) -> Deferred[bytes]:
+def read_body(response: IResponse) -> Deferred[bytes]:
     """
     @return: a Deferred that fires with C{response}'s body.
     """
@@ -188,7 +188,7 @@ def readBody(response: IResponse) -> Deferred[bytes]:
     return collector.done
 
 
-def boundPort(service: StreamServerEndpointService) -> Deferred[int]:
+def bound_port(service: StreamServerEndpointService) -> Deferred[int]:
     """
     @return: a Deferred that fires with the TCP port a started service
         listens on (useful with port 0).
@@ -218,58 +218,58 @@ class ComposeTests(TestCase):
     The NBD service composes with other services in one application.
     """
 
-    def test_nbdBesideWeb(self) -> Deferred[None]:
+    def test_nbd_beside_web(self) -> Deferred[None]:
         """
         C{makeService} for C{--memory 16M --listen tcp:0:interface=127.0.0.1}
         and a web site run in one L{MultiService}: the site serves a page,
         an NBD client completes the handshake and writes then reads back a
         block, and the whole tree stops cleanly.
         """
-        return Deferred.fromCoroutine(self._nbdBesideWeb())
+        return Deferred.fromCoroutine(self._nbd_beside_web())
 
-    async def _nbdBesideWeb(self) -> None:
+    async def _nbd_beside_web(self) -> None:
         from twisted.internet import reactor
 
         options = Options()
         options.parseOptions(["--memory", "16M", "--listen", LOOPBACK_ANY_PORT])
         nbd = makeService(options)
         web = ConnectionTracker(Site(Hello()))
-        webService = strports.service(LOOPBACK_ANY_PORT, web, reactor=reactor)
+        web_service = strports.service(LOOPBACK_ANY_PORT, web, reactor=reactor)
 
         top = MultiService()
         nbd.setServiceParent(top)
-        webService.setServiceParent(top)
+        web_service.setServiceParent(top)
         top.startService()
         self.addCleanup(lambda: top.stopService() if top.running else None)
 
-        (nbdService,) = listeners(nbd)
-        nbdPort = await boundPort(nbdService)
-        webPort = await boundPort(webService)
+        (nbd_service,) = listeners(nbd)
+        nbd_port = await bound_port(nbd_service)
+        web_port = await bound_port(web_service)
 
         # The web site answers.
         pool = HTTPConnectionPool(reactor, persistent=True)
         self.addCleanup(pool.closeCachedConnections)
         agent = Agent(reactor, pool=pool)
-        response = await agent.request(b"GET", f"http://127.0.0.1:{webPort}/".encode("ascii"))
+        response = await agent.request(b"GET", f"http://127.0.0.1:{web_port}/".encode("ascii"))
         self.assertEqual(response.code, 200)
-        self.assertEqual(await readBody(response), b"hello from the web")
+        self.assertEqual(await read_body(response), b"hello from the web")
         await pool.closeCachedConnections()
-        await web.whenIdle()
+        await web.when_idle()
 
         # The NBD server answers.
-        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", nbdPort)
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", nbd_port)
         client = await connectProtocol(endpoint, RawNBDClient())
 
-        def dropClient() -> Deferred[None] | None:
+        def drop_client() -> Deferred[None] | None:
             if client.connected and client.transport is not None:
                 cast(ITCPTransport, client.transport).abortConnection()
                 lost: Deferred[None] = client.lost
                 return lost
             return None
 
-        self.addCleanup(dropClient)
+        self.addCleanup(drop_client)
         await self._handshake(client)
-        await self._writeAndRead(client)
+        await self._write_and_read(client)
 
         # NBD_CMD_DISC: the server closes the connection.
         client.send(REQUEST.pack(REQUEST_MAGIC, 0, CMD_DISC, 3, 0, 0))
@@ -277,24 +277,24 @@ class ComposeTests(TestCase):
 
         await top.stopService()
         self.assertFalse(nbd.running)
-        self.assertFalse(webService.running)
+        self.assertFalse(web_service.running)
 
     async def _handshake(self, client: RawNBDClient) -> None:
         """
         Fixed newstyle: greeting, client flags, NBD_OPT_GO for the empty
         name with no information requests, replies until NBD_REP_ACK.
         """
-        magic, haveOpt, handshakeFlags = GREETING.unpack(await client.receive(GREETING.size))
-        self.assertEqual((magic, haveOpt), (NBDMAGIC, IHAVEOPT))
-        self.assertTrue(handshakeFlags & FLAG_FIXED_NEWSTYLE)
-        self.assertTrue(handshakeFlags & FLAG_NO_ZEROES)
+        magic, have_opt, handshake_flags = GREETING.unpack(await client.receive(GREETING.size))
+        self.assertEqual((magic, have_opt), (NBDMAGIC, IHAVEOPT))
+        self.assertTrue(handshake_flags & FLAG_FIXED_NEWSTYLE)
+        self.assertTrue(handshake_flags & FLAG_NO_ZEROES)
 
         client.send(struct.pack(">I", FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))
         name = b""
         data = struct.pack(">I", len(name)) + name + struct.pack(">H", 0)
         client.send(OPTION.pack(IHAVEOPT, OPT_GO, len(data)) + data)
 
-        exportInfo: tuple[int, int] | None = None
+        export_info: tuple[int, int] | None = None
         while True:
             header = await client.receive(OPTION_REPLY.size)
             magic, option, reply, length = OPTION_REPLY.unpack(header)
@@ -302,18 +302,18 @@ class ComposeTests(TestCase):
             self.assertEqual((magic, option), (OPTION_REPLY_MAGIC, OPT_GO))
             self.assertFalse(reply & REP_FLAG_ERROR, f"error reply {reply:#x}: {payload!r}")
             if reply == REP_INFO and struct.unpack(">H", payload[:2])[0] == INFO_EXPORT:
-                size, transmissionFlags = struct.unpack(">QH", payload[2:12])
-                exportInfo = (size, transmissionFlags)
+                size, transmission_flags = struct.unpack(">QH", payload[2:12])
+                export_info = (size, transmission_flags)
             if reply == REP_ACK:
                 break
 
-        assert exportInfo is not None, "NBD_OPT_GO must send NBD_INFO_EXPORT"
-        size, transmissionFlags = exportInfo
+        assert export_info is not None, "NBD_OPT_GO must send NBD_INFO_EXPORT"
+        size, transmission_flags = export_info
         self.assertEqual(size, DEVICE_SIZE)
-        self.assertTrue(transmissionFlags & TRANSMISSION_HAS_FLAGS)
-        self.assertFalse(transmissionFlags & TRANSMISSION_READ_ONLY)
+        self.assertTrue(transmission_flags & TRANSMISSION_HAS_FLAGS)
+        self.assertFalse(transmission_flags & TRANSMISSION_READ_ONLY)
 
-    async def _writeAndRead(self, client: RawNBDClient) -> None:
+    async def _write_and_read(self, client: RawNBDClient) -> None:
         """
         One WRITE and one READ of the same block, with simple replies.
         """

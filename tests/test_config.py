@@ -34,7 +34,7 @@ class ConfigFileTests(SynchronousTestCase):
             f.write(textwrap.dedent(text))
         return path
 
-    def assertConfigError(self, text: str, line: int, reason: str) -> None:
+    def assert_config_error(self, text: str, line: int, reason: str) -> None:
         path = self.write(text)
         error = self.assertRaises(ConfigError, load_config, path)
         self.assertEqual(str(error).split(": ", 1)[0], f"{path}:{line}", str(error))
@@ -84,11 +84,11 @@ class ConfigFileTests(SynchronousTestCase):
 
     def test_syntax_error_has_line(self) -> None:
         """A TOML syntax error names the file and the line."""
-        self.assertConfigError('[[export]]\nname = "a"\nmemory = 1G\n', 3, "Expected")
+        self.assert_config_error('[[export]]\nname = "a"\nmemory = 1G\n', 3, "Expected")
 
     def test_unknown_key(self) -> None:
         """An unknown export setting is named, with its line."""
-        self.assertConfigError(
+        self.assert_config_error(
             '[[export]]\nname = "a"\nmemory = "1M"\n[[export]]\nname = "b"\nmemroy = "1G"\n',
             6,
             "'memroy'",
@@ -96,17 +96,19 @@ class ConfigFileTests(SynchronousTestCase):
 
     def test_missing_image(self) -> None:
         """An image that does not exist, without a size, is refused at the image line."""
-        self.assertConfigError('[[export]]\nname = "a"\nimage = "nope.raw"\n', 3, "does not exist")
+        self.assert_config_error(
+            '[[export]]\nname = "a"\nimage = "nope.raw"\n', 3, "does not exist"
+        )
 
     def test_two_backends(self) -> None:
         """An export with both an image and a memory size is refused."""
-        self.assertConfigError(
+        self.assert_config_error(
             '[[export]]\nname = "a"\nimage = "disk.raw"\nmemory = "1M"\n', 3, "exactly one"
         )
 
     def test_duplicate_names(self) -> None:
         """Two exports with one name are refused at the second."""
-        self.assertConfigError(
+        self.assert_config_error(
             '[[export]]\nname = "a"\nmemory = "1M"\n[[export]]\nname = "a"\nmemory = "1M"\n',
             5,
             "two exports",
@@ -114,26 +116,26 @@ class ConfigFileTests(SynchronousTestCase):
 
     def test_bad_default(self) -> None:
         """A default that names no export is refused."""
-        self.assertConfigError('default = "b"\n[[export]]\nname = "a"\nmemory = "1M"\n', 1, "'b'")
+        self.assert_config_error('default = "b"\n[[export]]\nname = "a"\nmemory = "1M"\n', 1, "'b'")
 
     def test_bad_size(self) -> None:
         """A size that is not one is refused with the reason."""
-        self.assertConfigError('[[export]]\nname = "a"\nmemory = "lots"\n', 3, "not a size")
+        self.assert_config_error('[[export]]\nname = "a"\nmemory = "lots"\n', 3, "not a size")
 
     def test_bad_block_sizes(self) -> None:
-        """Block sizes that break the protocol's rules are refused."""
-        self.assertConfigError(
-            '[[export]]\nname = "a"\nmemory = "1M"\nmin-block = 3000\n', 1, "power of two"
+        """Block sizes that break the protocol's rules are refused, at their line."""
+        self.assert_config_error(
+            '[[export]]\nname = "a"\nmemory = "1M"\nmin-block = 3000\n', 4, "power of two"
         )
 
     def test_no_exports(self) -> None:
         """A file without exports is refused."""
-        self.assertConfigError('default = "a"\n', 1, "no exports")
+        self.assert_config_error('default = "a"\n', 1, "no exports")
 
     def test_wrong_types(self) -> None:
         """Settings of the wrong type are refused."""
-        self.assertConfigError('[[export]]\nname = 5\nmemory = "1M"\n', 2, "string")
-        self.assertConfigError(
+        self.assert_config_error('[[export]]\nname = 5\nmemory = "1M"\n', 2, "string")
+        self.assert_config_error(
             '[[export]]\nname = "a"\nmemory = "1M"\nread-only = "yes"\n', 4, "true or false"
         )
 

@@ -59,7 +59,7 @@ def registry(
 
 def new_connection(reg: ExportRegistry | None = None) -> ServerConnection:
     reg = reg or registry()
-    return ServerConnection(reg.lookup, lambda: iter(reg))
+    return ServerConnection(reg)
 
 
 def run(reg: ExportRegistry | None, data: bytes, chunk: int) -> tuple[list[Any], bytes]:
@@ -398,7 +398,7 @@ class TransmissionTests(TranscriptMixin, SynchronousTestCase):
         self.assertIsInstance(events[0], ExportChosen)
         return events[1:], after_go(out)
 
-    def assertRejected(self, event: Any, errno: Errno) -> None:
+    def assert_rejected(self, event: Any, errno: Errno) -> None:
         self.assertIsInstance(event, RequestRejected)
         self.assertEqual(event.errno, errno, event.reason)
 
@@ -442,7 +442,7 @@ class TransmissionTests(TranscriptMixin, SynchronousTestCase):
     def test_unknown_command_T03(self) -> None:
         """T-03: an unknown command gets EINVAL and the stream goes on."""
         events, out = self.requests(b.request(99, 1, 0, 512) + b.read(2, 0, 1))
-        self.assertRejected(events[0], Errno.EINVAL)
+        self.assert_rejected(events[0], Errno.EINVAL)
         self.assertEqual(events[1], ReadRequest(2, 0, 1, 0))
 
     def test_bad_flags_T04(self) -> None:
@@ -456,14 +456,14 @@ class TransmissionTests(TranscriptMixin, SynchronousTestCase):
         ]
         for data in cases:
             events, out = self.requests(data + b.read(2, 0, 1))
-            self.assertRejected(events[0], Errno.EINVAL)
+            self.assert_rejected(events[0], Errno.EINVAL)
             self.assertEqual(events[1], ReadRequest(2, 0, 1, 0))
 
     def test_fast_zero_not_advertised_T04(self) -> None:
         """T-04: FAST_ZERO on an export that does not offer it gets EINVAL."""
         reg = registry(caps=Capabilities(can_fast_zero=False))
         events, _ = self.requests(b.request(Cmd.WRITE_ZEROES, 1, 0, 512, CmdFlags.FAST_ZERO), reg)
-        self.assertRejected(events[0], Errno.EINVAL)
+        self.assert_rejected(events[0], Errno.EINVAL)
 
     def test_rejected_write_payload_drained_T05(self) -> None:
         """T-05: the payload of a rejected WRITE is skipped, not parsed as requests."""
@@ -472,8 +472,8 @@ class TransmissionTests(TranscriptMixin, SynchronousTestCase):
         events, out = self.requests(
             b.write(1, SIZE, payload) + b.write(2, 0, payload, 0x8000) + b.read(3, 0, 1)
         )
-        self.assertRejected(events[0], Errno.ENOSPC)
-        self.assertRejected(events[1], Errno.EINVAL)
+        self.assert_rejected(events[0], Errno.ENOSPC)
+        self.assert_rejected(events[1], Errno.EINVAL)
         self.assertEqual(events[2:], [ReadRequest(3, 0, 1, 0)])
 
     def test_beyond_end_T06(self) -> None:
@@ -489,7 +489,7 @@ class TransmissionTests(TranscriptMixin, SynchronousTestCase):
         ]
         for data, errno in cases:
             events, out = self.requests(data + b.read(2, SIZE - 1, 1))
-            self.assertRejected(events[0], errno)
+            self.assert_rejected(events[0], errno)
             self.assertEqual(events[1], ReadRequest(2, SIZE - 1, 1, 0))
             self.assertEqual(b.parse_simple_replies(out), [(errno, 1)])
 
@@ -503,7 +503,7 @@ class TransmissionTests(TranscriptMixin, SynchronousTestCase):
         reg = registry(caps=Capabilities(min_block=512))
         for data in (b.read(1, 1, 512), b.read(1, 0, 100), b.write(1, 512, b"x" * 10)):
             events, _ = self.requests(data + b.read(2, 0, 512), reg)
-            self.assertRejected(events[0], Errno.EINVAL)
+            self.assert_rejected(events[0], Errno.EINVAL)
             self.assertEqual(events[1], ReadRequest(2, 0, 512, 0))
 
     def test_unaligned_tail_T07(self) -> None:
@@ -523,7 +523,7 @@ class TransmissionTests(TranscriptMixin, SynchronousTestCase):
         )
         events, out = self.requests(data, reg)
         for event in events[:3]:
-            self.assertRejected(event, Errno.EPERM)
+            self.assert_rejected(event, Errno.EPERM)
         self.assertEqual(events[3], ReadRequest(4, 0, 3, 0))
         self.assertEqual([e for e, _ in b.parse_simple_replies(out)], [Errno.EPERM] * 3)
 
@@ -540,8 +540,8 @@ class TransmissionTests(TranscriptMixin, SynchronousTestCase):
         events, out = self.requests(
             b.write(1, 0, b"y" * 5000) + b.read(2, 0, 5000) + b.read(3, 0, 1), reg
         )
-        self.assertRejected(events[0], Errno.EINVAL)
-        self.assertRejected(events[1], Errno.EINVAL)
+        self.assert_rejected(events[0], Errno.EINVAL)
+        self.assert_rejected(events[1], Errno.EINVAL)
         self.assertEqual(events[2], ReadRequest(3, 0, 1, 0))
 
     def test_long_trim_allowed_T11(self) -> None:
@@ -571,7 +571,7 @@ class TransmissionTests(TranscriptMixin, SynchronousTestCase):
             b.read(1, 0, 4, CmdFlags.DF) + b.read(2, SIZE, 1), handshake=handshake
         )
         self.assertEqual(events[0], ReadRequest(1, 0, 4, CmdFlags.DF))
-        self.assertRejected(events[1], Errno.EINVAL)
+        self.assert_rejected(events[1], Errno.EINVAL)
         [(flags, typ, cookie, payload)] = b.parse_chunks(out)
         self.assertEqual((flags, typ, cookie), (w.ReplyFlags.DONE, w.ChunkType.ERROR, 2))
         errno, msglen = struct.unpack(">IH", payload[:6])

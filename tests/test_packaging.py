@@ -46,7 +46,7 @@ _IGNORE = shutil.ignore_patterns(
 
 
 @cache
-def builtWheel() -> tuple[list[str], dict[str, list[str]]]:
+def built_wheel() -> tuple[list[str], dict[str, list[str]]]:
     """
     Build the wheel once per test run and describe it.
 
@@ -89,8 +89,8 @@ def builtWheel() -> tuple[list[str], dict[str, list[str]]]:
             raise AssertionError(f"expected one wheel, found {wheels}")
         with zipfile.ZipFile(wheels[0]) as wheel:
             names = wheel.namelist()
-            (metadataName,) = [n for n in names if n.endswith(".dist-info/METADATA")]
-            message = Parser().parsestr(wheel.read(metadataName).decode("utf-8"))
+            (metadata_name,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+            message = Parser().parsestr(wheel.read(metadata_name).decode("utf-8"))
         return names, {key: message.get_all(key) or [] for key in set(message.keys())}
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -102,31 +102,31 @@ class WheelTests(TestCase):
     """
 
     def setUp(self) -> None:
-        self.names, self.metadata = builtWheel()
+        self.names, self.metadata = built_wheel()
 
-    def test_dropinShipped(self) -> None:
+    def test_dropin_shipped(self) -> None:
         """
         The dropin is in the wheel, at C{twisted/plugins/}.
         """
         self.assertIn("twisted/plugins/twisted_nbd_dropin.py", self.names)
 
-    def test_noPluginPackageInit(self) -> None:
+    def test_no_plugin_package_init(self) -> None:
         """
         The wheel has no C{twisted/plugins/__init__.py} or
         C{twisted/__init__.py}, which would replace Twisted's own.
         """
         self.assertNotIn("twisted/plugins/__init__.py", self.names)
         self.assertNotIn("twisted/__init__.py", self.names)
-        underTwisted = [n for n in self.names if n.startswith("twisted/")]
-        self.assertEqual(underTwisted, ["twisted/plugins/twisted_nbd_dropin.py"])
+        under_twisted = [n for n in self.names if n.startswith("twisted/")]
+        self.assertEqual(under_twisted, ["twisted/plugins/twisted_nbd_dropin.py"])
 
-    def test_noDropinCache(self) -> None:
+    def test_no_dropin_cache(self) -> None:
         """
         No C{dropin.cache} is shipped, even when one lies in the source tree.
         """
         self.assertEqual([n for n in self.names if n.endswith("dropin.cache")], [])
 
-    def test_everyModuleShipped(self) -> None:
+    def test_every_module_shipped(self) -> None:
         """
         Every module of the C{twisted_nbd} source tree is in the wheel, so
         a new subpackage cannot be forgotten in C{setup.py}'s explicit list.
@@ -140,7 +140,7 @@ class WheelTests(TestCase):
         self.assertEqual([n for n in expected if n not in shipped], [])
         self.assertEqual([n for n in shipped if not n.endswith(".py")], [])
 
-    def test_noTests(self) -> None:
+    def test_no_tests(self) -> None:
         """
         The tests are not installed as a top-level C{tests} package.
         """

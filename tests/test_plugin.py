@@ -66,15 +66,15 @@ print(json.dumps({"installed": found, "tapnames": tapnames}))
 """
 
 
-def probe(code: str, cwd: Path = REPO, withRepo: bool = True) -> Any:
+def probe(code: str, cwd: Path = REPO, with_repo: bool = True) -> Any:
     """
     Run C{code} in a child Python and return the JSON it printed.
 
     @param cwd: the directory to run it in.
-    @param withRepo: put the repository first on the child's path.
+    @param with_repo: put the repository first on the child's path.
     """
     env = dict(os.environ)
-    if withRepo:
+    if with_repo:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     else:
         env.pop("PYTHONPATH", None)
@@ -120,7 +120,7 @@ class PluginTests(TestCase):
         self.assertFalse(found["reactor"])
         self.assertEqual(found["loaded"], [])
 
-    def test_foundWhenInstalled(self) -> None:
+    def test_found_when_installed(self) -> None:
         """
         Where twisted-nbd is installed (as C{.ci/test.sh} does, editable),
         twistd finds the plugin from any directory, not only from the
@@ -129,12 +129,12 @@ class PluginTests(TestCase):
         """
         elsewhere = Path(tempfile.mkdtemp(prefix="twisted-nbd-plugin-"))
         self.addCleanup(shutil.rmtree, elsewhere, True)
-        found = probe(_PROBE_INSTALLED, cwd=elsewhere, withRepo=False)
+        found = probe(_PROBE_INSTALLED, cwd=elsewhere, with_repo=False)
         if not found["installed"]:
             raise SkipTest("twisted-nbd is not installed in this Python")
         self.assertIn("nbd", found["tapnames"])
 
-    def test_notAPackage(self) -> None:
+    def test_not_a_package(self) -> None:
         """
         Neither C{twisted/} nor C{twisted/plugins/} in the source tree has an
         C{__init__.py}: with one, Twisted would skip the directory (or a
@@ -143,5 +143,5 @@ class PluginTests(TestCase):
         self.assertTrue(DROPIN.is_file())
         self.assertFalse((REPO / "twisted" / "plugins" / "__init__.py").exists())
         self.assertFalse((REPO / "twisted" / "__init__.py").exists())
-        pythonFiles = sorted(p.name for p in DROPIN.parent.glob("*.py"))
-        self.assertEqual(pythonFiles, [DROPIN.name])
+        python_files = sorted(p.name for p in DROPIN.parent.glob("*.py"))
+        self.assertEqual(python_files, [DROPIN.name])

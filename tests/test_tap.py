@@ -29,11 +29,10 @@ from twisted_nbd.backends.memory import MemoryBlockDevice
 from twisted_nbd.errors import NBDError
 from twisted_nbd.exports import MAX_STRING
 from twisted_nbd.protocol import NBDServerFactory
+from twisted_nbd.service import BlockDeviceService, NBDService
 from twisted_nbd.tap import (
     DEFAULT_LISTEN,
     MAX_SIZE,
-    BlockDeviceService,
-    NBDService,
     Options,
     makeService,
     parse_size,
@@ -131,7 +130,7 @@ def parse(*argv: str) -> Options:
     return options
 
 
-def runTwistd(*argv: str, cwd: str) -> subprocess.CompletedProcess[str]:
+def run_twistd(*argv: str, cwd: str) -> subprocess.CompletedProcess[str]:
     """
     Run twistd from this interpreter with the repository importable, and
     return the finished process with its output as text.
@@ -154,7 +153,7 @@ class ParseSizeTests(TestCase):
     Tests for L{parse_size}.
     """
 
-    def test_goodSizes(self) -> None:
+    def test_good_sizes(self) -> None:
         """
         Plain numbers are bytes; K, M, G, T and P (any case, with or without
         iB) are powers of 1024; surrounding spaces are ignored.
@@ -169,7 +168,7 @@ class ParseSizeTests(TestCase):
         self.assertEqual(parse_size(str(MAX_SIZE)), MAX_SIZE)
         self.assertRaises(ValueError, parse_size, str(MAX_SIZE + 1))
 
-    def test_badSizes(self) -> None:
+    def test_bad_sizes(self) -> None:
         """
         Garbage, fractions, zero, negative numbers, decimal units and sizes
         past L{MAX_SIZE} raise L{ValueError} with a one-line explanation
@@ -219,7 +218,7 @@ class OptionsTests(TestCase):
         self.assertEqual(parse("--memory", "2G")["memory"], 2 << 30)
         self.assertEqual(parse("-m", "16M")["memory"], 16 * MiB)
 
-    def test_imageExisting(self) -> None:
+    def test_image_existing(self) -> None:
         """
         C{--image} accepts an existing file and stores its absolute path.
         """
@@ -229,7 +228,7 @@ class OptionsTests(TestCase):
         self.assertIsNone(options["memory"])
         self.assertEqual(parse("-i", path)["image"], os.path.abspath(path))
 
-    def test_imageSizeMissingFile(self) -> None:
+    def test_image_size_missing_file(self) -> None:
         """
         C{--size} with an image that does not exist yet is accepted; parsing
         does not create the file.
@@ -240,7 +239,7 @@ class OptionsTests(TestCase):
         self.assertFalse(os.path.exists(path))
         self.assertEqual(parse("-i", path, "-s", "1M")["size"], MiB)
 
-    def test_imageSizeMatching(self) -> None:
+    def test_image_size_matching(self) -> None:
         """
         C{--size} with an existing image of that very size is accepted, so
         the same command line works again after the first run.
@@ -248,7 +247,7 @@ class OptionsTests(TestCase):
         path = self.image(4 * MiB)
         self.assertEqual(parse("--image", path, "--size", "4M")["size"], 4 * MiB)
 
-    def test_nameAndDescription(self) -> None:
+    def test_name_and_description(self) -> None:
         """
         C{--name} and C{--description} are kept as given.
         """
@@ -256,14 +255,14 @@ class OptionsTests(TestCase):
         self.assertEqual(options["name"], "disk")
         self.assertEqual(options["description"], "a test disk")
 
-    def test_readOnly(self) -> None:
+    def test_read_only(self) -> None:
         """
         C{--read-only} and C{-r} set the flag.
         """
         self.assertTrue(parse("--memory", "1M", "--read-only")["read-only"])
         self.assertTrue(parse("--memory", "1M", "-r")["read-only"])
 
-    def test_readOnlyImage(self) -> None:
+    def test_read_only_image(self) -> None:
         """
         With C{--read-only}, an image that can only be read is accepted.
         """
@@ -271,7 +270,7 @@ class OptionsTests(TestCase):
         os.chmod(path, 0o444)
         self.assertTrue(parse("--image", path, "--read-only")["read-only"])
 
-    def test_listenRepeated(self) -> None:
+    def test_listen_repeated(self) -> None:
         """
         C{--listen} (or C{-l}) may be repeated; the endpoints are kept in
         order and replace the default.
@@ -300,7 +299,7 @@ class OptionsTests(TestCase):
         self.assertEqual(options["max-queue-depth"], 8)
         self.assertEqual(options["max-bytes-in-flight"], MiB)
 
-    def test_sizesEverywhere(self) -> None:
+    def test_sizes_everywhere(self) -> None:
         """
         Every size option understands the same forms as L{parse_size}.
         """
@@ -311,7 +310,7 @@ class OptionsTests(TestCase):
             options = parse("--memory", "1M", "--max-bytes-in-flight", text)
             self.assertEqual(options["max-bytes-in-flight"], expected, text)
 
-    def test_helpMentionsEveryOption(self) -> None:
+    def test_help_mentions_every_option(self) -> None:
         """
         The usage text documents every option and gives examples.
         """
@@ -329,7 +328,7 @@ class BadUsageTests(TestCase):
     parsing, so twistd reports it without a traceback.
     """
 
-    def assertUsageError(self, argv: list[str], *fragments: str) -> str:
+    def assert_usage_error(self, argv: list[str], *fragments: str) -> str:
         """
         Parsing C{argv} raises L{UsageError} whose message is one line and
         contains every fragment.
@@ -344,80 +343,80 @@ class BadUsageTests(TestCase):
             self.assertIn(fragment, message, repr(argv))
         return message
 
-    def test_nothingToServe(self) -> None:
+    def test_nothing_to_serve(self) -> None:
         """
         Neither C{--image} nor C{--memory} is an error that names both.
         """
-        self.assertUsageError([], "--image", "--memory")
-        self.assertUsageError(["--name", "x"], "--image", "--memory")
+        self.assert_usage_error([], "--image", "--memory")
+        self.assert_usage_error(["--name", "x"], "--image", "--memory")
 
-    def test_imageAndMemory(self) -> None:
+    def test_image_and_memory(self) -> None:
         """
         C{--image} and C{--memory} together are refused.
         """
-        self.assertUsageError(["--image", self.mktemp(), "--memory", "1M"], "together")
+        self.assert_usage_error(["--image", self.mktemp(), "--memory", "1M"], "together")
 
-    def test_sizeWithMemory(self) -> None:
+    def test_size_with_memory(self) -> None:
         """
         C{--size} belongs to C{--image} only.
         """
-        self.assertUsageError(["--memory", "1M", "--size", "1M"], "--size")
+        self.assert_usage_error(["--memory", "1M", "--size", "1M"], "--size")
 
-    def test_badSizes(self) -> None:
+    def test_bad_sizes(self) -> None:
         """
         A bad size for any size option names the option and the reason.
         """
         for text, reason in BAD_SIZES:
-            self.assertUsageError(["--memory", text], "--memory", reason)
-            self.assertUsageError(["--image", self.mktemp(), "--size", text], "--size", reason)
-            self.assertUsageError(
+            self.assert_usage_error(["--memory", text], "--memory", reason)
+            self.assert_usage_error(["--image", self.mktemp(), "--size", text], "--size", reason)
+            self.assert_usage_error(
                 ["--memory", "1M", "--max-bytes-in-flight", text], "--max-bytes-in-flight", reason
             )
 
-    def test_badQueueDepth(self) -> None:
+    def test_bad_queue_depth(self) -> None:
         """
         C{--max-queue-depth} must be a whole number of at least 1.
         """
         for text in ["0", "-1"]:
-            self.assertUsageError(["--memory", "1M", "--max-queue-depth", text], "at least 1")
+            self.assert_usage_error(["--memory", "1M", "--max-queue-depth", text], "at least 1")
         for text in ["", "x", "1.5", "4K"]:
-            self.assertUsageError(
+            self.assert_usage_error(
                 ["--memory", "1M", "--max-queue-depth", text], "not a whole number"
             )
 
-    def test_imageMissing(self) -> None:
+    def test_image_missing(self) -> None:
         """
         An image that does not exist, without C{--size}, is an error that
         suggests C{--size}.
         """
         path = os.path.abspath(self.mktemp())
-        self.assertUsageError(["--image", path], path, "does not exist", "--size")
+        self.assert_usage_error(["--image", path], path, "does not exist", "--size")
 
-    def test_imageEmptyPath(self) -> None:
+    def test_image_empty_path(self) -> None:
         """
         An empty C{--image} is refused.
         """
-        self.assertUsageError(["--image", ""], "--image")
+        self.assert_usage_error(["--image", ""], "--image")
 
-    def test_imageDirectory(self) -> None:
+    def test_image_directory(self) -> None:
         """
         A directory is not an image, with or without C{--read-only}.
         """
         path = self.mktemp()
         os.mkdir(path)
-        self.assertUsageError(["--image", path], "is a directory")
-        self.assertUsageError(["--image", path, "--read-only"], "is a directory")
+        self.assert_usage_error(["--image", path], "is a directory")
+        self.assert_usage_error(["--image", path, "--read-only"], "is a directory")
 
-    def test_imageNotAFile(self) -> None:
+    def test_image_not_a_file(self) -> None:
         """
         A FIFO is neither a regular file nor a block device (and opening it
         would block).
         """
         path = self.mktemp()
         os.mkfifo(path)
-        self.assertUsageError(["--image", path], "neither a regular file nor a block device")
+        self.assert_usage_error(["--image", path], "neither a regular file nor a block device")
 
-    def test_imageUnreadable(self) -> None:
+    def test_image_unreadable(self) -> None:
         """
         An image whose permissions forbid reading is refused, naming the
         reason.
@@ -426,7 +425,7 @@ class BadUsageTests(TestCase):
             path = self.mktemp()
             Path(path).write_bytes(b"\0" * 512)
             os.chmod(path, 0)
-            self.assertUsageError(["--image", path, "--read-only"], "cannot be read")
+            self.assert_usage_error(["--image", path, "--read-only"], "cannot be read")
             return
         # Root reads anything because it has CAP_DAC_OVERRIDE (and
         # CAP_DAC_READ_SEARCH): check in a child process that has them dropped
@@ -471,7 +470,7 @@ class BadUsageTests(TestCase):
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertIn("cannot be read", result.stdout)
 
-    def test_imageOpenFails(self) -> None:
+    def test_image_open_fails(self) -> None:
         """
         An image the system refuses to open is refused: for reading, and for
         writing with a hint about C{--read-only}. (The refusal is simulated so
@@ -479,46 +478,46 @@ class BadUsageTests(TestCase):
         """
         path = self.mktemp()
         Path(path).write_bytes(b"\0" * 512)
-        realOpen = os.open
+        real_open = os.open
 
-        def refusingOpen(name: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        def refusing_open(name: Any, flags: int, *args: Any, **kwargs: Any) -> int:
             if name == os.path.abspath(path):
                 raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), name)
-            return realOpen(name, flags, *args, **kwargs)
+            return real_open(name, flags, *args, **kwargs)
 
-        self.patch(os, "open", refusingOpen)
-        self.assertUsageError(["--image", path], "cannot be opened for writing", "--read-only")
-        self.assertUsageError(["--image", path, "--read-only"], "cannot be read")
+        self.patch(os, "open", refusing_open)
+        self.assert_usage_error(["--image", path], "cannot be opened for writing", "--read-only")
+        self.assert_usage_error(["--image", path, "--read-only"], "cannot be read")
 
-    def test_imageSizeMismatch(self) -> None:
+    def test_image_size_mismatch(self) -> None:
         """
         An existing image whose size differs from C{--size} is refused
         rather than silently resized or served at the wrong size.
         """
         path = self.mktemp()
         Path(path).write_bytes(b"\0" * 512)
-        self.assertUsageError(["--image", path, "--size", "1M"], "already exists", "512")
+        self.assert_usage_error(["--image", path, "--size", "1M"], "already exists", "512")
 
-    def test_imageParentMissing(self) -> None:
+    def test_image_parent_missing(self) -> None:
         """
         With C{--size}, an image whose directory does not exist cannot be
         created.
         """
         path = os.path.join(self.mktemp(), "disk.img")
-        self.assertUsageError(["--image", path, "--size", "1M"], "cannot be created")
+        self.assert_usage_error(["--image", path, "--size", "1M"], "cannot be created")
 
-    def test_nameChecks(self) -> None:
+    def test_name_checks(self) -> None:
         """
         Names and descriptions longer than the protocol allows, or holding a
         NUL, are refused.
         """
-        tooLong = "x" * (MAX_STRING + 1)
-        self.assertUsageError(["--memory", "1M", "--name", tooLong], "--name", str(MAX_STRING))
-        self.assertUsageError(["--memory", "1M", "--description", tooLong], "--description")
-        self.assertUsageError(["--memory", "1M", "--name", "a\0b"], "NUL")
+        too_long = "x" * (MAX_STRING + 1)
+        self.assert_usage_error(["--memory", "1M", "--name", too_long], "--name", str(MAX_STRING))
+        self.assert_usage_error(["--memory", "1M", "--description", too_long], "--description")
+        self.assert_usage_error(["--memory", "1M", "--name", "a\0b"], "NUL")
         parse("--memory", "1M", "--name", "x" * MAX_STRING)
 
-    def test_badEndpoints(self) -> None:
+    def test_bad_endpoints(self) -> None:
         """
         A C{--listen} that is not a server endpoint is refused, quoting it.
         """
@@ -530,17 +529,19 @@ class BadUsageTests(TestCase):
             "systemd:domain=INET:index=0",
             "",
         ]:
-            self.assertUsageError(
+            self.assert_usage_error(
                 ["--memory", "1M", "--listen", description], "--listen", repr(description)
             )
 
-    def test_duplicateEndpoint(self) -> None:
+    def test_duplicate_endpoint(self) -> None:
         """
         The same endpoint twice is refused (the second could never listen).
         """
-        self.assertUsageError(["--memory", "1M", "--listen", "tcp:1", "--listen", "tcp:1"], "twice")
+        self.assert_usage_error(
+            ["--memory", "1M", "--listen", "tcp:1", "--listen", "tcp:1"], "twice"
+        )
 
-    def test_unknownOption(self) -> None:
+    def test_unknown_option(self) -> None:
         """
         Unknown options are usage errors too.
         """
@@ -578,7 +579,7 @@ class MakeServiceTests(TestCase):
         """The listening services among C{service}'s children."""
         return [s for s in service if isinstance(s, StreamServerEndpointService)]
 
-    def test_memoryTree(self) -> None:
+    def test_memory_tree(self) -> None:
         """
         The service is a L{MultiService}: first the device service, named
         C{"device"}, then one listener per C{--listen}, all sharing one
@@ -652,7 +653,7 @@ class MakeServiceTests(TestCase):
         self.assertEqual([(s[0], s[3]) for s in reactor.tcpServers], [(1234, "127.0.0.1")])
         self.assertEqual([s[0] for s in reactor.unixServers], ["x.sock"])
 
-    def test_imageCreated(self) -> Deferred[Any]:
+    def test_image_created(self) -> Deferred[Any]:
         """
         With C{--size}, the missing image is created as a sparse file of
         that size and served through a L{FileBlockDevice} and a thread pool
@@ -666,12 +667,12 @@ class MakeServiceTests(TestCase):
         self.assertEqual(os.stat(path).st_size, 1 << 30)
         self.assertLess(os.stat(path).st_blocks * 512, 1 << 30)
 
-        deviceService = service.getServiceNamed("device")
-        assert isinstance(deviceService, BlockDeviceService)
-        device = deviceService.devices[0]
+        device_service = service.getServiceNamed("device")
+        assert isinstance(device_service, BlockDeviceService)
+        device = device_service.devices[0]
         self.assertIsInstance(device, FileBlockDevice)
         self.assertEqual(device.size, 1 << 30)
-        pool = deviceService.pool
+        pool = device_service.pool
         assert pool is not None
         self.assertEqual(pool.name, "nbd-io")
         self.assertFalse(pool.started)
@@ -684,7 +685,7 @@ class MakeServiceTests(TestCase):
         read: Deferred[Any] = device.read(0, 1)
         return self.assertFailure(read, NBDError)
 
-    def test_imageReadOnly(self) -> None:
+    def test_image_read_only(self) -> None:
         """
         C{--read-only} opens the image read-only.
         """
@@ -692,21 +693,21 @@ class MakeServiceTests(TestCase):
         Path(path).write_bytes(b"\0" * 4096)
         os.chmod(path, 0o444)
         service, _ = self.build("--image", path, "--read-only")
-        deviceService = service.getServiceNamed("device")
-        assert isinstance(deviceService, BlockDeviceService)
-        self.addCleanup(deviceService.devices[0].close)
-        self.assertFalse(deviceService.devices[0].capabilities.can_write)
+        device_service = service.getServiceNamed("device")
+        assert isinstance(device_service, BlockDeviceService)
+        self.addCleanup(device_service.devices[0].close)
+        self.assertFalse(device_service.devices[0].capabilities.can_write)
 
-    def test_memoryHasNoPool(self) -> None:
+    def test_memory_has_no_pool(self) -> None:
         """
         A memory device needs no thread pool.
         """
         service, _ = self.build("--memory", "1M")
-        deviceService = service.getServiceNamed("device")
-        assert isinstance(deviceService, BlockDeviceService)
-        self.assertIsNone(deviceService.pool)
+        device_service = service.getServiceNamed("device")
+        assert isinstance(device_service, BlockDeviceService)
+        self.assertIsNone(device_service.pool)
 
-    def test_stopClosesDevice(self) -> None:
+    def test_stop_closes_device(self) -> None:
         """
         Stopping the service closes the device.
         """
@@ -717,7 +718,7 @@ class MakeServiceTests(TestCase):
         self.assertTrue(device.closed)
         self.assertFalse(service.running)
 
-    def test_poolStopsAfterClose(self) -> None:
+    def test_pool_stops_after_close(self) -> None:
         """
         The pool keeps running until the device has closed, since closing
         waits for requests that run in the pool.
@@ -737,7 +738,7 @@ class MakeServiceTests(TestCase):
         self.successResultOf(stopped)
         self.assertFalse(pool.started)
 
-    def test_noReactorImport(self) -> None:
+    def test_no_reactor_import(self) -> None:
         """
         Importing L{twisted_nbd.tap} does not import (and so install) the
         global reactor; twistd installs the one the user chose later.
@@ -761,7 +762,9 @@ class TwistdTests(TestCase):
     C{twistd nbd} run for real, in a child process.
     """
 
-    def assertOneLineError(self, result: subprocess.CompletedProcess[str], fragment: str) -> None:
+    def assert_one_line_error(
+        self, result: subprocess.CompletedProcess[str], fragment: str
+    ) -> None:
         """
         twistd failed, said why in exactly one line (its last), and printed
         no traceback.
@@ -773,53 +776,53 @@ class TwistdTests(TestCase):
         self.assertEqual(len(lines), 1, output)
         self.assertEqual(output.strip().splitlines()[-1], lines[0])
 
-    def test_nonexistentImage(self) -> None:
+    def test_nonexistent_image(self) -> None:
         """
         C{twistd -n nbd --image /nonexistent} exits non-zero with one line
         saying the image does not exist.
         """
-        result = runTwistd("-n", "nbd", "--image", "/nonexistent", cwd=self.mktempDir())
-        self.assertOneLineError(result, "/nonexistent does not exist")
+        result = run_twistd("-n", "nbd", "--image", "/nonexistent", cwd=self.mktemp_dir())
+        self.assert_one_line_error(result, "/nonexistent does not exist")
 
-    def test_badSize(self) -> None:
+    def test_bad_size(self) -> None:
         """
         A bad size is reported the same way.
         """
-        result = runTwistd("-n", "nbd", "--memory", "lots", cwd=self.mktempDir())
-        self.assertOneLineError(result, "'lots' is not a size")
+        result = run_twistd("-n", "nbd", "--memory", "lots", cwd=self.mktemp_dir())
+        self.assert_one_line_error(result, "'lots' is not a size")
 
-    def test_badEndpoint(self) -> None:
+    def test_bad_endpoint(self) -> None:
         """
         A bad endpoint is reported the same way.
         """
-        result = runTwistd(
-            "-n", "nbd", "--memory", "1M", "--listen", "tcp:nope", cwd=self.mktempDir()
+        result = run_twistd(
+            "-n", "nbd", "--memory", "1M", "--listen", "tcp:nope", cwd=self.mktemp_dir()
         )
-        self.assertOneLineError(result, "'tcp:nope' is not a server endpoint")
+        self.assert_one_line_error(result, "'tcp:nope' is not a server endpoint")
 
     def test_help(self) -> None:
         """
         C{twistd nbd --help} succeeds and documents every option.
         """
-        result = runTwistd("nbd", "--help", cwd=self.mktempDir())
+        result = run_twistd("nbd", "--help", cwd=self.mktemp_dir())
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
         for option in ALL_OPTIONS:
             self.assertIn(option, result.stdout)
         self.assertIn("Examples:", result.stdout)
 
-    def test_badConfig(self) -> None:
+    def test_bad_config(self) -> None:
         """
         A config file with a mistake is reported in one line naming the
         file and the line.
         """
-        cwd = self.mktempDir()
+        cwd = self.mktemp_dir()
         path = os.path.join(cwd, "exports.toml")
         with open(path, "w") as f:
             f.write('[[export]]\nname = "a"\nimage = "missing.raw"\n')
-        result = runTwistd("-n", "nbd", "--config", path, cwd=cwd)
-        self.assertOneLineError(result, f"{path}:3: export 'a': ")
+        result = run_twistd("-n", "nbd", "--config", path, cwd=cwd)
+        self.assert_one_line_error(result, f"{path}:3: export 'a': ")
 
-    def mktempDir(self) -> str:
+    def mktemp_dir(self) -> str:
         """Make and return a new empty directory to run twistd in."""
         path: str = self.mktemp()
         os.mkdir(path)
@@ -832,7 +835,7 @@ class ConfigOptionTests(TestCase):
     options.
     """
 
-    def writeConfig(self, text: str) -> str:
+    def write_config(self, text: str) -> str:
         directory = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, directory)
         path = os.path.join(directory, "exports.toml")
@@ -840,12 +843,12 @@ class ConfigOptionTests(TestCase):
             f.write(text)
         return path
 
-    def test_configExports(self) -> None:
+    def test_config_exports(self) -> None:
         """
         Every export of the file is served by one factory, the default one
         for the empty name.
         """
-        path = self.writeConfig(
+        path = self.write_config(
             'default = "b"\n'
             '[[export]]\nname = "a"\nmemory = "1M"\ndescription = "first"\n'
             '[[export]]\nname = "b"\nimage = "b.raw"\nsize = "2M"\nread-only = false\n'
@@ -853,9 +856,9 @@ class ConfigOptionTests(TestCase):
         options = parse("--config", path, "--listen", "tcp:0:interface=127.0.0.1")
         self.assertEqual([spec.name for spec in options.config.exports], ["a", "b"])
         service = makeService(options, MemoryReactorClock())
-        deviceService = service.getServiceNamed("device")
-        assert isinstance(deviceService, BlockDeviceService)
-        for device in deviceService.devices:
+        device_service = service.getServiceNamed("device")
+        assert isinstance(device_service, BlockDeviceService)
+        for device in device_service.devices:
             self.addCleanup(device.close)
         listener = list(service)[1]
         assert isinstance(listener, StreamServerEndpointService)
@@ -868,26 +871,26 @@ class ConfigOptionTests(TestCase):
         self.assertEqual((default.name, default.size), ("b", 2 * MiB))
         self.assertTrue(os.path.exists(os.path.join(os.path.dirname(path), "b.raw")))
 
-    def test_configExcludesSingleExportOptions(self) -> None:
+    def test_config_excludes_single_export_options(self) -> None:
         """
         --config cannot be combined with options describing one export.
         """
-        path = self.writeConfig('[[export]]\nname = "a"\nmemory = "1M"\n')
+        path = self.write_config('[[export]]\nname = "a"\nmemory = "1M"\n')
         for extra in (["--memory", "1M"], ["--read-only"], ["--name", "x"], ["--min-block", "512"]):
             with self.assertRaises(UsageError) as caught:
                 parse("--config", path, *extra)
             self.assertIn(extra[0], str(caught.exception))
 
-    def test_badConfigFile(self) -> None:
+    def test_bad_config_file(self) -> None:
         """
         A config mistake becomes a one-line usage error naming file and line.
         """
-        path = self.writeConfig('[[export]]\nname = "a"\nmemory = "lots"\n')
+        path = self.write_config('[[export]]\nname = "a"\nmemory = "lots"\n')
         with self.assertRaises(UsageError) as caught:
             parse("--config", path)
         self.assertIn(f"{path}:3:", str(caught.exception))
 
-    def test_blockSizes(self) -> None:
+    def test_block_sizes(self) -> None:
         """
         --min-block, --preferred-block and --max-block reach the export.
         """
@@ -905,7 +908,7 @@ class ConfigOptionTests(TestCase):
         caps = export.capabilities
         self.assertEqual((caps.min_block, caps.preferred_block, caps.max_block), (512, 8192, MiB))
 
-    def test_badBlockSizes(self) -> None:
+    def test_bad_block_sizes(self) -> None:
         """
         Block sizes that break the protocol's rules are usage errors.
         """
@@ -921,7 +924,7 @@ class ShutdownOrderTests(TestCase):
     only then closes the devices (C-07).
     """
 
-    def test_devicesCloseAfterConnections(self) -> None:
+    def test_devices_close_after_connections(self) -> None:
         """
         The device service stops only once every connection is gone.
         """
@@ -941,7 +944,7 @@ class ShutdownOrderTests(TestCase):
         self.successResultOf(stopped)
         self.assertFalse(service.getServiceNamed("device").running)
 
-    def test_shutdownTimeoutOption(self) -> None:
+    def test_shutdown_timeout_option(self) -> None:
         """
         --shutdown-timeout takes seconds; nonsense is a usage error.
         """

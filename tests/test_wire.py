@@ -95,4 +95,4 @@ class RoundTripTests(SynchronousTestCase):
     def test_option_header(self, option: int, length: int) -> None:
         """Option headers decode to magic, option and length."""
         raw = w.OPTION_HEADER.pack(w.IHAVEOPT, option, length)
-        self.assertEqual(w.decode_option_header(raw), (w.IHAVEOPT, w.OptionHeader(option, length)))
+        self.assertEqual(w.decode_option_header(raw), w.OptionHeader(option, length))

@@ -42,9 +42,9 @@ def threads(
     before the application has installed the one it wants.
     """
     if reactor is None:
-        from twisted.internet import reactor as globalReactor
+        from twisted.internet import reactor as global_reactor
 
-        reactor = cast(IReactorFromThreads, globalReactor)
+        reactor = cast(IReactorFromThreads, global_reactor)
     if threadpool is None:
         threadpool = IReactorThreads(reactor).getThreadPool()
     return reactor, threadpool

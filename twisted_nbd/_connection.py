@@ -10,209 +10,117 @@ caller (L{twisted_nbd.protocol}) does the I/O, calls the backend, and logs
 the reasons carried by L{RequestRejected} and L{OptionRejected}.
 
 The connection owns everything the protocol specification says: the phase,
-the negotiated features, the validation of every request against the export
-(T-rules), and the draining of payloads that must be skipped (T-05).
+the negotiated features (one L{Negotiated} record), the validation of every
+request against the export (L{check_request}, which the client shares), and
+the draining of payloads that must be skipped (T-05).
+
+Options are dispatched from a table (L{ServerConnection._OPTIONS}); every
+policy decision that can refuse an option (the server is shutting down, and
+later TLS requirements) is made in one place, L{ServerConnection._gate},
+before the option's handler runs. Settings come in a
+L{ServerConfiguration}, as h2 takes an C{H2Configuration}.
+
 Rule ids (H-, T-, C-) refer to the protocol digest the tests cite.
 """
 
 from __future__ import annotations
 
-import enum
-from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence, Union
+from dataclasses import dataclass
+from dataclasses import replace as _replace
+from typing import Callable, ClassVar, Iterator, Protocol, Sequence, Union
 
 from twisted_nbd import _wire as w
-from twisted_nbd._buffer import NEED_DATA, ReceiveBuffer, _NeedData
+from twisted_nbd._buffer import _NeedData
+from twisted_nbd._kernel import (
+    NEED_DATA,
+    Negotiated,
+    Phase,
+    SansIOConnection,
+    TransmissionRules,
+    check_request,
+)
 from twisted_nbd._wire import Cmd, CmdFlags, Errno, Opt, Rep, TxFlags
 from twisted_nbd.errors import ProtocolViolation
-from twisted_nbd.exports import MAX_STRING, Export
+from twisted_nbd.events import (
+    Aborted,
+    BlockStatusRequest,
+    CacheRequest,
+    DisconnectRequest,
+    Event,
+    ExportChosen,
+    FlushRequest,
+    OptionRejected,
+    ReadRequest,
+    Request,
+    RequestRejected,
+    TrimRequest,
+    WriteRequest,
+    WriteZeroesRequest,
+)
+from twisted_nbd.exports import Export
 from twisted_nbd.extents import plan_sparse_read
 from twisted_nbd.interfaces import Capabilities, Extent
 
 __all__ = [
+    "BASE_ALLOCATION_ID",
     "NEED_DATA",
     "Aborted",
     "BlockStatusRequest",
     "CacheRequest",
     "DisconnectRequest",
     "Event",
+    "ExportCatalog",
     "ExportChosen",
     "FlushRequest",
     "OptionRejected",
+    "Phase",
     "ReadRequest",
     "Request",
     "RequestRejected",
+    "ServerConfiguration",
     "ServerConnection",
     "TrimRequest",
     "WriteRequest",
     "WriteZeroesRequest",
     "plan_sparse_read",
+    "transmission_flags",
 ]
 
-#: The largest option payload we read into memory; larger ones are drained
-#: and refused (H-06). Names and queries are at most 4096 bytes each.
-MAX_OPTION_DATA = 64 * 1024
-#: The meta context this server knows.
-BASE_ALLOCATION = "base:allocation"
-#: Its id in SET_META_CONTEXT replies and BLOCK_STATUS chunks.
+#: The id of C{base:allocation} in SET_META_CONTEXT replies and BLOCK_STATUS chunks.
 BASE_ALLOCATION_ID = 1
-#: The longest extent length a 32-bit descriptor can carry while staying a
-#: multiple of every legal minimum block size (up to 64 KiB).
-MAX_EXTENT_32 = 0x1_0000_0000 - 0x1_0000
-#: At most this many descriptors in one BLOCK_STATUS chunk (T-17).
-MAX_EXTENTS = 1 << 20
 
 
+class ExportCatalog(Protocol):
+    """What a connection needs to know of the exports (an L{ExportRegistry} is one)."""
+
+    def lookup(self, name: str) -> Export | None:
+        """The export a client means by C{name} (the empty name is the default), or C{None}."""
+
+    def __iter__(self) -> Iterator[Export]:
+        """Every export, for NBD_OPT_LIST."""
 
 
-class Phase(enum.Enum):
-    """Where the connection is."""
+@dataclass(frozen=True)
+class ServerConfiguration:
+    """
+    How a server connection behaves; one is shared by every connection.
 
-    CLIENT_FLAGS = "client flags"
-    OPTIONS = "option haggling"
-    TRANSMISSION = "transmission"
-    CLOSED = "closed"
+    @ivar handshake_flags: what the greeting offers (fixed newstyle and no
+        zeroes).
+    @ivar max_option_data: option payloads longer than this are drained
+        unread and refused with ERR_TOO_BIG (H-06).
+    @ivar structured_replies: offer structured replies (NBD_OPT_STRUCTURED_REPLY).
+    @ivar extended_headers: offer extended headers (NBD_OPT_EXTENDED_HEADERS).
+    """
 
-
-# ---------------------------------------------------------------- events
-
-
-@dataclass(frozen=True, slots=True)
-class ExportChosen:
-    """The handshake is over: transmission on C{export} starts."""
-
-    export: Export
-
-
-@dataclass(frozen=True, slots=True)
-class Aborted:
-    """The client sent NBD_OPT_ABORT; its ACK is queued. Close after sending it."""
-
-
-@dataclass(frozen=True, slots=True)
-class OptionRejected:
-    """An option got an error reply (already queued); C{reason} says why."""
-
-    option: int
-    reply: Rep
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class RequestRejected:
-    """A request got an error reply (already queued); C{reason} says why."""
-
-    cookie: int
-    command: int
-    errno: Errno
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class DisconnectRequest:
-    """NBD_CMD_DISC: finish what is in flight, then close (C-06)."""
-
-
-@dataclass(frozen=True, slots=True)
-class ReadRequest:
-    """NBD_CMD_READ of C{length} bytes at C{offset}."""
-
-    cookie: int
-    offset: int
-    length: int
-    flags: int
-
-
-@dataclass(frozen=True, slots=True)
-class WriteRequest:
-    """NBD_CMD_WRITE of C{data} at C{offset}."""
-
-    cookie: int
-    offset: int
-    data: bytes = field(repr=False)
-    fua: bool
-
-    @property
-    def length(self) -> int:
-        return len(self.data)
-
-
-@dataclass(frozen=True, slots=True)
-class FlushRequest:
-    """NBD_CMD_FLUSH."""
-
-    cookie: int
-
-
-@dataclass(frozen=True, slots=True)
-class TrimRequest:
-    """NBD_CMD_TRIM."""
-
-    cookie: int
-    offset: int
-    length: int
-    fua: bool
-
-
-@dataclass(frozen=True, slots=True)
-class WriteZeroesRequest:
-    """NBD_CMD_WRITE_ZEROES."""
-
-    cookie: int
-    offset: int
-    length: int
-    fua: bool
-    may_trim: bool
-    fast: bool
-
-
-@dataclass(frozen=True, slots=True)
-class CacheRequest:
-    """NBD_CMD_CACHE."""
-
-    cookie: int
-    offset: int
-    length: int
-
-
-@dataclass(frozen=True, slots=True)
-class BlockStatusRequest:
-    """NBD_CMD_BLOCK_STATUS for the selected C{base:allocation} context."""
-
-    cookie: int
-    offset: int
-    length: int
-    req_one: bool
-
-
-Request = Union[
-    ReadRequest,
-    WriteRequest,
-    FlushRequest,
-    TrimRequest,
-    WriteZeroesRequest,
-    CacheRequest,
-    BlockStatusRequest,
-]
-
-Event = Union[
-    ExportChosen,
-    Aborted,
-    OptionRejected,
-    RequestRejected,
-    DisconnectRequest,
-    ReadRequest,
-    WriteRequest,
-    FlushRequest,
-    TrimRequest,
-    WriteZeroesRequest,
-    CacheRequest,
-    BlockStatusRequest,
-]
+    handshake_flags: int = int(w.HandshakeFlags.FIXED_NEWSTYLE | w.HandshakeFlags.NO_ZEROES)
+    max_option_data: int = w.MAX_OPTION_DATA
+    structured_replies: bool = True
+    extended_headers: bool = True
 
 
 class _OptionError(Exception):
-    """Raised inside option parsing: reply C{reply} with C{reason}."""
+    """Raised inside option handling: reply C{reply} with C{reason}."""
 
     def __init__(self, reply: Rep, reason: str) -> None:
         super().__init__(reply, reason)
@@ -220,103 +128,80 @@ class _OptionError(Exception):
         self.reason = reason
 
 
-class _Reader:
-    """Bounds-checked reading of an option's data (H-11: never past its end)."""
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.pos = 0
-
-    def u16(self) -> int:
-        return int.from_bytes(self.bytes(2), "big")
-
-    def u32(self) -> int:
-        return int.from_bytes(self.bytes(4), "big")
-
-    def bytes(self, count: int) -> bytes:
-        if count > len(self.data) - self.pos:
-            raise _OptionError(Rep.ERR_INVALID, "option data is shorter than its lengths say")
-        chunk = self.data[self.pos : self.pos + count]
-        self.pos += count
-        return chunk
-
-    def string(self, count: int) -> str:
-        if count > MAX_STRING:
-            raise _OptionError(Rep.ERR_INVALID, f"string of {count} bytes exceeds {MAX_STRING}")
-        try:
-            return self.bytes(count).decode("utf-8")
-        except UnicodeDecodeError:
-            raise _OptionError(Rep.ERR_INVALID, "string is not valid UTF-8") from None
-
-    def end(self) -> None:
-        if self.pos != len(self.data):
-            raise _OptionError(Rep.ERR_INVALID, "option data is longer than its lengths say")
+def transmission_flags(caps: Capabilities, structured_replies: bool) -> int:
+    """The transmission flags that advertise C{caps} (an export's, read-only applied)."""
+    flags = TxFlags.HAS_FLAGS
+    if not caps.can_write:
+        flags |= TxFlags.READ_ONLY
+    if caps.can_flush:
+        flags |= TxFlags.SEND_FLUSH
+    if caps.can_fua and caps.can_write:
+        flags |= TxFlags.SEND_FUA
+    if caps.rotational:
+        flags |= TxFlags.ROTATIONAL
+    if caps.can_trim and caps.can_write:
+        flags |= TxFlags.SEND_TRIM
+    if caps.can_zero and caps.can_write:
+        flags |= TxFlags.SEND_WRITE_ZEROES
+        if caps.can_fast_zero:
+            flags |= TxFlags.SEND_FAST_ZERO
+    if structured_replies:
+        # H-20: DF only once structured replies are on; every READ reply is one chunk.
+        flags |= TxFlags.SEND_DF
+    if caps.can_multi_conn:
+        flags |= TxFlags.CAN_MULTI_CONN
+    if caps.can_cache:
+        flags |= TxFlags.SEND_CACHE
+    return int(flags)
 
 
-_WRITING = frozenset({int(Cmd.WRITE), int(Cmd.TRIM), int(Cmd.WRITE_ZEROES)})
-# Plain-int copies of the constants the per-request path uses.
-_READ, _WRITE, _DISC, _FLUSH = int(Cmd.READ), int(Cmd.WRITE), int(Cmd.DISC), int(Cmd.FLUSH)
-_TRIM, _CACHE, _WRITE_ZEROES = int(Cmd.TRIM), int(Cmd.CACHE), int(Cmd.WRITE_ZEROES)
-_BLOCK_STATUS = int(Cmd.BLOCK_STATUS)
-_FUA, _NO_HOLE, _DF = int(CmdFlags.FUA), int(CmdFlags.NO_HOLE), int(CmdFlags.DF)
+_WRITE = int(Cmd.WRITE)
+_DISC = int(Cmd.DISC)
+_READ = int(Cmd.READ)
+_FLUSH = int(Cmd.FLUSH)
+_TRIM = int(Cmd.TRIM)
+_CACHE = int(Cmd.CACHE)
+_WRITE_ZEROES = int(Cmd.WRITE_ZEROES)
+_FUA, _NO_HOLE = int(CmdFlags.FUA), int(CmdFlags.NO_HOLE)
 _REQ_ONE, _FAST_ZERO = int(CmdFlags.REQ_ONE), int(CmdFlags.FAST_ZERO)
 _PAYLOAD_LEN = int(CmdFlags.PAYLOAD_LEN)
-_READ_ONLY = int(TxFlags.READ_ONLY)
-_KNOWN_OPTIONS = frozenset(int(o) for o in Opt)
+_DONE = int(w.ReplyFlags.DONE)
+_OFFSET_DATA = int(w.ChunkType.OFFSET_DATA)
+_OFFSET_HOLE = int(w.ChunkType.OFFSET_HOLE)
+
+_OptionHandler = Callable[["ServerConnection", int, bytes], Union[Event, None]]
 
 
-class ServerConnection:
+class ServerConnection(SansIOConnection[Event]):
     """
     The server side of one NBD connection, without I/O.
 
-    @param lookup: finds the export a client names (the empty name is the
-        default export); C{None} when there is none.
-    @param exports: lists the exports NBD_OPT_LIST shows.
+    @param exports: the exports a client may choose from (the empty name is
+        the default export).
+    @param config: the L{ServerConfiguration}; the defaults if C{None}.
+
+    @ivar export: the export in transmission, once chosen.
+    @ivar tx_flags: its transmission flags, once chosen.
+    @ivar rules: its L{TransmissionRules}, once chosen.
+    @ivar shutting_down: the server is shutting down (see L{shutdown}).
     """
 
-    def __init__(
-        self,
-        lookup: Callable[[str], Export | None],
-        exports: Callable[[], Iterable[Export]],
-    ) -> None:
-        self._lookup = lookup
-        self._list = exports
-        self._buffer = ReceiveBuffer()
-        self._outbox: list[bytes] = []
-        self.phase = Phase.CLIENT_FLAGS
-        self.fixed_newstyle = False
-        self.no_zeroes = False
-        self.structured_replies = False
-        self.extended_headers = False
-        # (export name, selected context names) from the last SET_META_CONTEXT.
-        self._meta: tuple[str, tuple[str, ...]] | None = None
+    def __init__(self, exports: ExportCatalog, config: ServerConfiguration | None = None) -> None:
+        super().__init__(Phase.CLIENT_FLAGS)
+        self._exports = exports
+        self.config = config if config is not None else ServerConfiguration()
         self.export: Export | None = None
         self.shutting_down = False
-        self._caps = Capabilities()
         self.tx_flags = 0
-        # Set by _enter_transmission for _validate.
-        self._allowed: dict[int, int] = {}
-        self._size = 0
-        self._max_block = 0
-        self._mask = 0
-        self._block_status_ok = False
-        # Bytes of payload still to be thrown away (T-05, H-04).
-        self._discard = 0
+        self.rules: TransmissionRules | None = None
         # An option or write header waiting for its data.
         self._pending_option: w.OptionHeader | None = None
         self._pending_write: w.RequestHeader | None = None
-        self._outbox.append(
-            w.encode_greeting(w.HandshakeFlags.FIXED_NEWSTYLE | w.HandshakeFlags.NO_ZEROES)
-        )
-
-    # ------------------------------------------------------------ I/O API
-
-    def receive_data(self, data: bytes) -> None:
-        """Buffer bytes received from the client; nothing is parsed yet."""
-        if self.phase is Phase.CLOSED:
-            # After DISC or ABORT anything more is a client error: never act on it (C-06).
-            return
-        self._buffer.append(data)
+        # Copies of what transmission needs on every request (see _enter_transmission).
+        self._extended = False
+        self._structured = False
+        self._header_size = w.request_size(False)
+        self._send(w.encode_greeting(self.config.handshake_flags))
 
     def shutdown(self) -> None:
         """
@@ -325,153 +210,116 @@ class ServerConnection:
         """
         self.shutting_down = True
 
-    def data_to_send(self) -> list[bytes]:
-        """Take the bytes queued by the handshake and by rejected requests."""
-        out, self._outbox = self._outbox, []
-        return out
-
-    def next_event(self) -> Event | _NeedData:
-        """
-        Parse what is buffered up to the next event.
-
-        @return: the next event, or L{NEED_DATA} when the buffered bytes do
-            not hold one.
-        @raise ProtocolViolation: the client broke the protocol so that the
-            connection must be dropped (the phase is then C{CLOSED}).
-        """
-        try:
-            while self.phase is not Phase.CLOSED:
-                if self._discard:
-                    self._discard -= self._buffer.skip(self._discard)
-                    if self._discard:
-                        return NEED_DATA
-                    continue
-                event = self._step()
-                if event is not None:
-                    return event
-        except ProtocolViolation:
-            self.phase = Phase.CLOSED
-            raise
-        return NEED_DATA
-
     def _step(self) -> Event | _NeedData | None:
         """One parsing step; C{None} means go round again."""
-        if self.phase is Phase.CLIENT_FLAGS:
-            return self._client_flags()
+        if self.phase is Phase.TRANSMISSION:
+            return self._request()
         if self.phase is Phase.OPTIONS:
             return self._option()
-        return self._request()
+        return self._client_flags()
 
     # ------------------------------------------------------------ handshake
 
     def _client_flags(self) -> _NeedData | None:
-        if len(self._buffer) < 4:
+        raw = self._take(w.CLIENT_FLAGS_SIZE)
+        if raw is NEED_DATA:
             return NEED_DATA
-        (flags,) = w.CLIENT_FLAGS.unpack(self._buffer.take(4))
-        # Plain ints: IntFlag's ~ only complements within the members it knows.
-        known = int(w.ClientFlags.C_FIXED_NEWSTYLE | w.ClientFlags.C_NO_ZEROES)
-        if flags & ~known:
+        flags = w.decode_client_flags(raw)
+        offered = self.config.handshake_flags
+        # The client flags mirror the handshake flags bit for bit (H-02).
+        if flags & ~(w.KNOWN_CLIENT_FLAGS & offered):
             raise ProtocolViolation(f"client flags {flags:#x} set bits we did not offer (H-02)")
-        self.fixed_newstyle = bool(flags & w.ClientFlags.C_FIXED_NEWSTYLE)
-        self.no_zeroes = bool(flags & w.ClientFlags.C_NO_ZEROES)
+        self.negotiated = Negotiated(
+            fixed_newstyle=bool(flags & w.ClientFlags.C_FIXED_NEWSTYLE),
+            no_zeroes=bool(flags & w.ClientFlags.C_NO_ZEROES),
+        )
         self.phase = Phase.OPTIONS
         return None
 
     def _option(self) -> Event | _NeedData | None:
         header = self._pending_option
         if header is None:
-            if len(self._buffer) < w.OPTION_HEADER.size:
+            raw = self._take(w.OPTION_HEADER_SIZE)
+            if raw is NEED_DATA:
                 return NEED_DATA
-            magic, header = w.decode_option_header(self._buffer.take(w.OPTION_HEADER.size))
-            if magic != w.IHAVEOPT:
-                raise ProtocolViolation(f"option magic {magic:#x} is not IHAVEOPT (H-03)")
-            if not self.fixed_newstyle and header.option != Opt.EXPORT_NAME:
+            try:
+                header = w.decode_option_header(raw)
+            except w.WireError as e:
+                raise ProtocolViolation(str(e)) from None
+            if not self.negotiated.fixed_newstyle and header.option != Opt.EXPORT_NAME:
                 raise ProtocolViolation(
                     f"option {header.option} without fixed newstyle, which allows only EXPORT_NAME"
                 )
-            if header.length > MAX_OPTION_DATA:
+            limit = self.config.max_option_data
+            if header.length > limit:
                 # Never buffer it (H-06): throw it away as it arrives.
                 self._discard = header.length
                 if header.option == Opt.EXPORT_NAME:
                     raise ProtocolViolation("NBD_OPT_EXPORT_NAME data is too long")
                 return self._option_error(
                     header.option,
-                    Rep.ERR_TOO_BIG if header.option in _KNOWN_OPTIONS else Rep.ERR_UNSUP,
-                    f"option data of {header.length} bytes is over {MAX_OPTION_DATA}",
+                    Rep.ERR_TOO_BIG if header.option in w.KNOWN_OPTIONS else Rep.ERR_UNSUP,
+                    f"option data of {header.length} bytes is over {limit}",
                 )
             self._pending_option = header
         if len(self._buffer) < header.length:
             return NEED_DATA
         self._pending_option = None
         data = self._buffer.take(header.length)
+        option = header.option
         try:
-            return self._handle_option(header.option, data)
+            self._gate(option)
+            handler = self._OPTIONS.get(option, ServerConnection._opt_unsupported)
+            return handler(self, option, data)
         except _OptionError as e:
-            return self._option_error(header.option, e.reply, e.reason)
+            return self._option_error(option, e.reply, e.reason)
+        except w.WireError as e:
+            # Lengths inside the data that disagree with it (H-11) and the like.
+            if option == Opt.EXPORT_NAME:
+                raise ProtocolViolation(f"NBD_OPT_EXPORT_NAME: {e}") from None
+            return self._option_error(option, Rep.ERR_INVALID, str(e))
 
-    def _reply(self, option: int, reply: Rep, data: bytes = b"") -> None:
-        self._outbox.append(w.encode_option_reply(option, reply, data))
+    def _gate(self, option: int) -> None:
+        """
+        The policy gate every option passes before its handler runs: the one
+        place that decides whether the server takes options at all right now.
 
-    def _option_error(self, option: int, reply: Rep, reason: str) -> OptionRejected:
-        self._reply(option, reply, reason.encode("utf-8")[:MAX_STRING])
-        return OptionRejected(option, reply, reason)
-
-    def _handle_option(self, option: int, data: bytes) -> Event | None:
+        @raise _OptionError: the option is refused; with this reply.
+        @raise ProtocolViolation: it is refused and cannot be answered
+            (NBD_OPT_EXPORT_NAME has no error reply, H-09).
+        """
         if self.shutting_down and option != Opt.ABORT:
             if option == Opt.EXPORT_NAME:
                 raise ProtocolViolation("NBD_OPT_EXPORT_NAME while the server shuts down")
             raise _OptionError(Rep.ERR_SHUTDOWN, "the server is shutting down (H-19)")
-        if option == Opt.EXPORT_NAME:
-            return self._export_name(data)
-        if option == Opt.ABORT:
-            # H-08: ACK whatever data came with it, then the client closes.
-            self._reply(option, Rep.ACK)
-            self.phase = Phase.CLOSED
-            return Aborted()
-        if option == Opt.LIST:
-            if data:
-                raise _OptionError(Rep.ERR_INVALID, "NBD_OPT_LIST takes no data (H-07)")
-            for export in self._list():
-                self._reply(option, Rep.SERVER, w.encode_server(export.name, export.description))
-            self._reply(option, Rep.ACK)
-            return None
-        if option in (Opt.INFO, Opt.GO):
-            return self._info_or_go(option, data)
-        if option == Opt.STRUCTURED_REPLY:
-            if data:
-                raise _OptionError(Rep.ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data (H-07)")
-            if self.extended_headers:
-                raise _OptionError(
-                    Rep.ERR_EXT_HEADER_REQD,
-                    "extended headers are on; they imply structured replies",
-                )
-            if self.structured_replies:
-                raise _OptionError(Rep.ERR_INVALID, "structured replies are already on (H-17)")
-            self.structured_replies = True
-            self._reply(option, Rep.ACK)
-            return None
-        if option == Opt.EXTENDED_HEADERS:
-            if data:
-                raise _OptionError(Rep.ERR_INVALID, "NBD_OPT_EXTENDED_HEADERS takes no data (H-07)")
-            if self.extended_headers:
-                raise _OptionError(Rep.ERR_INVALID, "extended headers are already on (H-17)")
-            # They take precedence over structured replies and imply them.
-            self.extended_headers = True
-            self.structured_replies = True
-            self._reply(option, Rep.ACK)
-            return None
-        if option in (Opt.LIST_META_CONTEXT, Opt.SET_META_CONTEXT):
-            self._meta_context(option, data)
-            return None
-        if option == Opt.STARTTLS:
-            if data:
-                raise _OptionError(Rep.ERR_INVALID, "NBD_OPT_STARTTLS takes no data (H-07)")
-            raise _OptionError(Rep.ERR_POLICY, "TLS is not configured on this server (S-02)")
-        name = Opt(option).name if option in _KNOWN_OPTIONS else str(option)
-        raise _OptionError(Rep.ERR_UNSUP, f"option {name} is not supported (H-04)")
 
-    def _export_name(self, data: bytes) -> ExportChosen:
-        if self.extended_headers:
+    def _lookup(self, name: str) -> Export | None:
+        """The export C{name} means for this connection, or C{None}."""
+        return self._exports.lookup(name)
+
+    def _listed(self) -> list[Export]:
+        """The exports NBD_OPT_LIST shows this connection."""
+        return list(self._exports)
+
+    def _reply(self, option: int, reply: Rep, data: bytes = b"") -> None:
+        self._send(w.encode_option_reply(option, reply, data))
+
+    def _option_error(self, option: int, reply: Rep, reason: str) -> OptionRejected:
+        self._reply(option, reply, reason.encode("utf-8")[: w.MAX_STRING])
+        return OptionRejected(option, reply, reason)
+
+    # ------------------------------------------------------------ option handlers
+
+    def _opt_unsupported(self, option: int, data: bytes) -> Event | None:
+        raise _OptionError(Rep.ERR_UNSUP, f"option {w.option_name(option)} is not supported (H-04)")
+
+    @staticmethod
+    def _no_data(option: int, data: bytes) -> None:
+        if data:
+            raise _OptionError(Rep.ERR_INVALID, f"{w.option_name(option)} takes no data (H-07)")
+
+    def _opt_export_name(self, option: int, data: bytes) -> Event | None:
+        if self.negotiated.extended_headers:
             raise ProtocolViolation("NBD_OPT_EXPORT_NAME after extended headers were negotiated")
         try:
             name = data.decode("utf-8")
@@ -482,25 +330,40 @@ class ServerConnection:
             # H-09: EXPORT_NAME cannot be answered with an error, only a close.
             raise ProtocolViolation(f"unknown export {name!r} requested with NBD_OPT_EXPORT_NAME")
         self._enter_transmission(export)
-        self._outbox.append(w.encode_export_name_reply(export.size, self.tx_flags, self.no_zeroes))
+        self._send(
+            w.encode_export_name_reply(export.size, self.tx_flags, self.negotiated.no_zeroes)
+        )
         return ExportChosen(export)
 
-    def _info_or_go(self, option: int, data: bytes) -> Event | None:
-        reader = _Reader(data)
-        name = reader.string(reader.u32())
-        count = reader.u16()
-        requests = [reader.u16() for _ in range(count)]
-        reader.end()
-        export = self._lookup(name)
+    def _opt_abort(self, option: int, data: bytes) -> Event | None:
+        # H-08: ACK whatever data came with it, then the client closes.
+        self._reply(option, Rep.ACK)
+        self.phase = Phase.CLOSED
+        return Aborted()
+
+    def _opt_list(self, option: int, data: bytes) -> Event | None:
+        self._no_data(option, data)
+        for export in self._listed():
+            self._reply(option, Rep.SERVER, w.encode_server(export.name, export.description))
+        self._reply(option, Rep.ACK)
+        return None
+
+    def _opt_starttls(self, option: int, data: bytes) -> Event | None:
+        self._no_data(option, data)
+        raise _OptionError(Rep.ERR_POLICY, "TLS is not configured on this server (S-02)")
+
+    def _opt_info_or_go(self, option: int, data: bytes) -> Event | None:
+        request = w.decode_info_request(data)
+        export = self._lookup(request.name)
         if export is None:
             # H-13: no INFO replies before the error; the connection stays usable.
-            raise _OptionError(Rep.ERR_UNKNOWN, f"there is no export named {name!r}")
+            raise _OptionError(Rep.ERR_UNKNOWN, f"there is no export named {request.name!r}")
         caps = export.capabilities
-        tx_flags = self._tx_flags(caps, export.read_only)
+        tx_flags = transmission_flags(caps, self.negotiated.structured_replies)
         self._reply(option, Rep.INFO, w.encode_info_export(export.size, tx_flags))
-        if w.Info.NAME in requests:
+        if w.Info.NAME in request.infos:
             self._reply(option, Rep.INFO, w.encode_info_text(w.Info.NAME, export.name))
-        if w.Info.DESCRIPTION in requests and export.description:
+        if w.Info.DESCRIPTION in request.infos and export.description:
             self._reply(
                 option, Rep.INFO, w.encode_info_text(w.Info.DESCRIPTION, export.description)
             )
@@ -517,129 +380,138 @@ class ServerConnection:
             return ExportChosen(export)
         return None
 
-    def _meta_context(self, option: int, data: bytes) -> None:
+    def _opt_structured_reply(self, option: int, data: bytes) -> Event | None:
+        self._no_data(option, data)
+        if not self.config.structured_replies:
+            raise _OptionError(Rep.ERR_UNSUP, "structured replies are turned off on this server")
+        if self.negotiated.extended_headers:
+            raise _OptionError(
+                Rep.ERR_EXT_HEADER_REQD, "extended headers are on; they imply structured replies"
+            )
+        if self.negotiated.structured_replies:
+            raise _OptionError(Rep.ERR_INVALID, "structured replies are already on (H-17)")
+        self.negotiated = _replace(self.negotiated, structured_replies=True)
+        self._reply(option, Rep.ACK)
+        return None
+
+    def _opt_extended_headers(self, option: int, data: bytes) -> Event | None:
+        self._no_data(option, data)
+        if not self.config.extended_headers:
+            raise _OptionError(Rep.ERR_UNSUP, "extended headers are turned off on this server")
+        if self.negotiated.extended_headers:
+            raise _OptionError(Rep.ERR_INVALID, "extended headers are already on (H-17)")
+        # They take precedence over structured replies and imply them.
+        self.negotiated = _replace(self.negotiated, extended_headers=True, structured_replies=True)
+        self._reply(option, Rep.ACK)
+        return None
+
+    def _opt_meta_context(self, option: int, data: bytes) -> Event | None:
         setting = option == Opt.SET_META_CONTEXT
         if setting:
             # SET replaces the selection even when it fails.
-            self._meta = None
-        reader = _Reader(data)
-        name = reader.string(reader.u32())
-        count = reader.u32()
-        queries = [reader.string(reader.u32()) for _ in range(count)]
-        reader.end()
-        if not self.structured_replies:
+            self.negotiated = _replace(self.negotiated, meta_export=None, meta_contexts={})
+        request = w.decode_meta_context_request(data)
+        if not self.negotiated.structured_replies:
             raise _OptionError(
                 Rep.ERR_INVALID, "meta contexts need structured replies to be negotiated first"
             )
+        queries = request.queries
         for query in queries:
             if ":" not in query or query.startswith(":"):
                 raise _OptionError(Rep.ERR_INVALID, f"query {query!r} has no namespace (H-16)")
-        export = self._lookup(name)
+        export = self._lookup(request.name)
         if export is None:
-            raise _OptionError(Rep.ERR_UNKNOWN, f"there is no export named {name!r}")
-        available = [BASE_ALLOCATION] if export.capabilities.can_extents else []
+            raise _OptionError(Rep.ERR_UNKNOWN, f"there is no export named {request.name!r}")
+        available = [w.BASE_ALLOCATION] if export.capabilities.can_extents else []
         if setting:
             chosen = [c for c in available if c in queries]
         elif not queries:
             chosen = available
         else:
-            chosen = [c for c in available if c in queries or "base:" in queries]
+            chosen = [c for c in available if c in queries or w.BASE_NAMESPACE in queries]
         for context in chosen:
             context_id = BASE_ALLOCATION_ID if setting else 0
             self._reply(option, Rep.META_CONTEXT, w.encode_meta_context(context_id, context))
         self._reply(option, Rep.ACK)
         if setting:
-            self._meta = (name, tuple(chosen))
+            self.negotiated = _replace(
+                self.negotiated,
+                meta_export=request.name,
+                meta_contexts={c: BASE_ALLOCATION_ID for c in chosen},
+            )
+        return None
 
-    def _tx_flags(self, caps: Capabilities, read_only: bool) -> int:
-        flags = TxFlags.HAS_FLAGS
-        if not caps.can_write or read_only:
-            flags |= TxFlags.READ_ONLY
-        if caps.can_flush:
-            flags |= TxFlags.SEND_FLUSH
-        if caps.can_fua and caps.can_write:
-            flags |= TxFlags.SEND_FUA
-        if caps.rotational:
-            flags |= TxFlags.ROTATIONAL
-        if caps.can_trim and caps.can_write:
-            flags |= TxFlags.SEND_TRIM
-        if caps.can_zero and caps.can_write:
-            flags |= TxFlags.SEND_WRITE_ZEROES
-            if caps.can_fast_zero:
-                flags |= TxFlags.SEND_FAST_ZERO
-        if self.structured_replies:
-            # H-20: DF only once structured replies are on; every READ reply is one chunk.
-            flags |= TxFlags.SEND_DF
-        if caps.can_multi_conn:
-            flags |= TxFlags.CAN_MULTI_CONN
-        if caps.can_cache:
-            flags |= TxFlags.SEND_CACHE
-        return int(flags)
+    #: The option handlers, by option number; anything else gets ERR_UNSUP.
+    _OPTIONS: ClassVar[dict[int, _OptionHandler]] = {
+        Opt.EXPORT_NAME: _opt_export_name,
+        Opt.ABORT: _opt_abort,
+        Opt.LIST: _opt_list,
+        Opt.STARTTLS: _opt_starttls,
+        Opt.INFO: _opt_info_or_go,
+        Opt.GO: _opt_info_or_go,
+        Opt.STRUCTURED_REPLY: _opt_structured_reply,
+        Opt.LIST_META_CONTEXT: _opt_meta_context,
+        Opt.SET_META_CONTEXT: _opt_meta_context,
+        Opt.EXTENDED_HEADERS: _opt_extended_headers,
+    }
 
     def _enter_transmission(self, export: Export) -> None:
         self.export = export
-        caps = self._caps = export.capabilities
-        tx = self.tx_flags = self._tx_flags(caps, export.read_only)
+        caps = export.capabilities
+        negotiated = self.negotiated
+        self.tx_flags = transmission_flags(caps, negotiated.structured_replies)
         self.phase = Phase.TRANSMISSION
-        # Tables for _validate, which runs for every request: the flags each
-        # command accepts here, as plain ints (IntFlag arithmetic is slow, and
-        # its ~ only complements within the members it knows).
-        optional = [(tx & TxFlags.SEND_FUA, _FUA), (tx & TxFlags.SEND_DF, _DF)]
-        optional.append((tx & TxFlags.SEND_FAST_ZERO, _FAST_ZERO))
-        refused = sum(flag for advertised, flag in optional if not advertised)
-        extra = int(CmdFlags.PAYLOAD_LEN) if self.extended_headers else 0
-        supported: dict[int, bool] = {
-            Cmd.READ: True,
-            Cmd.WRITE: not tx & _READ_ONLY,
-            Cmd.FLUSH: caps.can_flush,
-            Cmd.TRIM: bool(tx & TxFlags.SEND_TRIM),
-            Cmd.CACHE: True,
-            Cmd.WRITE_ZEROES: bool(tx & TxFlags.SEND_WRITE_ZEROES),
-            Cmd.BLOCK_STATUS: True,
-        }
-        self._allowed = {
-            int(command): (int(flags) & ~refused) | extra
-            for command, flags in w.COMMAND_FLAGS.items()
-            if supported[command]
-        }
-        self._size = export.size
-        self._max_block = caps.max_block
-        self._mask = caps.min_block - 1
-        self._block_status_ok = bool(
-            self._meta is not None and self._meta[1] and self._lookup(self._meta[0]) is export
+        self.rules = TransmissionRules.make(
+            size=export.size,
+            tx_flags=self.tx_flags,
+            min_block=caps.min_block,
+            max_payload=caps.max_block,
+            block_status=bool(
+                negotiated.meta_contexts
+                and negotiated.meta_export is not None
+                and self._lookup(negotiated.meta_export) is export
+            ),
+            extended=negotiated.extended_headers,
         )
+        self._extended = negotiated.extended_headers
+        self._structured = negotiated.structured_replies
+        self._header_size = w.request_size(self._extended)
 
     # ------------------------------------------------------------ transmission
 
     def _request(self) -> Event | _NeedData | None:
         header = self._pending_write
         if header is None:
-            size = w.EXTENDED_REQUEST.size if self.extended_headers else w.REQUEST.size
+            size = self._header_size
             if len(self._buffer) < size:
                 return NEED_DATA
-            header = w.decode_request(self._buffer.take(size), self.extended_headers)
-            expected = w.EXTENDED_REQUEST_MAGIC if self.extended_headers else w.REQUEST_MAGIC
-            if header.magic != expected:
-                raise ProtocolViolation(f"request magic {header.magic:#x} is wrong (T-01)")
-            if self.extended_headers:
+            extended = self._extended
+            header = w.decode_request(self._buffer.take(size), extended)
+            try:
+                w.check_request_magic(header, extended)
+            except w.WireError as e:
+                raise ProtocolViolation(str(e)) from None
+            command = header.type
+            if extended:
                 # Extended headers: a payload follows exactly when PAYLOAD_LEN is set.
                 has_payload = bool(header.flags & _PAYLOAD_LEN)
-                if has_payload and header.length > self._caps.max_block:
+                assert self.rules is not None
+                if has_payload and header.length > self.rules.max_payload:
                     raise ProtocolViolation(
                         f"payload of {header.length} bytes is over the maximum "
-                        f"{self._caps.max_block} (extended headers say: hard close)"
+                        f"{self.rules.max_payload} (extended headers say: hard close)"
                     )
             else:
-                has_payload = header.type == _WRITE
-            if has_payload != (header.type == _WRITE):
+                has_payload = command == _WRITE
+            if has_payload != (command == _WRITE):
                 # Only with extended headers can these disagree; say so before
                 # anything else, since the length field means something else.
                 rejection: RequestRejected | None = self._reject(
                     header,
                     Errno.EINVAL,
                     "WRITE must carry PAYLOAD_LEN"
-                    if header.type == Cmd.WRITE
-                    else f"command {header.type} takes no payload",
+                    if command == _WRITE
+                    else f"command {command} takes no payload",
                 )
             else:
                 rejection = self._validate(header)
@@ -650,7 +522,7 @@ class ServerConnection:
                 self._discard = header.length
                 return rejection
             if header.length == 0:
-                self._outbox.append(self._ok(header.cookie, header.offset))  # T-09
+                self._send(self._ok(header.cookie, header.offset))  # T-09
                 return None
             self._pending_write = header
         if len(self._buffer) < header.length:
@@ -664,81 +536,24 @@ class ServerConnection:
         )
 
     def _reject(self, header: w.RequestHeader, errno: Errno, reason: str) -> RequestRejected:
-        is_read = header.type == Cmd.READ
+        is_read = header.type == _READ
         self._outbox.extend(self._error(header.cookie, header.offset, errno, reason, is_read))
         return RequestRejected(header.cookie, header.type, errno, reason)
 
     def _validate(self, h: w.RequestHeader) -> RequestRejected | None:
         """
-        Check a request against the rules and the export; the rejection if
-        any. This runs for every request, so it works on plain ints and the
-        tables L{_enter_transmission} made; names are looked up only to
-        explain a rejection.
+        Check a request against the rules (L{check_request}, shared with the
+        client) and the server's own state; the rejection if any.
         """
-        command = h.type
-        if command == _DISC:
-            # DISC gets no reply, so there is nothing to reject: just stop.
-            return None
-        allowed = self._allowed.get(command)
-        if allowed is None:
-            return self._reject_unsupported(h)
-        if self.shutting_down:
+        rules = self.rules
+        assert rules is not None
+        if self.shutting_down and h.type in rules.allowed:
+            # C-07: what this export supports at all still gets its usual answer.
             return self._reject(h, Errno.ESHUTDOWN, "the server is shutting down (C-07)")
-        if h.flags & ~allowed:
-            return self._reject(
-                h,
-                Errno.EINVAL,
-                f"flags {h.flags:#x} are not valid for {Cmd(command).name} (T-04)",
-            )
-        offset, length = h.offset, h.length
-        if command == _FLUSH:
-            if offset or length:
-                return self._reject(h, Errno.EINVAL, "FLUSH must have zero offset and length")
+        refusal = check_request(rules, h.type, h.flags, h.offset, h.length)
+        if refusal is None:
             return None
-        if command == _BLOCK_STATUS and not self._block_status_ok:
-            return self._reject(
-                h, Errno.EINVAL, "BLOCK_STATUS without a selected meta context (T-17)"
-            )
-        size = self._size
-        if offset > size or length > size - offset:
-            errno = Errno.ENOSPC if command in (_WRITE, _WRITE_ZEROES) else Errno.EINVAL
-            return self._reject(
-                h,
-                errno,
-                f"{Cmd(command).name} of {length} bytes at {offset} is beyond the "
-                f"export size {size} (T-06)",
-            )
-        if length > self._max_block and command in (_READ, _WRITE):
-            return self._reject(
-                h,
-                Errno.EINVAL,
-                f"{Cmd(command).name} of {length} bytes is over the maximum payload "
-                f"{self._max_block} (T-10)",
-            )
-        mask = self._mask
-        if (offset & mask or length & mask) and not (
-            # The tail of an export whose size is not a multiple of min_block.
-            offset + length == size and not offset & mask
-        ):
-            return self._reject(
-                h,
-                Errno.EINVAL,
-                f"{Cmd(command).name} at {offset} of {length} bytes is not aligned to the "
-                f"minimum block size {mask + 1} (T-07)",
-            )
-        if command == _BLOCK_STATUS and length == 0:
-            return self._reject(h, Errno.EINVAL, "BLOCK_STATUS of zero bytes")
-        return None
-
-    def _reject_unsupported(self, h: w.RequestHeader) -> RequestRejected:
-        """Refuse a command this export does not take, saying why."""
-        try:
-            name = Cmd(h.type).name
-        except ValueError:
-            return self._reject(h, Errno.EINVAL, f"unknown command {h.type} (T-03)")
-        if h.type in _WRITING and self.tx_flags & _READ_ONLY:
-            return self._reject(h, Errno.EPERM, f"{name} on a read-only export (T-08)")
-        return self._reject(h, Errno.EINVAL, f"{name} is not supported on this export (T-03)")
+        return self._reject(h, refusal[0], refusal[1])
 
     def _make_request(self, h: w.RequestHeader) -> Event | None:
         command, flags = h.type, h.flags
@@ -751,7 +566,7 @@ class ServerConnection:
             return FlushRequest(h.cookie)
         if h.length == 0:
             # T-09: nothing to do; say so at once rather than bother the backend.
-            self._outbox.append(self._ok(h.cookie, h.offset))
+            self._send(self._ok(h.cookie, h.offset))
             return None
         fua = bool(flags & _FUA)
         if command == _TRIM:
@@ -772,24 +587,17 @@ class ServerConnection:
     # ------------------------------------------------------------ replies
 
     def _ok(self, cookie: int, offset: int) -> bytes:
-        if self.structured_replies:
-            return w.encode_chunk_header(
-                w.ReplyFlags.DONE, w.ChunkType.NONE, cookie, 0, offset, self.extended_headers
-            )
+        if self._structured:
+            return w.encode_chunk_header(_DONE, w.ChunkType.NONE, cookie, 0, offset, self._extended)
         return w.encode_simple_reply(0, cookie)
 
     def _error(
         self, cookie: int, offset: int, errno: int, message: str, is_read: bool
     ) -> list[bytes]:
-        if self.structured_replies:
+        if self._structured:
             payload = w.encode_error_payload(errno, message)
             head = w.encode_chunk_header(
-                w.ReplyFlags.DONE,
-                w.ChunkType.ERROR,
-                cookie,
-                len(payload),
-                offset,
-                self.extended_headers,
+                _DONE, w.ChunkType.ERROR, cookie, len(payload), offset, self._extended
             )
             return [head, payload]
         # T-12: a failed READ carries no data in a simple reply.
@@ -797,26 +605,21 @@ class ServerConnection:
 
     def reply_ok(self, request: Request) -> list[bytes]:
         """The bytes of a success reply without data (anything but READ)."""
-        return [self._ok(request.cookie, getattr(request, "offset", 0))]
+        return [self._ok(request.cookie, request.offset)]
 
     def reply_read(self, request: ReadRequest, data: bytes) -> list[bytes]:
         """
         The bytes of a successful READ reply carrying C{data}, which must be
         exactly C{request.length} bytes.
         """
-        if not self.structured_replies:
+        if not self._structured:
             return [w.encode_simple_reply(0, request.cookie), data]
         if not data:
             return [self._ok(request.cookie, request.offset)]
         head = w.encode_chunk_header(
-            w.ReplyFlags.DONE,
-            w.ChunkType.OFFSET_DATA,
-            request.cookie,
-            8 + len(data),
-            request.offset,
-            self.extended_headers,
+            _DONE, _OFFSET_DATA, request.cookie, 8 + len(data), request.offset, self._extended
         )
-        return [head, w.U64.pack(request.offset), data]
+        return [head, w.encode_offset_data_head(request.offset), data]
 
     def reply_read_sparse(
         self, request: ReadRequest, segments: Sequence[tuple[int, bytes | int]]
@@ -829,33 +632,20 @@ class ServerConnection:
         """
         out: list[bytes] = []
         last = len(segments) - 1
+        cookie, at, extended = request.cookie, request.offset, self._extended
         for index, (offset, part) in enumerate(segments):
-            flags = w.ReplyFlags.DONE if index == last else 0
+            flags = _DONE if index == last else 0
             if isinstance(part, int):
-                payload = w.OFFSET_HOLE.pack(offset, part)
+                payload = w.encode_offset_hole(offset, part)
                 out.append(
-                    w.encode_chunk_header(
-                        flags,
-                        w.ChunkType.OFFSET_HOLE,
-                        request.cookie,
-                        len(payload),
-                        request.offset,
-                        self.extended_headers,
-                    )
+                    w.encode_chunk_header(flags, _OFFSET_HOLE, cookie, len(payload), at, extended)
                 )
                 out.append(payload)
             else:
                 out.append(
-                    w.encode_chunk_header(
-                        flags,
-                        w.ChunkType.OFFSET_DATA,
-                        request.cookie,
-                        8 + len(part),
-                        request.offset,
-                        self.extended_headers,
-                    )
+                    w.encode_chunk_header(flags, _OFFSET_DATA, cookie, 8 + len(part), at, extended)
                 )
-                out.append(w.U64.pack(offset))
+                out.append(w.encode_offset_data_head(offset))
                 out.append(part)
         return out
 
@@ -863,10 +653,10 @@ class ServerConnection:
         """The bytes of an error reply to C{request}."""
         return self._error(
             request.cookie,
-            getattr(request, "offset", 0),
+            request.offset,
             errno,
             message,
-            isinstance(request, ReadRequest),
+            request.command == _READ,
         )
 
     def reply_block_status(
@@ -880,11 +670,12 @@ class ServerConnection:
         size = self.export.size if self.export is not None else 0
         end = request.offset + request.length
         pos = request.offset
+        extended = self._extended
         # Compact replies carry 32-bit lengths; extended ones 64-bit.
-        limit = (1 << 64) - 1 if self.extended_headers else MAX_EXTENT_32
+        limit = w.MAX_U64 if extended else w.MAX_EXTENT_32
         out: list[tuple[int, int]] = []
         for extent in extents:
-            if pos >= end or pos >= size or len(out) >= MAX_EXTENTS:
+            if pos >= end or pos >= size or len(out) >= w.MAX_EXTENTS:
                 break
             length = min(extent.length, size - pos, limit)
             if request.req_one:
@@ -905,22 +696,9 @@ class ServerConnection:
             # A backend that said nothing: status 0 ("allocated, not known to be zero")
             # is always a truthful answer.
             out.append((min(request.length, limit), 0))
-        if self.extended_headers:
-            chunk_type = w.ChunkType.BLOCK_STATUS_EXT
-            payload = w.BLOCK_STATUS_EXT_HEAD.pack(BASE_ALLOCATION_ID, len(out)) + b"".join(
-                w.EXTENT_EXT.pack(length, flags) for length, flags in out
-            )
-        else:
-            chunk_type = w.ChunkType.BLOCK_STATUS
-            payload = w.U32.pack(BASE_ALLOCATION_ID) + b"".join(
-                w.EXTENT.pack(length, flags) for length, flags in out
-            )
+        payload = w.encode_block_status(BASE_ALLOCATION_ID, out, extended)
+        chunk_type = w.ChunkType.BLOCK_STATUS_EXT if extended else w.ChunkType.BLOCK_STATUS
         head = w.encode_chunk_header(
-            w.ReplyFlags.DONE,
-            chunk_type,
-            request.cookie,
-            len(payload),
-            request.offset,
-            self.extended_headers,
+            _DONE, chunk_type, request.cookie, len(payload), request.offset, extended
         )
         return [head, payload]

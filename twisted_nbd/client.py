@@ -6,7 +6,7 @@ L{connect} opens an export and returns an L{NBDClient}, whose methods each
 send one request and return a L{Deferred} for its reply; any number may be
 in flight at once. L{list_exports} asks a server for its exports.
 
-    client = await connect(reactor, "tcp:127.0.0.1:10809", "disk")
+    client = await connect(reactor, "tcp:127.0.0.1:10809", "disk")  # a Deferred
     await client.write(0, b"hello")
     data = await client.read(0, 5)
     await client.disconnect()
@@ -43,6 +43,7 @@ from twisted_nbd._client_connection import (
     NEED_DATA,
     AbortAcknowledged,
     BlockSize,
+    ClientConfiguration,
     ClientConnection,
     ClientEvent,
     ExportInfo,
@@ -54,12 +55,13 @@ from twisted_nbd._client_connection import (
     Reply,
     ReplyReceived,
 )
-from twisted_nbd._wire import Cmd, CmdFlags, Errno, TxFlags
+from twisted_nbd._wire import BASE_ALLOCATION, MAX_U32, Cmd, CmdFlags, Errno, TxFlags
 from twisted_nbd.errors import NBDError, ProtocolViolation
 from twisted_nbd.interfaces import Extent
 
 __all__ = [
     "BlockSize",
+    "ClientConfiguration",
     "ExportInfo",
     "NBDClient",
     "NBDClientProtocol",
@@ -70,10 +72,6 @@ __all__ = [
     "connect",
     "list_exports",
 ]
-
-#: The largest length a compact BLOCK_STATUS request carries; longer ones are
-#: shortened (the length is only a hint, and the server may answer less).
-_MAX_STATUS_32 = 0xFFFF_FFFF
 
 
 class NBDClientProtocol(Protocol):
@@ -535,9 +533,11 @@ class NBDClient:
             C{base:allocation} their C{flags} hold L{STATE_HOLE} and
             L{STATE_ZERO}), or fails as described in the class docstring.
         """
-        if not self.extended_headers and length > _MAX_STATUS_32:
+        # A compact request carries 32 bits; longer ones are shortened (the
+        # length is only a hint, and the server may answer less).
+        if not self.extended_headers and length > MAX_U32:
             minimum = max(self.block_size.minimum, 1)
-            length = _MAX_STATUS_32 - _MAX_STATUS_32 % minimum
+            length = MAX_U32 - MAX_U32 % minimum
         flags = CmdFlags.REQ_ONE if req_one else 0
         refused = self._refusal(Cmd.BLOCK_STATUS, offset, length, flags)
         if refused is not None:
@@ -586,15 +586,15 @@ def _endpoint(reactor: Any, endpoint: IStreamClientEndpoint | str) -> IStreamCli
     return endpoint
 
 
-async def connect(
+def connect(
     reactor: Any,
     endpoint: IStreamClientEndpoint | str,
     export_name: str = "",
     *,
     structured_replies: bool = True,
-    meta_contexts: Sequence[str] = ("base:allocation",),
+    meta_contexts: Sequence[str] = (BASE_ALLOCATION,),
     extended_headers: bool = True,
-) -> NBDClient:
+) -> Deferred[NBDClient]:
     """
     Connect to an NBD server and open an export.
 
@@ -609,40 +609,55 @@ async def connect(
     @param endpoint: where the server is: an endpoint, or a client endpoint
         string such as C{"tcp:127.0.0.1:10809"} or C{"unix:/run/nbd.sock"}.
     @param export_name: the export to open; C{""} is the server's default.
-    @return: (a coroutine that returns) an L{NBDClient}. Fails with
+    @return: a Deferred that fires with an L{NBDClient}, or fails with
         L{NBDHandshakeError} if the server refuses the export,
         L{ProtocolViolation} if it breaks the protocol, L{ConnectionLost}
         if it closes the connection (as servers do to an unknown export
-        asked for with NBD_OPT_EXPORT_NAME), or the endpoint's connection
-        error. Cancelling it drops the connection.
+        asked for with NBD_OPT_EXPORT_NAME), L{ValueError} if the name is
+        too long, or the endpoint's connection error. Cancelling it drops
+        the connection.
     """
-    conn = ClientConnection(
-        export_name,
-        structured_replies=structured_replies,
-        meta_contexts=meta_contexts,
-        extended_headers=extended_headers,
-    )
+    try:
+        config = ClientConfiguration(
+            export_name,
+            structured_replies=structured_replies,
+            meta_contexts=meta_contexts,
+            extended_headers=extended_headers,
+        )
+    except ValueError as e:
+        return fail(e)
+    return Deferred.fromCoroutine(_open(reactor, endpoint, config))
+
+
+async def _open(
+    reactor: Any, endpoint: IStreamClientEndpoint | str, config: ClientConfiguration
+) -> NBDClient:
+    conn = ClientConnection(config)
     proto = NBDClientProtocol(conn)
     await connectProtocol(_endpoint(reactor, endpoint), proto)
     await proto.handshake
     return NBDClient(proto, conn)
 
 
-async def list_exports(
+def list_exports(
     reactor: Any, endpoint: IStreamClientEndpoint | str
-) -> list[tuple[str, str]]:
+) -> Deferred[list[tuple[str, str]]]:
     """
     Ask a server for its exports with NBD_OPT_LIST, then end the session
     with NBD_OPT_ABORT.
 
     @param reactor: the reactor, for string endpoints.
     @param endpoint: where the server is (see L{connect}).
-    @return: (a coroutine that returns) the C{(name, description)} pairs,
-        once the connection has closed. Fails with L{NBDHandshakeError} if
-        the server refuses to list, L{ProtocolViolation} or
+    @return: a Deferred that fires with the C{(name, description)} pairs,
+        once the connection has closed, or fails with L{NBDHandshakeError}
+        if the server refuses to list, L{ProtocolViolation} or
         L{ConnectionLost}.
     """
-    proto = NBDClientProtocol(ClientConnection(list_exports=True))
+    return Deferred.fromCoroutine(_list(reactor, endpoint))
+
+
+async def _list(reactor: Any, endpoint: IStreamClientEndpoint | str) -> list[tuple[str, str]]:
+    proto = NBDClientProtocol(ClientConnection(ClientConfiguration(list_exports=True)))
     await connectProtocol(_endpoint(reactor, endpoint), proto)
     exports: list[tuple[str, str]] = await proto.handshake
     return exports

@@ -34,18 +34,32 @@ import tomllib
 from dataclasses import dataclass
 from typing import Any
 
-from twisted_nbd.exports import MAX_STRING, check_block_sizes
+from twisted_nbd.exports import check_block_sizes, check_text
 from twisted_nbd.interfaces import Capabilities
 
 __all__ = [
+    "DEFAULT_LISTEN",
+    "DEFAULT_MAX_BYTES_IN_FLIGHT",
+    "DEFAULT_MAX_QUEUE_DEPTH",
+    "DEFAULT_SHUTDOWN_TIMEOUT",
     "MAX_SIZE",
     "Config",
     "ConfigError",
     "ExportSpec",
+    "SpecError",
     "check_image",
     "load_config",
     "parse_size",
 ]
+
+#: Where the server listens when nothing else is said: the IANA NBD port.
+DEFAULT_LISTEN = "tcp:10809"
+#: Stop reading a connection's requests while this many are in flight.
+DEFAULT_MAX_QUEUE_DEPTH = 64
+#: ... or while their payloads and replies hold this many bytes.
+DEFAULT_MAX_BYTES_IN_FLIGHT = 64 * 1024 * 1024
+#: On stop, how long requests in flight get to finish.
+DEFAULT_SHUTDOWN_TIMEOUT = 10.0
 
 #: The largest size accepted: offsets are signed 64-bit numbers in most
 #: clients (qemu, the Linux kernel), so nothing larger is usable.
@@ -71,6 +85,21 @@ _SIZE = re.compile(r"([+-]?[0-9]+)\s*([a-z]*)")
 
 class ConfigError(ValueError):
     """A configuration mistake; C{str()} is one line for the user."""
+
+
+class SpecError(ValueError):
+    """
+    An export specification that cannot be served; C{str()} is one line
+    for the user.
+
+    @ivar setting: what is wrong: C{"name"}, C{"description"},
+        C{"block sizes"}, C{"image"} or C{"export"} (the whole), so that the
+        command line and the config file can point at the option or key.
+    """
+
+    def __init__(self, setting: str, reason: str) -> None:
+        super().__init__(reason)
+        self.setting = setting
 
 
 def parse_size(text: str) -> int:
@@ -166,29 +195,43 @@ class ExportSpec:
     preferred_block: int | None = None
     max_block: int | None = None
 
+    @property
+    def backend(self) -> str:
+        """The name of the backend that serves this export (see L{twisted_nbd.backends})."""
+        return "memory" if self.memory is not None else "file"
+
     def check(
         self, size_hint: str = "give a size", read_only_hint: str = "serve it read-only"
     ) -> None:
         """
         Check the specification as a whole, and that its image can be
-        opened (or created).
+        opened (or created). This is the one validator of what users
+        write; the command line and the config file both call it.
 
         @param size_hint: how the user asks for a new image to be created,
             for messages.
         @param read_only_hint: how the user asks for read-only, likewise.
-        @raise ValueError: with a one-line reason.
+        @raise SpecError: with a one-line reason and the setting at fault.
         """
-        for what, text in (("name", self.name), ("description", self.description)):
-            if len(text.encode("utf-8")) > MAX_STRING:
-                raise ValueError(f"the {what} is longer than {MAX_STRING} bytes (UTF-8)")
-            if "\0" in text:
-                raise ValueError(f"the {what} must not contain a NUL character")
+        for setting in ("name", "description"):
+            try:
+                check_text(f"the {setting}", getattr(self, setting))
+            except ValueError as e:
+                raise SpecError(setting, str(e)) from None
         if (self.image is None) == (self.memory is None):
-            raise ValueError("give exactly one of an image and a memory size")
+            raise SpecError("export", "give exactly one of an image and a memory size")
         if self.memory is not None and self.size is not None:
-            raise ValueError("a size only applies to an image; a memory export has its own")
-        self.check_block_sizes()
-        self.check_image(size_hint, read_only_hint)
+            raise SpecError(
+                "export", "a size only applies to an image; a memory export has its own"
+            )
+        try:
+            self.check_block_sizes()
+        except ValueError as e:
+            raise SpecError("block sizes", str(e)) from None
+        try:
+            self.check_image(size_hint, read_only_hint)
+        except ValueError as e:
+            raise SpecError("image", str(e)) from None
 
     def check_block_sizes(self) -> None:
         """
@@ -235,10 +278,27 @@ class ExportSpec:
 
 @dataclass(frozen=True)
 class Config:
-    """The exports of a config file and the default one's name."""
+    """
+    Everything a server needs to be built (see L{twisted_nbd.service.build}):
+    what to serve, where, and its limits.
+
+    @ivar exports: the exports.
+    @ivar default: the name of the export a client asking for the empty
+        name gets, or C{None} (then the only export, if there is one).
+    @ivar listen: the server endpoint descriptions to listen on.
+    @ivar max_queue_depth: stop reading a connection's requests while this
+        many are in flight.
+    @ivar max_bytes_in_flight: ... or while they hold this many bytes.
+    @ivar shutdown_timeout: on stop, how many seconds requests in flight
+        get to finish before their connections are dropped.
+    """
 
     exports: list[ExportSpec]
-    default: str | None
+    default: str | None = None
+    listen: tuple[str, ...] = (DEFAULT_LISTEN,)
+    max_queue_depth: int = DEFAULT_MAX_QUEUE_DEPTH
+    max_bytes_in_flight: int = DEFAULT_MAX_BYTES_IN_FLIGHT
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
 
 
 _EXPORT_KEYS = {
@@ -252,6 +312,7 @@ _EXPORT_KEYS = {
     "preferred-block",
     "max-block",
 }
+_BLOCK_KEYS = ("min-block", "preferred-block", "max-block")
 _HEADER = re.compile(r"^\s*\[\[\s*export\s*\]\]")
 
 
@@ -333,10 +394,13 @@ def load_config(path: str) -> Config:
         names.add(spec.name)
         try:
             spec.check()
-        except ValueError as e:
-            raise fail(
-                index, "image" if spec.image else None, f"export {spec.name!r}: {e}"
-            ) from None
+        except SpecError as e:
+            at: str | None = e.setting if e.setting in ("name", "description", "image") else None
+            if e.setting == "export" and spec.image:
+                at = "image"
+            elif e.setting == "block sizes":
+                at = next((k for k in _BLOCK_KEYS if k in table), None)
+            raise fail(index, at, f"export {spec.name!r}: {e}") from None
         specs.append(spec)
 
     default = data.get("default")

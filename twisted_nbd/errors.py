@@ -12,7 +12,7 @@ import errno as _errno
 
 from twisted_nbd._wire import Errno
 
-__all__ = ["NBDError", "ProtocolViolation", "errnoFromOSError"]
+__all__ = ["NBDError", "ProtocolViolation", "errno_from_os_error"]
 
 
 class NBDError(Exception):
@@ -34,7 +34,7 @@ class NBDError(Exception):
         return f"{text}: {self.message}" if self.message else text
 
 
-class ProtocolViolation(Exception):
+class ProtocolViolation(Exception):  # noqa: N818 - a violation, named as the spec does
     """
     The peer broke a MUST of the protocol in a way that leaves no safe way to
     go on (bad magic, impossible lengths): the connection must be dropped.
@@ -58,7 +58,7 @@ _OS_TO_NBD = {
 }
 
 
-def errnoFromOSError(error: OSError) -> Errno:
+def errno_from_os_error(error: OSError) -> Errno:
     """
     Map an L{OSError} from the host to the NBD error number that best
     describes it; anything unknown becomes C{EIO}.

@@ -6,19 +6,85 @@ An L{Export} joins a name and a description to a block device and the policy
 under which it is served (read-only for now; TLS requirements later). An
 L{ExportRegistry} maps names to exports and knows the default export, the one
 a client gets when it asks for the empty name.
+
+A connection gets its device from L{Export.attach}: the export's shared
+device, wrapped in the export's per-connection layers if it has any (a
+filter that needs state of its own per client, as nbdkit's filters get an
+C{open} per connection).
+
+The checks that a name, a description and block sizes can be served are
+defined here once (L{check_text}, L{check_block_sizes});
+L{twisted_nbd.config.ExportSpec} applies them to what users write, and
+L{Export} to what code builds.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
+from twisted_nbd._wire import MAX_STRING
 from twisted_nbd.interfaces import Capabilities, IBlockDevice
 
-__all__ = ["Export", "ExportRegistry", "MAX_STRING", "check_block_sizes"]
+__all__ = [
+    "Attachment",
+    "ConnectionContext",
+    "ConnectionLayer",
+    "Export",
+    "ExportRegistry",
+    "MAX_STRING",
+    "check_block_sizes",
+    "check_text",
+]
 
-#: The protocol's limit for names and descriptions, in UTF-8 bytes.
-MAX_STRING = 4096
+
+def check_text(what: str, text: str) -> None:
+    """
+    Check that a name or description can go on the wire.
+
+    @param what: what it is, for the message ("the name").
+    @raise ValueError: it is longer than L{MAX_STRING} bytes of UTF-8, or
+        contains a NUL.
+    """
+    if len(text.encode("utf-8")) > MAX_STRING:
+        raise ValueError(f"{what} is longer than {MAX_STRING} bytes (UTF-8)")
+    if "\0" in text:
+        raise ValueError(f"{what} must not contain a NUL character")
+
+
+@dataclass(frozen=True)
+class ConnectionContext:
+    """
+    What an export knows about a connection that attaches to it.
+
+    @ivar export_name: the name the client asked for.
+    @ivar read_only: the export is served read-only.
+    @ivar tls: the connection is encrypted.
+    @ivar peer: the client's address, for logs.
+    """
+
+    export_name: str
+    read_only: bool = False
+    tls: bool = False
+    peer: str = ""
+
+
+#: A per-connection layer: wraps the device a connection uses (the export's
+#: shared device, or the previous layer) for that connection alone. Its
+#: C{close()} is called when the connection ends and must release only
+#: what the layer itself holds, never the device it wraps.
+ConnectionLayer = Callable[[IBlockDevice, ConnectionContext], IBlockDevice]
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """
+    The device one connection uses, and the per-connection layers to close
+    when it ends (outermost first).
+    """
+
+    device: IBlockDevice
+    layers: tuple[IBlockDevice, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -31,6 +97,12 @@ class Export:
     @ivar description: a human-readable description for NBD_OPT_LIST and
         NBD_INFO_DESCRIPTION.
     @ivar read_only: refuse every write even if the device could write.
+    @ivar min_block: the minimum block size to advertise instead of the
+        device's (never below the device's own).
+    @ivar preferred_block: likewise the preferred block size.
+    @ivar max_block: likewise the maximum payload.
+    @ivar connection_layers: per-connection layers (see L{ConnectionLayer})
+        that L{attach} wraps around C{device}, innermost first.
     """
 
     name: str
@@ -40,15 +112,27 @@ class Export:
     min_block: int | None = None
     preferred_block: int | None = None
     max_block: int | None = None
+    connection_layers: tuple[ConnectionLayer, ...] = ()
 
     def __post_init__(self) -> None:
-        for what, text in (("name", self.name), ("description", self.description)):
-            if len(text.encode("utf-8")) > MAX_STRING:
-                raise ValueError(f"export {what} is longer than {MAX_STRING} bytes")
-            if "\0" in text:
-                raise ValueError(f"export {what} contains a NUL character")
+        check_text("the export name", self.name)
+        check_text("the export description", self.description)
         caps = self.capabilities
         check_block_sizes(caps.min_block, caps.preferred_block, caps.max_block)
+
+    def attach(self, context: ConnectionContext) -> Attachment:
+        """
+        The device a new connection uses: the shared device wrapped in this
+        export's per-connection layers. The layers must keep the shared
+        device's size and capabilities (the client was told those during
+        the handshake).
+        """
+        device = self.device
+        layers: list[IBlockDevice] = []
+        for layer in self.connection_layers:
+            device = layer(device, context)
+            layers.append(device)
+        return Attachment(device, tuple(reversed(layers)))
 
     @property
     def size(self) -> int:

@@ -19,11 +19,20 @@ none does:
 The parse loop asks the connection for one event at a time and checks these
 conditions before each, so the limits hold exactly, even when the backend
 answers synchronously and replies are written from inside the loop.
+
+Each kind of request has one handler in L{NBDServerProtocol._HANDLERS}; a
+new command is one more entry. Observers
+(L{twisted_nbd.observers.IServerObserver}) see connections and requests
+come and go; with none, the per-request path does not even read the clock.
+A handshake deadline (L{twisted.protocols.policies.TimeoutMixin}) belongs
+in L{NBDServerProtocol.connectionMade}, next to where the transmission
+phase starts in L{NBDServerProtocol._export_chosen}.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence, cast
+import time
+from typing import Any, Callable, ClassVar, Iterable, Sequence, cast
 
 from twisted.internet.defer import Deferred, DeferredList, FirstError, gatherResults, maybeDeferred
 from twisted.internet.interfaces import IConsumer, IPushProducer, IReactorTime, ITCPTransport
@@ -38,13 +47,13 @@ from twisted_nbd._connection import (
     BlockStatusRequest,
     CacheRequest,
     DisconnectRequest,
-    Event,
     ExportChosen,
     FlushRequest,
     OptionRejected,
     ReadRequest,
     Request,
     RequestRejected,
+    ServerConfiguration,
     ServerConnection,
     TrimRequest,
     WriteRequest,
@@ -52,9 +61,11 @@ from twisted_nbd._connection import (
     plan_sparse_read,
 )
 from twisted_nbd._wire import CmdFlags, Errno
+from twisted_nbd.config import DEFAULT_MAX_BYTES_IN_FLIGHT, DEFAULT_MAX_QUEUE_DEPTH
 from twisted_nbd.errors import NBDError, ProtocolViolation
-from twisted_nbd.exports import ExportRegistry
+from twisted_nbd.exports import ConnectionContext, ExportRegistry
 from twisted_nbd.interfaces import Extent, IBlockDevice, ISparseRead, Segment
+from twisted_nbd.observers import ConnectionInfo, IServerObserver
 
 __all__ = [
     "DEFAULT_MAX_BYTES_IN_FLIGHT",
@@ -63,13 +74,16 @@ __all__ = [
     "NBDServerProtocol",
 ]
 
-DEFAULT_MAX_QUEUE_DEPTH = 64
-DEFAULT_MAX_BYTES_IN_FLIGHT = 64 * 1024 * 1024
-
 
 #: Structured READs of at least this many bytes send zero runs as holes; for
 #: smaller ones the extra block_status call would cost more than it saves.
 SPARSE_READ_MIN = 64 * 1024
+
+_DF = int(CmdFlags.DF)
+
+#: What a handler returns: the backend's Deferred, and how to turn its
+#: result into the reply's bytes.
+_Started = tuple["Deferred[Any]", Callable[[Any], list[bytes]]]
 
 
 def _identity(reply: list[bytes]) -> list[bytes]:
@@ -115,6 +129,7 @@ class NBDServerProtocol(Protocol):
 
     @ivar in_flight: requests handed to the backend and not yet answered.
     @ivar bytes_in_flight: payload and reply bytes those requests hold.
+    @ivar info: what observers know of this connection.
     """
 
     log = Logger()
@@ -124,13 +139,22 @@ class NBDServerProtocol(Protocol):
         registry: ExportRegistry,
         max_queue_depth: int = DEFAULT_MAX_QUEUE_DEPTH,
         max_bytes_in_flight: int = DEFAULT_MAX_BYTES_IN_FLIGHT,
+        *,
+        config: ServerConfiguration | None = None,
+        observers: Sequence[IServerObserver] = (),
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_queue_depth < 1 or max_bytes_in_flight < 1:
             raise ValueError("the queue depth and byte limits must be at least 1")
         self.max_queue_depth = max_queue_depth
         self.max_bytes_in_flight = max_bytes_in_flight
-        self._conn = ServerConnection(registry.lookup, lambda: iter(registry))
+        self._conn = ServerConnection(registry, config)
         self._device: IBlockDevice | None = None
+        # Per-connection layers of the export's device, closed with the connection.
+        self._layers: tuple[IBlockDevice, ...] = ()
+        self._observers = tuple(observers)
+        self._clock = clock
+        self.info = ConnectionInfo(peer="?", started=0.0)
         self.in_flight = 0
         self.bytes_in_flight = 0
         # Writes (and trims, zeroes) not yet finished: FLUSH waits for them.
@@ -141,6 +165,7 @@ class NBDServerProtocol(Protocol):
         self._closed = False
         self._parsing = False
         self._lost: list[Deferred[None]] = []
+        self._lost_reason = "closed"
 
     # ------------------------------------------------------------ IProtocol
 
@@ -151,6 +176,9 @@ class NBDServerProtocol(Protocol):
             # C-10: replies are small and latency matters more than packet count.
             transport.setTcpNoDelay(True)
         cast(IConsumer, transport).registerProducer(self, True)
+        self.info = ConnectionInfo(peer=self._peer(), started=self._clock())
+        for observer in self._observers:
+            self._notify(observer.connection_made, self.info)
         self._flush_outbox()
         factory = self.factory
         if isinstance(factory, NBDServerFactory):
@@ -168,9 +196,16 @@ class NBDServerProtocol(Protocol):
         # Late backend results are dropped from here on (see _send).
         self._closed = True
         self._device = None
+        layers, self._layers = self._layers, ()
+        for layer in layers:
+            maybeDeferred(layer.close).addErrback(
+                lambda f: self.log.failure("Closing a per-connection layer failed", f)
+            )
         factory = self.factory
         if isinstance(factory, NBDServerFactory):
             factory.connections.discard(self)
+        for observer in self._observers:
+            self._notify(observer.connection_lost, self.info, self._lost_reason)
         waiting, self._lost = self._lost, []
         for d in waiting:
             d.callback(None)
@@ -200,6 +235,7 @@ class NBDServerProtocol(Protocol):
     def abort(self) -> None:
         """Drop the connection at once, whatever is in flight."""
         if not self._closed:
+            self._lost_reason = "aborted"
             self._abort()
 
     # ------------------------------------------------------------ IPushProducer
@@ -241,14 +277,19 @@ class NBDServerProtocol(Protocol):
                 try:
                     event = self._conn.next_event()
                 except ProtocolViolation as e:
-                    self.log.warn("Dropping client {peer}: {reason}", peer=self._peer(), reason=e)
+                    self.log.warn("Dropping client {peer}: {reason}", peer=self.info.peer, reason=e)
+                    self._lost_reason = f"protocol violation: {e}"
                     self._flush_outbox()
                     self._abort()
                     return
                 self._flush_outbox()
                 if event is NEED_DATA:
                     break
-                self._dispatch(event)
+                handler = self._EVENTS.get(type(event))
+                if handler is None:
+                    self._start(cast(Request, event))
+                else:
+                    handler(self, event)
         finally:
             self._parsing = False
         self._update_reading()
@@ -276,33 +317,75 @@ class NBDServerProtocol(Protocol):
         except Exception:
             return "?"
 
+    def _notify(self, method: Callable[..., None], *args: Any) -> None:
+        """Call an observer; one that raises is logged, and nothing else changes."""
+        try:
+            method(*args)
+        except Exception:
+            self.log.failure("An observer failed")
+
     # ------------------------------------------------------------ events
 
-    def _dispatch(self, event: Event) -> None:
-        if isinstance(event, ExportChosen):
-            self._device = event.export.device
-            self.log.info(
-                "Client {peer} uses export {name!r}", peer=self._peer(), name=event.export.name
+    def _export_chosen(self, event: ExportChosen) -> None:
+        export = event.export
+        attachment = export.attach(
+            ConnectionContext(
+                export_name=export.name,
+                read_only=export.read_only,
+                tls=self.info.tls,
+                peer=self.info.peer,
             )
-        elif isinstance(event, RequestRejected):
-            self.log.info(
-                "Refused a request from {peer}: {errno}: {reason}",
-                peer=self._peer(),
-                errno=event.errno.name,
-                reason=event.reason,
+        )
+        self._device = attachment.device
+        self._layers = attachment.layers
+        self.info.export = export.name
+        self.log.info("Client {peer} uses export {name!r}", peer=self.info.peer, name=export.name)
+        for observer in self._observers:
+            self._notify(observer.export_chosen, self.info, export.name)
+
+    def _request_rejected(self, event: RequestRejected) -> None:
+        self.log.info(
+            "Refused a request from {peer}: {errno}: {reason}",
+            peer=self.info.peer,
+            errno=event.errno.name,
+            reason=event.reason,
+        )
+        for observer in self._observers:
+            self._notify(
+                observer.request_refused,
+                self.info,
+                event.cookie,
+                event.command,
+                int(event.errno),
+                event.reason,
             )
-        elif isinstance(event, OptionRejected):
-            self.log.debug(
-                "Refused option {option} from {peer}: {reason}",
-                option=event.option,
-                peer=self._peer(),
-                reason=event.reason,
+
+    def _option_rejected(self, event: OptionRejected) -> None:
+        self.log.debug(
+            "Refused option {option} from {peer}: {reason}",
+            option=event.option,
+            peer=self.info.peer,
+            reason=event.reason,
+        )
+        for observer in self._observers:
+            self._notify(
+                observer.option_refused, self.info, event.option, int(event.reply), event.reason
             )
-        elif isinstance(event, (Aborted, DisconnectRequest)):
-            self._disconnecting = True
-            self._maybe_close()
-        else:
-            self._start(event)
+
+    def _disconnect(self, event: Aborted | DisconnectRequest) -> None:
+        self._disconnecting = True
+        self._maybe_close()
+
+    #: What to do with each event that is not a request.
+    _EVENTS: ClassVar[dict[type, Callable[[NBDServerProtocol, Any], None]]] = {
+        ExportChosen: _export_chosen,
+        RequestRejected: _request_rejected,
+        OptionRejected: _option_rejected,
+        Aborted: _disconnect,
+        DisconnectRequest: _disconnect,
+    }
+
+    # ------------------------------------------------------------ requests
 
     def _start(self, request: Request) -> None:
         """Hand a request to the backend and send its reply when it is done."""
@@ -311,78 +394,113 @@ class NBDServerProtocol(Protocol):
         size = _request_bytes(request)
         self.in_flight += 1
         self.bytes_in_flight += size
-        d: Deferred[Any]
-        done: Callable[[Any], list[bytes]]
-        if isinstance(request, ReadRequest):
-            if (
-                self._conn.structured_replies
-                and request.length >= SPARSE_READ_MIN
-                and not request.flags & CmdFlags.DF
-                and device.capabilities.can_extents
-            ):
-                d = self._sparse_read(device, request)
-                done = _identity
-            else:
-                d = maybeDeferred(device.read, request.offset, request.length)
-                done = self._read_done(request)
-        elif isinstance(request, WriteRequest):
-            d = self._track_write(
-                maybeDeferred(device.write, request.offset, request.data, request.fua)
-            )
-            done = self._ok(request)
-        elif isinstance(request, FlushRequest):
-            # C-02: every write acknowledged before this FLUSH has finished in the
-            # backend; waiting for the ones still running too makes FLUSH cover
-            # everything received before it, which is stronger and simple to reason about.
-            pending = list(self._writes)
-            if pending:
-                d = DeferredList(pending, consumeErrors=True).addCallback(lambda _: device.flush())
-            else:
-                d = maybeDeferred(device.flush)
-            done = self._ok(request)
-        elif isinstance(request, TrimRequest):
-            d = self._track_write(
-                maybeDeferred(device.trim, request.offset, request.length, request.fua)
-            )
-            done = self._ok(request)
-        elif isinstance(request, WriteZeroesRequest):
-            d = self._track_write(
-                maybeDeferred(
-                    device.write_zeroes,
-                    request.offset,
-                    request.length,
-                    request.fua,
-                    request.may_trim,
-                    request.fast,
-                )
-            )
-            done = self._ok(request)
-        elif isinstance(request, CacheRequest):
-            d = maybeDeferred(device.cache, request.offset, request.length)
-            done = self._ok(request)
-        else:
-            assert isinstance(request, BlockStatusRequest)
-            d = maybeDeferred(device.block_status, request.offset, request.length)
-            done = self._block_status_done(request)
+        started = 0.0
+        if self._observers:
+            started = self._clock()
+            for observer in self._observers:
+                self._notify(observer.request_started, self.info, request)
+        d, done = self._HANDLERS[type(request)](self, device, request)
         # One callback for success and failure alike: every link in a Deferred's
         # chain costs a few microseconds, and this runs once per request.
-        cast("Deferred[Any]", d).addBoth(self._finish, request, done, size)
+        d.addBoth(self._finish, request, done, size, started)
+
+    def _read(self, device: IBlockDevice, request: ReadRequest) -> _Started:
+        if (
+            self._conn.structured_replies
+            and request.length >= SPARSE_READ_MIN
+            and not request.flags & _DF
+            and device.capabilities.can_extents
+        ):
+            return self._sparse_read(device, request), _identity
+        conn = self._conn
+
+        def done(data: bytes) -> list[bytes]:
+            if len(data) != request.length:
+                raise RuntimeError(
+                    f"backend returned {len(data)} bytes for a read of {request.length}"
+                )
+            return conn.reply_read(request, data)
+
+        return maybeDeferred(device.read, request.offset, request.length), done
+
+    def _write(self, device: IBlockDevice, request: WriteRequest) -> _Started:
+        d = maybeDeferred(device.write, request.offset, request.data, request.fua)
+        return self._track_write(d), self._ok(request)
+
+    def _flush(self, device: IBlockDevice, request: FlushRequest) -> _Started:
+        # C-02: every write acknowledged before this FLUSH has finished in the
+        # backend; waiting for the ones still running too makes FLUSH cover
+        # everything received before it, which is stronger and simple to reason about.
+        pending = list(self._writes)
+        d: Deferred[Any]
+        if pending:
+            d = DeferredList(pending, consumeErrors=True).addCallback(lambda _: device.flush())
+        else:
+            d = maybeDeferred(device.flush)
+        return d, self._ok(request)
+
+    def _trim(self, device: IBlockDevice, request: TrimRequest) -> _Started:
+        d = maybeDeferred(device.trim, request.offset, request.length, request.fua)
+        return self._track_write(d), self._ok(request)
+
+    def _write_zeroes(self, device: IBlockDevice, request: WriteZeroesRequest) -> _Started:
+        d = maybeDeferred(
+            device.write_zeroes,
+            request.offset,
+            request.length,
+            request.fua,
+            request.may_trim,
+            request.fast,
+        )
+        return self._track_write(d), self._ok(request)
+
+    def _cache(self, device: IBlockDevice, request: CacheRequest) -> _Started:
+        return maybeDeferred(device.cache, request.offset, request.length), self._ok(request)
+
+    def _block_status(self, device: IBlockDevice, request: BlockStatusRequest) -> _Started:
+        conn = self._conn
+
+        def done(extents: Sequence[Extent]) -> list[bytes]:
+            return conn.reply_block_status(request, extents)
+
+        return maybeDeferred(device.block_status, request.offset, request.length), done
+
+    #: The handler of each kind of request.
+    _HANDLERS: ClassVar[dict[type, Callable[[NBDServerProtocol, IBlockDevice, Any], _Started]]] = {
+        ReadRequest: _read,
+        WriteRequest: _write,
+        FlushRequest: _flush,
+        TrimRequest: _trim,
+        WriteZeroesRequest: _write_zeroes,
+        CacheRequest: _cache,
+        BlockStatusRequest: _block_status,
+    }
 
     def _finish(
-        self, result: object, request: Request, done: Callable[[Any], list[bytes]], size: int
+        self,
+        result: object,
+        request: Request,
+        done: Callable[[Any], list[bytes]],
+        size: int,
+        started: float,
     ) -> None:
         """A request finished in the backend: build its reply and send it."""
         try:
+            errno = 0
             if isinstance(result, Failure):
-                reply = self._failed(result, request)
+                errno, reply = self._failed(result, request)
             else:
                 try:
                     reply = done(result)
                 except Exception:
                     # A reply that cannot be built (a backend breaking its
                     # contract) is an error reply too, so the client hears of it.
-                    reply = self._failed(Failure(), request)  # type: ignore[no-untyped-call]
+                    errno, reply = self._failed(Failure(), request)  # type: ignore[no-untyped-call]
             self._send(reply, size)
+            if self._observers:
+                elapsed = self._clock() - started
+                for observer in self._observers:
+                    self._notify(observer.request_finished, self.info, request, errno, elapsed)
         except Exception:
             self._bug(Failure())  # type: ignore[no-untyped-call]
 
@@ -434,23 +552,16 @@ class NBDServerProtocol(Protocol):
         return d.addBoth(finished)
 
     def _ok(self, request: Request) -> Callable[[object], list[bytes]]:
-        return lambda _: self._conn.reply_ok(request)
+        conn = self._conn
+        return lambda _: conn.reply_ok(request)
 
-    def _read_done(self, request: ReadRequest) -> Callable[[bytes], list[bytes]]:
-        def done(data: bytes) -> list[bytes]:
-            if len(data) != request.length:
-                raise RuntimeError(
-                    f"backend returned {len(data)} bytes for a read of {request.length}"
-                )
-            return self._conn.reply_read(request, data)
+    def _failed(self, failure: Failure, request: Request) -> tuple[int, list[bytes]]:
+        """
+        Turn a backend failure into an error reply (NBDError's errno, else
+        EIO).
 
-        return done
-
-    def _block_status_done(self, request: BlockStatusRequest) -> Callable[[Any], list[bytes]]:
-        return lambda extents: self._conn.reply_block_status(request, extents)
-
-    def _failed(self, failure: Failure, request: Request) -> list[bytes]:
-        """Turn a backend failure into an error reply (NBDError's errno, else EIO)."""
+        @return: the errno and the reply's bytes.
+        """
         error = failure.value
         if isinstance(error, NBDError):
             errno, message = error.errno, error.message
@@ -458,7 +569,7 @@ class NBDServerProtocol(Protocol):
         else:
             errno, message = Errno.EIO, "internal error"
             self.log.failure("Backend failed on {request}", failure, request=type(request).__name__)
-        return self._conn.reply_error(request, errno, message)
+        return int(errno), self._conn.reply_error(request, errno, message)
 
     def _send(self, reply: list[bytes], size: int) -> None:
         """Write one finished request's reply and admit more work."""
@@ -476,6 +587,7 @@ class NBDServerProtocol(Protocol):
     def _bug(self, failure: Failure) -> None:
         self.log.failure("Unexpected error while replying", failure)
         if not self._closed:
+            self._lost_reason = "internal error"
             self._abort()
 
     def _abort(self) -> None:
@@ -500,6 +612,13 @@ class NBDServerFactory(Factory):
     """
     Makes an L{NBDServerProtocol} for each client of the exports in
     C{registry}.
+
+    @param observers: told of every connection and request (see
+        L{twisted_nbd.observers}).
+    @param reactor: the clock that times requests for the observers
+        (C{time.monotonic} if C{None}).
+    @param config: how connections behave (L{ServerConfiguration}).
+    @ivar connections: the open connections.
     """
 
     protocol = NBDServerProtocol
@@ -510,12 +629,24 @@ class NBDServerFactory(Factory):
         *,
         max_queue_depth: int = DEFAULT_MAX_QUEUE_DEPTH,
         max_bytes_in_flight: int = DEFAULT_MAX_BYTES_IN_FLIGHT,
+        observers: Iterable[IServerObserver] = (),
+        reactor: IReactorTime | None = None,
+        config: ServerConfiguration | None = None,
     ) -> None:
         self.registry = registry
         self.max_queue_depth = max_queue_depth
         self.max_bytes_in_flight = max_bytes_in_flight
+        self.observers: list[IServerObserver] = list(observers)
+        self.config = config if config is not None else ServerConfiguration()
+        self._clock: Callable[[], float] = (
+            reactor.seconds if reactor is not None else time.monotonic
+        )
         self.connections: set[NBDServerProtocol] = set()
         self.shutting_down = False
+
+    def add_observer(self, observer: IServerObserver) -> None:
+        """Tell C{observer} of connections made from now on, and their requests."""
+        self.observers.append(observer)
 
     def shutdown(
         self, timeout: float | None = None, clock: IReactorTime | None = None
@@ -540,7 +671,7 @@ class NBDServerFactory(Factory):
             for proto in list(self.connections):
                 proto.log.warn(
                     "Dropping client {peer}: still busy {timeout}s after shutdown began",
-                    peer=proto._peer(),
+                    peer=proto.info.peer,
                     timeout=timeout,
                 )
                 proto.abort()
@@ -558,6 +689,9 @@ class NBDServerFactory(Factory):
             self.registry,
             max_queue_depth=self.max_queue_depth,
             max_bytes_in_flight=self.max_bytes_in_flight,
+            config=self.config,
+            observers=self.observers,
+            clock=self._clock,
         )
         proto.factory = self
         return proto

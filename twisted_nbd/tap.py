@@ -1,17 +1,14 @@
 # -*- test-case-name: tests.test_tap -*-
 """
-The C{twistd nbd} application: command-line options and the service tree.
+The C{twistd nbd} application: command-line options, and the glue that
+hands them to L{twisted_nbd.service.build}.
 
 C{twistd -n nbd --memory 1G} or C{twistd -n nbd --image disk.img} parse
-L{Options}, then L{makeService} builds::
-
-    MultiService
-     +- BlockDeviceService "device"  (owns the device and its I/O thread pool)
-     +- StreamServerEndpointService  (one per --listen, all sharing one factory)
-
-Every mistake on the command line, including an image that cannot be opened,
-is found while parsing and raised as L{usage.UsageError}, which twistd prints
-as one line instead of a traceback.
+L{Options} into a L{Config}; L{makeService} builds the service tree from
+it. Every mistake on the command line, including an image that cannot be
+opened, is found while parsing (by L{ExportSpec}, the one validator of
+exports) and raised as L{usage.UsageError}, which twistd prints as one line
+instead of a traceback.
 
 The reactor is never imported at module level: twistd installs the reactor
 the user chose after importing plugins, and L{makeService} takes a reactor
@@ -21,48 +18,32 @@ for tests and for embedding.
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence, cast
+from dataclasses import replace
+from typing import Any, cast
 
-from twisted.application import strports
-from twisted.application.service import MultiService, Service
+from twisted.application.service import MultiService
 from twisted.internet import endpoints
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
-from twisted.logger import Logger
 from twisted.python import usage
-from twisted.python.threadpool import ThreadPool
 
-from twisted_nbd.backends.file import FileBlockDevice, create_image
-from twisted_nbd.backends.memory import MemoryBlockDevice
+from twisted_nbd import service
 from twisted_nbd.config import (
+    DEFAULT_LISTEN,
     MAX_SIZE,
     Config,
     ConfigError,
     ExportSpec,
+    SpecError,
     load_config,
     parse_size,
 )
-from twisted_nbd.exports import MAX_STRING, Export, ExportRegistry
-from twisted_nbd.interfaces import IBlockDevice
-from twisted_nbd.protocol import NBDServerFactory
 
 __all__ = [
-    "BlockDeviceService",
-    "NBDService",
-    "openExports",
     "DEFAULT_LISTEN",
     "MAX_SIZE",
     "Options",
     "makeService",
     "parse_size",
 ]
-
-#: Where the server listens when no C{--listen} is given: the IANA NBD port.
-DEFAULT_LISTEN = "tcp:10809"
-
-_log = Logger()
-
-#: The most threads the I/O pool of file-backed exports starts.
-IO_THREADS = 8
 
 _EXAMPLES = """
 Endpoints for --listen (quote them in a shell):
@@ -81,19 +62,7 @@ Examples:
 """
 
 
-def _checkString(option: str, text: str) -> None:
-    """
-    Refuse a name or description that the protocol cannot carry.
-
-    @raise usage.UsageError: C{text} is too long or contains a NUL.
-    """
-    if len(text.encode("utf-8")) > MAX_STRING:
-        raise usage.UsageError(f"--{option} is longer than {MAX_STRING} bytes (UTF-8)")
-    if "\0" in text:
-        raise usage.UsageError(f"--{option} must not contain a NUL character")
-
-
-def _checkEndpoint(description: str) -> None:
+def _check_endpoint(description: str) -> None:
     """
     Parse C{description} as a server endpoint without listening on it.
 
@@ -125,6 +94,15 @@ _SINGLE_EXPORT_OPTIONS = (
     "preferred-block",
     "max-block",
 )
+
+
+#: The option to name in a message about each setting of an export.
+_SPEC_OPTIONS = {
+    "name": "--name:",
+    "description": "--description:",
+    "block sizes": "--min-block/--preferred-block/--max-block:",
+    "image": "--image",
+}
 
 
 class Options(usage.Options):
@@ -256,9 +234,9 @@ class Options(usage.Options):
         if not 0 <= self["shutdown-timeout"] < float("inf"):
             raise usage.UsageError("--shutdown-timeout must be zero or more seconds")
         if self["config"] is not None:
-            self.config = self._fromFile(self["config"])
+            self.config = self._from_file(self["config"])
         else:
-            self.config = self._fromOptions()
+            self.config = self._from_options()
 
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
@@ -267,9 +245,16 @@ class Options(usage.Options):
             if description in seen:
                 raise usage.UsageError(f"--listen {description!r} is given twice")
             seen.add(description)
-            _checkEndpoint(description)
+            _check_endpoint(description)
+        self.config = replace(
+            self.config,
+            listen=tuple(self["listen"]),
+            max_queue_depth=self["max-queue-depth"],
+            max_bytes_in_flight=self["max-bytes-in-flight"],
+            shutdown_timeout=self["shutdown-timeout"],
+        )
 
-    def _fromFile(self, path: str) -> Config:
+    def _from_file(self, path: str) -> Config:
         """Load C{--config}, which describes every export by itself."""
         single = [option for option in _SINGLE_EXPORT_OPTIONS if self[option] not in (None, False)]
         if single:
@@ -281,7 +266,7 @@ class Options(usage.Options):
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
 
-    def _fromOptions(self) -> Config:
+    def _from_options(self) -> Config:
         """Build the one export the command line describes."""
         image, memory = self["image"], self["memory"]
         if image is None and memory is None:
@@ -298,7 +283,6 @@ class Options(usage.Options):
         for option in ("name", "description"):
             if self[option] is None:
                 self[option] = ""
-            _checkString(option, self[option])
         if image is not None:
             if image == "":
                 raise usage.UsageError("--image needs a path")
@@ -315,13 +299,10 @@ class Options(usage.Options):
             max_block=self["max-block"],
         )
         try:
-            spec.check_block_sizes()
-        except ValueError as e:
-            raise usage.UsageError(f"--min-block/--preferred-block/--max-block: {e}") from None
-        try:
-            spec.check_image(size_hint="add --size SIZE", read_only_hint="add --read-only")
-        except ValueError as e:
-            raise usage.UsageError(f"--image {e}") from None
+            spec.check(size_hint="add --size SIZE", read_only_hint="add --read-only")
+        except SpecError as e:
+            prefix = _SPEC_OPTIONS.get(e.setting)
+            raise usage.UsageError(f"{prefix} {e}" if prefix else str(e)) from None
         return Config([spec], default=spec.name)
 
     def _size(self, option: str) -> int | None:
@@ -357,177 +338,13 @@ class Options(usage.Options):
         return number
 
 
-class BlockDeviceService(Service):
-    """
-    Owns the served block devices, and the thread pool their blocking calls
-    run in if they need one: starts the pool with the service, and on stop
-    closes every device (each waits for its requests still running) and
-    then stops the pool.
-
-    A stopped service cannot be started again: its devices are closed.
-
-    @ivar devices: the L{IBlockDevice}s.
-    @ivar pool: their L{ThreadPool}, or C{None}.
-    """
-
-    def __init__(self, devices: Sequence[IBlockDevice], pool: ThreadPool | None = None) -> None:
-        self.devices = list(devices)
-        self.pool = pool
-
-    def startService(self) -> None:
-        """
-        Start the thread pool. This runs after twistd has daemonized (a fork
-        would lose the threads) and dropped privileges.
-        """
-        if self.pool is not None and not self.pool.started:
-            self.pool.start()
-        Service.startService(self)
-
-    def stopService(self) -> Deferred[None]:
-        """
-        Close the devices, then stop the pool.
-
-        @return: a Deferred that fires once all are done.
-        """
-        Service.stopService(self)
-        closed = DeferredList(
-            [maybeDeferred(device.close) for device in self.devices], consumeErrors=True
-        )
-
-        def stopPool(result: object) -> None:
-            if self.pool is not None and self.pool.started:
-                self.pool.stop()
-            for ok, value in cast("list[tuple[bool, Any]]", result):
-                if not ok:
-                    _log.failure("Closing a block device failed", value)
-
-        return closed.addCallback(stopPool)
-
-
-def openExports(
-    config: Config, reactor: Any, max_threads: int = IO_THREADS
-) -> tuple[ExportRegistry, BlockDeviceService]:
-    """
-    Open the devices a L{Config} describes, creating sparse images where a
-    size asks for one.
-
-    @return: the registry of exports, and the service that owns the devices
-        and their thread pool (not yet started).
-    @raise OSError: an image could not be created or opened after all; the
-        devices already opened are closed.
-    """
-    pool: ThreadPool | None = None
-    devices: list[IBlockDevice] = []
-    exports: list[Export] = []
-    try:
-        for spec in config.exports:
-            device: IBlockDevice
-            if spec.memory is not None:
-                device = MemoryBlockDevice(spec.memory)
-            else:
-                assert spec.image is not None
-                if spec.size is not None:
-                    create_image(spec.image, spec.size)
-                if pool is None:
-                    pool = ThreadPool(minthreads=1, maxthreads=max_threads, name="nbd-io")
-                device = FileBlockDevice(
-                    spec.image, read_only=spec.read_only, reactor=reactor, threadpool=pool
-                )
-            devices.append(device)
-            exports.append(
-                Export(
-                    spec.name,
-                    device,
-                    description=spec.description,
-                    read_only=spec.read_only,
-                    min_block=spec.min_block,
-                    preferred_block=spec.preferred_block,
-                    max_block=spec.max_block,
-                )
-            )
-        registry = ExportRegistry.of(exports, config.default)
-    except BaseException:
-        for device in devices:
-            device.close()
-        raise
-    return registry, BlockDeviceService(devices, pool)
-
-
-class NBDService(MultiService):
-    """
-    The service tree of an NBD server: the device service (named
-    C{"device"}) and the listeners. Stopping it is ordered so that no
-    request is cut short: stop listening, shut the connections down
-    gracefully (C-07: requests in flight finish, new ones get ESHUTDOWN)
-    for at most C{shutdown_timeout} seconds, and only then close the
-    devices.
-
-    @ivar factory: the L{NBDServerFactory} every listener uses.
-    """
-
-    def __init__(self, factory: NBDServerFactory, reactor: Any, shutdown_timeout: float) -> None:
-        MultiService.__init__(self)
-        self.factory = factory
-        self._reactor = reactor
-        self.shutdown_timeout = shutdown_timeout
-
-    def stopService(self) -> Deferred[None]:
-        """
-        Stop listening, drain the connections, then close the devices.
-
-        @return: a Deferred that fires once all of that is done.
-        """
-        Service.stopService(self)
-        children = list(self)
-        devices = [child for child in children if child.name == "device"]
-        listeners = [child for child in children if child.name != "device"]
-        stopped = DeferredList(
-            [maybeDeferred(child.stopService) for child in reversed(listeners)],
-            consumeErrors=True,
-        )
-        stopped.addCallback(lambda _: self.factory.shutdown(self.shutdown_timeout, self._reactor))
-        stopped.addCallback(
-            lambda _: DeferredList(
-                [maybeDeferred(child.stopService) for child in devices], consumeErrors=True
-            )
-        )
-        return stopped.addCallback(lambda _: None)
-
-
 def makeService(options: Options, reactor: Any = None) -> MultiService:
     """
-    Build the service tree for parsed L{Options}.
-
-    Opening the devices happens here, before twistd drops privileges
-    (C{--uid}); images are created first where a size asks for it.
+    Build the service tree for parsed L{Options} (see
+    L{twisted_nbd.service.build}, which does the work).
 
     @param reactor: the reactor to listen with and to deliver the thread
         pool's results to; the global reactor if C{None}.
-    @return: a L{MultiService} whose first child, named C{"device"}, is the
-        L{BlockDeviceService}, followed by one
-        L{StreamServerEndpointService
-        <twisted.application.internet.StreamServerEndpointService>} per
-        C{--listen}.
     @raise OSError: an image could not be created or opened after all.
     """
-    if reactor is None:
-        from twisted.internet import reactor as globalReactor
-
-        reactor = globalReactor
-
-    registry, deviceService = openExports(
-        options.config, reactor, min(IO_THREADS, options["max-queue-depth"])
-    )
-    factory = NBDServerFactory(
-        registry,
-        max_queue_depth=options["max-queue-depth"],
-        max_bytes_in_flight=options["max-bytes-in-flight"],
-    )
-    top = NBDService(factory, reactor, options["shutdown-timeout"])
-    # Typed as a plain Service: mypy sees the inherited methods as Twisted's.
-    owner: Service = deviceService
-    owner.setName("device")
-    owner.setServiceParent(top)
-    for description in options["listen"]:
-        strports.service(description, factory, reactor=reactor).setServiceParent(top)
-    return top
+    return service.build(options.config, reactor)

@@ -150,10 +150,10 @@ def _pattern(length: int, seed: int = 0) -> bytes:
 class BlockDeviceConformanceMixin(_ConformanceBase):
     """
     Tests every L{IBlockDevice} should pass. Mix into a
-    L{twisted.trial.unittest.TestCase} and implement L{makeDevice}::
+    L{twisted.trial.unittest.TestCase} and implement L{make_device}::
 
         class MyDeviceTests(BlockDeviceConformanceMixin, TestCase):
-            def makeDevice(self, size: int) -> IBlockDevice:
+            def make_device(self, size: int) -> IBlockDevice:
                 return MyDevice(size)
 
     Tests that need a capability the device does not advertise are
@@ -161,34 +161,34 @@ class BlockDeviceConformanceMixin(_ConformanceBase):
     The tests wait for Deferreds, so devices that answer from a thread pool
     work as well as ones that answer at once.
 
-    @cvar deviceSize: the size most tests ask L{makeDevice} for: at least
+    @cvar device_size: the size most tests ask L{make_device} for: at least
         9 MiB and deliberately not a multiple of a page, so the partial
         last page is exercised. Override it with a multiple of
         C{min_block} for devices that need one.
-    @cvar exactAllocation: C{block_status} reports exactly what the device
+    @cvar exact_allocation: C{block_status} reports exactly what the device
         was told: a hole for every 1 MiB-aligned range trimmed or zeroed
         with C{may_trim}, and allocated data for a range zeroed without it.
         Leave it C{False} when that depends on a file system.
     """
 
-    deviceSize: int = 9 * _MiB + 4 * _KiB + 123
-    exactAllocation: bool = False
+    device_size: int = 9 * _MiB + 4 * _KiB + 123
+    exact_allocation: bool = False
 
-    def makeDevice(self, size: int) -> IBlockDevice | Deferred[IBlockDevice]:
+    def make_device(self, size: int) -> IBlockDevice | Deferred[IBlockDevice]:
         """
         Make a new device of C{size} bytes that reads as zeroes.
 
         @return: the device, or a Deferred that fires with it.
         """
-        raise NotImplementedError(f"{type(self).__name__} must implement makeDevice")
+        raise NotImplementedError(f"{type(self).__name__} must implement make_device")
 
     # Helpers.
 
-    async def _open(self, size: int | None = None, closeAfter: bool = True) -> IBlockDevice:
+    async def _open(self, size: int | None = None, close_after: bool = True) -> IBlockDevice:
         """Make a device, closing it when the test ends unless told not to."""
-        made = self.makeDevice(self.deviceSize if size is None else size)
+        made = self.make_device(self.device_size if size is None else size)
         device = (await made) if isinstance(made, Deferred) else made
-        if closeAfter:
+        if close_after:
             self.addCleanup(device.close)
         return device
 
@@ -198,7 +198,7 @@ class BlockDeviceConformanceMixin(_ConformanceBase):
             if not getattr(device.capabilities, name):
                 raise SkipTest(f"the device does not advertise {name}")
 
-    def _requireBytes(self, device: IBlockDevice) -> None:
+    def _require_bytes(self, device: IBlockDevice) -> None:
         """Skip the test unless the device can be addressed byte by byte."""
         if device.capabilities.min_block != 1:
             raise SkipTest("the device is not byte-addressable (min_block is not 1)")
@@ -208,12 +208,12 @@ class BlockDeviceConformanceMixin(_ConformanceBase):
         if not condition:
             self.fail(message)
 
-    async def _expectNone(self, d: Deferred[Any], what: str) -> None:
+    async def _expect_none(self, d: Deferred[Any], what: str) -> None:
         """Wait for C{d} and fail the test unless it fires with C{None}."""
         result = await d
         self._expect(result is None, f"{what} fired with {result!r}, not None")
 
-    def _assertBytes(self, actual: object, expected: bytes, what: str) -> None:
+    def _assert_bytes(self, actual: object, expected: bytes, what: str) -> None:
         """
         Assert that a read returned C{expected}, naming the first wrong byte
         rather than printing megabytes.
@@ -245,16 +245,16 @@ class BlockDeviceConformanceMixin(_ConformanceBase):
             pieces.append(bytes(data))
         return b"".join(pieces)
 
-    async def _assertModel(
+    async def _assert_model(
         self, device: IBlockDevice, model: bytearray, offset: int = 0, length: int | None = None
     ) -> None:
         """Assert the device holds what the model says, by default everywhere."""
         if length is None:
             length = len(model) - offset
         data = await self._read(device, offset, length)
-        self._assertBytes(data, bytes(model[offset : offset + length]), "device contents")
+        self._assert_bytes(data, bytes(model[offset : offset + length]), "device contents")
 
-    def _assertWellFormed(
+    def _assert_well_formed(
         self, device: IBlockDevice, offset: int, extents: Sequence[Extent]
     ) -> int:
         """
@@ -277,7 +277,7 @@ class BlockDeviceConformanceMixin(_ConformanceBase):
         )
         return covered
 
-    async def _extentMap(
+    async def _extent_map(
         self, device: IBlockDevice, offset: int, end: int
     ) -> list[tuple[int, int, int]]:
         """
@@ -292,7 +292,7 @@ class BlockDeviceConformanceMixin(_ConformanceBase):
         position = offset
         while position < end:
             extents = await device.block_status(position, end - position)
-            self._assertWellFormed(device, position, extents)
+            self._assert_well_formed(device, position, extents)
             for extent in extents:
                 length = min(extent.length, end - position)
                 if length <= 0:
@@ -306,12 +306,12 @@ class BlockDeviceConformanceMixin(_ConformanceBase):
         for start, length, flags in found:
             if flags & STATE_ZERO:
                 data = await self._read(device, start, length)
-                self._assertBytes(data, bytes(length), f"range claimed zero at {start}")
+                self._assert_bytes(data, bytes(length), f"range claimed zero at {start}")
         return found
 
     # The tests.
 
-    async def test_providesIBlockDevice(self) -> None:
+    async def test_provides_i_block_device(self) -> None:
         """The device provides L{IBlockDevice} and has L{Capabilities}."""
         device = await self._open()
         self._expect(verifyObject(IBlockDevice, device), "verifyObject failed")
@@ -324,22 +324,22 @@ class BlockDeviceConformanceMixin(_ConformanceBase):
         """The device has the size it was made with."""
         device = await self._open()
         self._expect(
-            device.size == self.deviceSize, f"size is {device.size}, not {self.deviceSize}"
+            device.size == self.device_size, f"size is {device.size}, not {self.device_size}"
         )
 
-    async def test_newDeviceReadsZeroes(self) -> None:
+    async def test_new_device_reads_zeroes(self) -> None:
         """Every byte of a new device reads as zero."""
         device = await self._open()
         data = await self._read(device, 0, device.size)
-        self._assertBytes(data, bytes(device.size), "a new device")
+        self._assert_bytes(data, bytes(device.size), "a new device")
 
-    async def test_zeroLengthRead(self) -> None:
+    async def test_zero_length_read(self) -> None:
         """A read of no bytes, even at the very end, returns no bytes."""
         device = await self._open()
-        self._assertBytes(await device.read(0, 0), b"", "read(0, 0)")
-        self._assertBytes(await device.read(device.size, 0), b"", "read(size, 0)")
+        self._assert_bytes(await device.read(0, 0), b"", "read(0, 0)")
+        self._assert_bytes(await device.read(device.size, 0), b"", "read(size, 0)")
 
-    async def test_writeAligned(self) -> None:
+    async def test_write_aligned(self) -> None:
         """Block-aligned writes read back, and nothing else changes."""
         device = await self._open()
         self._require(device, "can_write")
@@ -348,37 +348,37 @@ class BlockDeviceConformanceMixin(_ConformanceBase):
             [(0, 4 * _KiB), (4 * _KiB, 4 * _KiB), (64 * _KiB, 64 * _KiB), (_MiB, 300 * _KiB)]
         ):
             await self._write(device, model, offset, _pattern(length, seed))
-            self._assertBytes(
+            self._assert_bytes(
                 await device.read(offset, length), _pattern(length, seed), f"at {offset}"
             )
-        await self._assertModel(device, model)
+        await self._assert_model(device, model)
 
-    async def test_writeUnaligned(self) -> None:
+    async def test_write_unaligned(self) -> None:
         """Writes at odd offsets and lengths, across pages, read back."""
         device = await self._open()
         self._require(device, "can_write")
-        self._requireBytes(device)
+        self._require_bytes(device)
         model = bytearray(device.size)
         for seed, (offset, length) in enumerate(
             [(1, 1), (4095, 2), (64 * _KiB - 7, 13), (12345, 200_001), (3 * _MiB + 3, 1)]
         ):
             await self._write(device, model, offset, _pattern(length, seed))
-        await self._assertModel(device, model)
-        self._assertBytes(await device.read(4094, 4), b"\0" + _pattern(2, 1) + b"\0", "4094")
+        await self._assert_model(device, model)
+        self._assert_bytes(await device.read(4094, 4), b"\0" + _pattern(2, 1) + b"\0", "4094")
 
-    async def test_writeLastBytes(self) -> None:
+    async def test_write_last_bytes(self) -> None:
         """The last block, and the very last byte, can be written and read."""
         device = await self._open()
         self._require(device, "can_write")
         block = device.capabilities.min_block
         size = device.size
         await device.write(size - block, _pattern(block))
-        self._assertBytes(await device.read(size - block, block), _pattern(block), "last block")
+        self._assert_bytes(await device.read(size - block, block), _pattern(block), "last block")
         if block == 1:
             await device.write(size - 1, b"\xaa")
-            self._assertBytes(await device.read(size - 2, 2), b"\0\xaa", "last byte")
+            self._assert_bytes(await device.read(size - 2, 2), b"\0\xaa", "last byte")
 
-    async def test_overlappingWrites(self) -> None:
+    async def test_overlapping_writes(self) -> None:
         """A later write wins where it overlaps an earlier one."""
         device = await self._open()
         self._require(device, "can_write")
@@ -388,17 +388,17 @@ class BlockDeviceConformanceMixin(_ConformanceBase):
         await self._write(device, model, 20 * page, _pattern(10 * page, 2))
         await self._write(device, model, 40 * page, _pattern(20 * page, 3))
         await self._write(device, model, 0, _pattern(2 * page, 4))
-        await self._assertModel(device, model, 0, 70 * page)
-        self._assertBytes(
+        await self._assert_model(device, model, 0, 70 * page)
+        self._assert_bytes(
             await device.read(20 * page, page), _pattern(page, 2), "the overwritten middle"
         )
 
-    async def test_writeFUA(self) -> None:
+    async def test_write_fua(self) -> None:
         """A write with FUA completes and reads back."""
         device = await self._open()
         self._require(device, "can_write", "can_fua")
-        await self._expectNone(device.write(8 * _KiB, _pattern(8 * _KiB), fua=True), "write")
-        self._assertBytes(await device.read(8 * _KiB, 8 * _KiB), _pattern(8 * _KiB), "FUA")
+        await self._expect_none(device.write(8 * _KiB, _pattern(8 * _KiB), fua=True), "write")
+        self._assert_bytes(await device.read(8 * _KiB, 8 * _KiB), _pattern(8 * _KiB), "FUA")
 
     async def test_flush(self) -> None:
         """A flush after writes fires with C{None} and loses nothing."""
@@ -406,11 +406,11 @@ class BlockDeviceConformanceMixin(_ConformanceBase):
         self._require(device, "can_flush")
         if device.capabilities.can_write:
             await device.write(0, _pattern(4 * _KiB))
-        await self._expectNone(device.flush(), "flush")
+        await self._expect_none(device.flush(), "flush")
         if device.capabilities.can_write:
-            self._assertBytes(await device.read(0, 4 * _KiB), _pattern(4 * _KiB), "flushed")
+            self._assert_bytes(await device.read(0, 4 * _KiB), _pattern(4 * _KiB), "flushed")
 
-    async def test_trimThenWrite(self) -> None:
+    async def test_trim_then_write(self) -> None:
         """
         Trimming leaves the data around the range intact, and the trimmed
         range can be written again.
@@ -419,16 +419,16 @@ class BlockDeviceConformanceMixin(_ConformanceBase):
         self._require(device, "can_write", "can_trim")
         model = bytearray(device.size)
         await self._write(device, model, 0, _pattern(3 * _MiB))
-        await self._expectNone(device.trim(_MiB, _MiB), "trim")
-        await self._assertModel(device, model, 0, _MiB)
-        await self._assertModel(device, model, 2 * _MiB, device.size - 2 * _MiB)
+        await self._expect_none(device.trim(_MiB, _MiB), "trim")
+        await self._assert_model(device, model, 0, _MiB)
+        await self._assert_model(device, model, 2 * _MiB, device.size - 2 * _MiB)
         await self._write(device, model, _MiB + 4 * _KiB, _pattern(8 * _KiB, 5))
-        await self._assertModel(device, model, _MiB + 4 * _KiB, 8 * _KiB)
+        await self._assert_model(device, model, _MiB + 4 * _KiB, 8 * _KiB)
         if device.capabilities.can_fua:
             await device.trim(2 * _MiB, 64 * _KiB, fua=True)
-            await self._assertModel(device, model, 2 * _MiB + 64 * _KiB, 64 * _KiB)
+            await self._assert_model(device, model, 2 * _MiB + 64 * _KiB, 64 * _KiB)
 
-    async def _checkWriteZeroes(self, mayTrim: bool) -> None:
+    async def _check_write_zeroes(self, may_trim: bool) -> None:
         device = await self._open()
         self._require(device, "can_write", "can_zero")
         model = bytearray(device.size)
@@ -440,31 +440,31 @@ class BlockDeviceConformanceMixin(_ConformanceBase):
         # A range never written, reaching the end of the device.
         ranges.append((5 * _MiB, device.size - 5 * _MiB))
         for offset, length in ranges:
-            await self._expectNone(
-                device.write_zeroes(offset, length, may_trim=mayTrim), "write_zeroes"
+            await self._expect_none(
+                device.write_zeroes(offset, length, may_trim=may_trim), "write_zeroes"
             )
             model[offset : offset + length] = bytes(length)
-        await self._assertModel(device, model)
+        await self._assert_model(device, model)
         if device.capabilities.can_fua:
-            await device.write_zeroes(_MiB, 4 * _KiB, fua=True, may_trim=mayTrim)
+            await device.write_zeroes(_MiB, 4 * _KiB, fua=True, may_trim=may_trim)
             model[_MiB : _MiB + 4 * _KiB] = bytes(4 * _KiB)
-            await self._assertModel(device, model, 0, 3 * _MiB)
+            await self._assert_model(device, model, 0, 3 * _MiB)
 
-    async def test_writeZeroesMayTrim(self) -> None:
+    async def test_write_zeroes_may_trim(self) -> None:
         """
         Zeroing that may punch holes makes the range read as zeroes and
         leaves its neighbours alone.
         """
-        await self._checkWriteZeroes(mayTrim=True)
+        await self._check_write_zeroes(may_trim=True)
 
-    async def test_writeZeroesNoHole(self) -> None:
+    async def test_write_zeroes_no_hole(self) -> None:
         """
         Zeroing with NO_HOLE makes the range read as zeroes and leaves its
         neighbours alone.
         """
-        await self._checkWriteZeroes(mayTrim=False)
+        await self._check_write_zeroes(may_trim=False)
 
-    async def test_blockStatusWellFormed(self) -> None:
+    async def test_block_status_well_formed(self) -> None:
         """
         Block status anywhere returns consecutive, non-empty extents inside
         the device, with only the defined flags.
@@ -483,9 +483,9 @@ class BlockDeviceConformanceMixin(_ConformanceBase):
             for length in (block, 4 * _KiB, size - offset):
                 length = min(length, size - offset)
                 extents = await device.block_status(offset, length)
-                self._assertWellFormed(device, offset, extents)
+                self._assert_well_formed(device, offset, extents)
 
-    async def test_blockStatusData(self) -> None:
+    async def test_block_status_data(self) -> None:
         """
         Block status never claims that written data reads as zeroes, and
         every range it does claim to be zero reads as zeroes.
@@ -494,11 +494,11 @@ class BlockDeviceConformanceMixin(_ConformanceBase):
         self._require(device, "can_extents", "can_write")
         await device.write(_MiB, _pattern(64 * _KiB))
         extents = await device.block_status(_MiB, 64 * _KiB)
-        self._assertWellFormed(device, _MiB, extents)
+        self._assert_well_formed(device, _MiB, extents)
         self._expect(not extents[0].flags & STATE_ZERO, f"written data reported zero: {extents}")
-        await self._extentMap(device, 0, device.size)
+        await self._extent_map(device, 0, device.size)
 
-    async def test_blockStatusAfterZeroing(self) -> None:
+    async def test_block_status_after_zeroing(self) -> None:
         """
         After trimming and zeroing, block status stays truthful (ranges
         claimed zero read as zeroes, written ones are not claimed zero) and,
@@ -510,14 +510,14 @@ class BlockDeviceConformanceMixin(_ConformanceBase):
         await device.write_zeroes(_MiB, _MiB, may_trim=True)
         if device.capabilities.can_trim:
             await device.trim(3 * _MiB, 512 * _KiB)
-        found = await self._extentMap(device, 0, device.size)
+        found = await self._extent_map(device, 0, device.size)
         for start, _, flags in found:
             if flags & STATE_ZERO:
                 self._expect(
                     not (start < _MiB or 2 * _MiB <= start < 3 * _MiB),
                     f"data reported as zero: {found}",
                 )
-        if self.exactAllocation:
+        if self.exact_allocation:
             hole = STATE_HOLE | STATE_ZERO
             expected = [(0, _MiB, 0), (_MiB, _MiB, hole), (2 * _MiB, _MiB, 0)]
             if device.capabilities.can_trim:
@@ -527,19 +527,19 @@ class BlockDeviceConformanceMixin(_ConformanceBase):
             expected += [(4 * _MiB, device.size - 4 * _MiB, hole)]
             self._expect(found == expected, f"extents {found}, expected {expected}")
 
-    async def test_noHoleZeroingStaysAllocated(self) -> None:
+    async def test_no_hole_zeroing_stays_allocated(self) -> None:
         """
         Zeroing with NO_HOLE, even where nothing was ever written, leaves the
         range allocated (checked on devices that report allocation exactly).
         """
-        if not self.exactAllocation:
+        if not self.exact_allocation:
             raise SkipTest("the device's allocation reporting is not exact")
         device = await self._open()
         self._require(device, "can_extents", "can_write", "can_zero")
         await device.write(0, _pattern(_MiB))
         await device.write_zeroes(0, _MiB, may_trim=False)
         await device.write_zeroes(2 * _MiB, _MiB, may_trim=False)
-        found = await self._extentMap(device, 0, 4 * _MiB)
+        found = await self._extent_map(device, 0, 4 * _MiB)
         # Allocated means STATE_HOLE is clear; STATE_ZERO may be set, and is
         # true here, so only the HOLE bit is compared.
         holes = [(start, length, flags & STATE_HOLE) for start, length, flags in found]
@@ -551,7 +551,7 @@ class BlockDeviceConformanceMixin(_ConformanceBase):
         ]
         self._expect(holes == expected, f"extents {found}, expected HOLE bits {expected}")
 
-    async def test_fastZero(self) -> None:
+    async def test_fast_zero(self) -> None:
         """
         Fast zeroing either works, reading zeroes afterwards, or fails with
         C{ENOTSUP} leaving the data as it was.
@@ -560,14 +560,14 @@ class BlockDeviceConformanceMixin(_ConformanceBase):
         self._require(device, "can_write", "can_zero", "can_fast_zero")
         model = bytearray(device.size)
         await self._write(device, model, 0, _pattern(3 * _MiB))
-        for offset, mayTrim in [(64 * _KiB, True), (_MiB + 64 * _KiB, False)]:
+        for offset, may_trim in [(64 * _KiB, True), (_MiB + 64 * _KiB, False)]:
             try:
-                await device.write_zeroes(offset, 512 * _KiB, may_trim=mayTrim, fast=True)
+                await device.write_zeroes(offset, 512 * _KiB, may_trim=may_trim, fast=True)
             except NBDError as e:
                 self._expect(e.errno == Errno.ENOTSUP, f"fast zero failed with {e}")
             else:
                 model[offset : offset + 512 * _KiB] = bytes(512 * _KiB)
-            await self._assertModel(device, model, 0, 3 * _MiB)
+            await self._assert_model(device, model, 0, 3 * _MiB)
 
     async def test_cache(self) -> None:
         """
@@ -578,14 +578,14 @@ class BlockDeviceConformanceMixin(_ConformanceBase):
         if device.capabilities.can_write:
             await device.write(_MiB, _pattern(4 * _KiB))
         try:
-            await self._expectNone(device.cache(0, device.size), "cache")
+            await self._expect_none(device.cache(0, device.size), "cache")
         except NBDError:
             if device.capabilities.can_cache:
                 raise
         expected = _pattern(4 * _KiB) if device.capabilities.can_write else bytes(4 * _KiB)
-        self._assertBytes(await device.read(_MiB, 4 * _KiB), expected, "after cache")
+        self._assert_bytes(await device.read(_MiB, 4 * _KiB), expected, "after cache")
 
-    async def test_bigRead(self) -> None:
+    async def test_big_read(self) -> None:
         """An 8 MiB read returns exactly the 8 MiB written."""
         device = await self._open()
         self._require(device, "can_write")
@@ -595,9 +595,9 @@ class BlockDeviceConformanceMixin(_ConformanceBase):
         for start in range(0, length, step):
             await device.write(4 * _KiB + start, data[start : start + step])
         read = await self._read(device, 4 * _KiB, length)
-        self._assertBytes(read, data, "8 MiB read")
+        self._assert_bytes(read, data, "8 MiB read")
 
-    async def test_concurrentRequests(self) -> None:
+    async def test_concurrent_requests(self) -> None:
         """
         Many requests in flight at once, as several connections would send,
         all complete and land where they were aimed.
@@ -610,9 +610,9 @@ class BlockDeviceConformanceMixin(_ConformanceBase):
         reads = [device.read(i * chunk, chunk) for i in range(32)]
         results = await gatherResults(reads)
         for i, data in enumerate(results):
-            self._assertBytes(data, _pattern(chunk, i), f"chunk {i}")
+            self._assert_bytes(data, _pattern(chunk, i), f"chunk {i}")
 
     async def test_close(self) -> None:
         """Close fires with C{None}."""
-        device = await self._open(closeAfter=False)
-        await self._expectNone(device.close(), "close")
+        device = await self._open(close_after=False)
+        await self._expect_none(device.close(), "close")

@@ -30,7 +30,7 @@ from zope.interface import implementer
 
 from twisted_nbd._batch import BatchingRunner, threads
 from twisted_nbd._wire import Errno
-from twisted_nbd.errors import NBDError, errnoFromOSError
+from twisted_nbd.errors import NBDError, errno_from_os_error
 from twisted_nbd.extents import read_planned
 from twisted_nbd.interfaces import (
     STATE_HOLE,
@@ -83,15 +83,15 @@ _log = Logger()
 _fdatasync: Callable[[int], None] = getattr(os, "fdatasync", os.fsync)
 
 _FallocateFunction = Callable[[int, int, int, int], int]
-_fallocateFunction: list[_FallocateFunction | None] = []
+_fallocate_function: list[_FallocateFunction | None] = []
 
 
-def _libcFallocate() -> _FallocateFunction | None:
+def _libc_fallocate() -> _FallocateFunction | None:
     """
     Find libc's C{fallocate} on first use (so importing this module costs
     nothing and works where there is none), or C{None} if it has none.
     """
-    if not _fallocateFunction:
+    if not _fallocate_function:
         function: _FallocateFunction | None = None
         try:
             libc = ctypes.CDLL(None, use_errno=True)
@@ -103,8 +103,8 @@ def _libcFallocate() -> _FallocateFunction | None:
             raw.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
             raw.restype = ctypes.c_int
             function = cast(_FallocateFunction, raw)
-        _fallocateFunction.append(function)
-    return _fallocateFunction[0]
+        _fallocate_function.append(function)
+    return _fallocate_function[0]
 
 
 def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
@@ -113,7 +113,7 @@ def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
 
     @raise OSError: it failed; C{EOPNOTSUPP} if there is no C{fallocate}.
     """
-    function = _libcFallocate()
+    function = _libc_fallocate()
     if function is None:
         raise OSError(errno.EOPNOTSUPP, "fallocate is not available on this platform")
     while function(fd, mode, offset, length) != 0:
@@ -123,14 +123,14 @@ def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
 
 
 #: Reads up to this size are tried in the reactor thread first, without
-#: blocking (see L{FileBlockDevice._readNoWait}); larger ones always go to the
+#: blocking (see L{FileBlockDevice._read_no_wait}); larger ones always go to the
 #: pool, where copying them does not hold up other connections.
 NOWAIT_READ_MAX = 128 * 1024
 
 _RWF_NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)
 
 
-def _noPreadv(fd: int, buffers: list[bytearray], offset: int, flags: int) -> int:
+def _no_preadv(fd: int, buffers: list[bytearray], offset: int, flags: int) -> int:
     raise OSError(errno.ENOSYS, "preadv is not available")
 
 
@@ -164,7 +164,7 @@ def create_image(path: str, size: int) -> bool:
     return True
 
 
-def _deviceSize(fd: int, mode: int) -> int:
+def _device_size(fd: int, mode: int) -> int:
     """
     The size of an open file: C{st_size} for a regular file, the position
     of its end for a block device (whose C{st_size} is 0).
@@ -182,7 +182,7 @@ class FileBlockDevice:
 
     Every method returns a Deferred that fires in the reactor thread once
     the call has finished in the pool; failures are L{NBDError}s whose
-    errno is mapped from the host's with L{errnoFromOSError} and whose
+    errno is mapped from the host's with L{errno_from_os_error} and whose
     message names the operation and offset.
 
     @ivar path: the path that was opened.
@@ -225,14 +225,14 @@ class FileBlockDevice:
                 raise OSError(
                     errno.EINVAL, f"{path!r} is neither a regular file nor a block device", path
                 )
-            self.size = _deviceSize(fd, mode)
-            blockSize = os.fstat(fd).st_blksize
+            self.size = _device_size(fd, mode)
+            block_size = os.fstat(fd).st_blksize
         except BaseException:
             os.close(fd)
             raise
         self._fd = fd
         writable = not read_only
-        preferred = blockSize if blockSize > 0 and blockSize & (blockSize - 1) == 0 else 4096
+        preferred = block_size if block_size > 0 and block_size & (block_size - 1) == 0 else 4096
         self.capabilities = Capabilities(
             can_write=writable,
             can_flush=True,
@@ -262,7 +262,7 @@ class FileBlockDevice:
         # them return short counts or fail.
         self._pread: Callable[[int, int, int], bytes] = os.pread
         self._preadv: Callable[[int, list[bytearray], int, int], int] = getattr(
-            os, "preadv", _noPreadv
+            os, "preadv", _no_preadv
         )
         # Whether to try non-blocking reads from the page cache (Linux 4.14+).
         self._nowait = _RWF_NOWAIT != 0
@@ -278,13 +278,13 @@ class FileBlockDevice:
         if self._closing:
             return fail(NBDError(Errno.ESHUTDOWN, f"{operation}: the device is closed"))
 
-        def inThread() -> _T:
+        def in_thread() -> _T:
             try:
                 return job()
             except OSError as e:
                 where = "" if offset is None else f" at offset {offset}"
                 reason = e.strerror or str(e)
-                raise NBDError(errnoFromOSError(e), f"{operation}{where}: {reason}") from e
+                raise NBDError(errno_from_os_error(e), f"{operation}{where}: {reason}") from e
 
         runner = self._runner
         if runner is None:
@@ -295,7 +295,7 @@ class FileBlockDevice:
                 return fail(e)
             # Several requests share one pool hand-off under load (see _batch).
             runner = self._runner = BatchingRunner(reactor, threadpool, threadpool.max)
-        d = runner.run(inThread)
+        d = runner.run(in_thread)
         self._pending += 1
         d.addBoth(self._finished)
         return d
@@ -304,12 +304,12 @@ class FileBlockDevice:
         """A request left the pool; close the descriptor if it was the last."""
         self._pending -= 1
         if self._closing and self._pending == 0:
-            self._reallyClose()
+            self._really_close()
         return result
 
     # The blocking work, run in pool threads.
 
-    def _readAll(self, offset: int, length: int) -> bytes:
+    def _read_all(self, offset: int, length: int) -> bytes:
         data = self._pread(self._fd, length, offset)
         if len(data) == length:
             return data
@@ -325,7 +325,7 @@ class FileBlockDevice:
             got += len(chunk)
         return b"".join(chunks)
 
-    def _writeAll(self, offset: int, data: bytes | memoryview) -> None:
+    def _write_all(self, offset: int, data: bytes | memoryview) -> None:
         view = memoryview(data).cast("B")
         position = 0
         while position < len(view):
@@ -336,7 +336,7 @@ class FileBlockDevice:
                 raise OSError(errno.EIO, "pwrite wrote nothing")
             position += written
 
-    def _tryFallocate(self, mode: int, offset: int, length: int) -> bool:
+    def _try_fallocate(self, mode: int, offset: int, length: int) -> bool:
         """
         Try one C{fallocate} mode.
 
@@ -354,15 +354,15 @@ class FileBlockDevice:
             raise
         return True
 
-    def _zero(self, offset: int, length: int, fua: bool, mayTrim: bool, fast: bool) -> None:
-        done = mayTrim and self._tryFallocate(_PUNCH, offset, length)
+    def _zero(self, offset: int, length: int, fua: bool, may_trim: bool, fast: bool) -> None:
+        done = may_trim and self._try_fallocate(_PUNCH, offset, length)
         if not done:
-            done = self._tryFallocate(_ZERO_RANGE, offset, length)
-        if not done and not mayTrim and self._tryFallocate(_PUNCH, offset, length):
+            done = self._try_fallocate(_ZERO_RANGE, offset, length)
+        if not done and not may_trim and self._try_fallocate(_PUNCH, offset, length):
             # No zero-range, but a hole followed by allocation gives the same
             # result (the trick nbdkit's file plugin uses). If allocating is
             # unsupported the range still reads as zeroes, merely sparse.
-            self._tryFallocate(_ALLOCATE, offset, length)
+            self._try_fallocate(_ALLOCATE, offset, length)
             done = True
         if not done:
             if fast:
@@ -372,12 +372,12 @@ class FileBlockDevice:
             position = 0
             while position < length:
                 chunk = min(length - position, ZERO_CHUNK)
-                self._writeAll(offset + position, zeroes[:chunk])
+                self._write_all(offset + position, zeroes[:chunk])
                 position += chunk
         if fua:
             _fdatasync(self._fd)
 
-    def _blockStatus(self, offset: int, length: int) -> Sequence[Extent]:
+    def _block_status(self, offset: int, length: int) -> Sequence[Extent]:
         end = min(offset + max(length, 1), self.size)
         if end <= offset:
             raise NBDError(Errno.EINVAL, f"block status at {offset} is past the end")
@@ -417,12 +417,12 @@ class FileBlockDevice:
             with L{NBDError}.
         """
         if length <= NOWAIT_READ_MAX and self._nowait and not self._closing:
-            data = self._readNoWait(offset, length)
+            data = self._read_no_wait(offset, length)
             if data is not None:
                 return succeed(data)
-        return self._run("read", offset, lambda: self._readAll(offset, length))
+        return self._run("read", offset, lambda: self._read_all(offset, length))
 
-    def _readNoWait(self, offset: int, length: int) -> bytes | None:
+    def _read_no_wait(self, offset: int, length: int) -> bytes | None:
         """
         Read from the page cache in the reactor thread, if the kernel can
         do it without waiting for the disk (C{preadv2} with C{RWF_NOWAIT},
@@ -459,8 +459,8 @@ class FileBlockDevice:
         """
 
         def job() -> Sequence[Segment]:
-            extents = self._blockStatus(offset, length)
-            return read_planned(offset, length, extents, self._readAll)
+            extents = self._block_status(offset, length)
+            return read_planned(offset, length, extents, self._read_all)
 
         return self._run("read", offset, job)
 
@@ -474,7 +474,7 @@ class FileBlockDevice:
         """
 
         def write() -> None:
-            self._writeAll(offset, data)
+            self._write_all(offset, data)
             if fua:
                 _fdatasync(self._fd)
 
@@ -499,7 +499,7 @@ class FileBlockDevice:
         """
 
         def trim() -> None:
-            self._tryFallocate(_PUNCH, offset, length)
+            self._try_fallocate(_PUNCH, offset, length)
             if fua:
                 _fdatasync(self._fd)
 
@@ -553,7 +553,7 @@ class FileBlockDevice:
         @return: a Deferred that fires with a non-empty list of L{Extent}s,
             or fails with L{NBDError}.
         """
-        return self._run("block_status", offset, lambda: self._blockStatus(offset, length))
+        return self._run("block_status", offset, lambda: self._block_status(offset, length))
 
     def close(self) -> Deferred[None]:
         """
@@ -571,10 +571,10 @@ class FileBlockDevice:
         self._closeWaiters.append(d)
         self._closing = True
         if self._pending == 0:
-            self._reallyClose()
+            self._really_close()
         return d
 
-    def _reallyClose(self) -> None:
+    def _really_close(self) -> None:
         if not self._closed:
             self._closed = True
             try:

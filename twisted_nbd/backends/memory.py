@@ -129,16 +129,16 @@ class MemoryBlockDevice:
         pieces, one per page touched.
         """
         spans = []
-        pageSize = self.page_size
+        page_size = self.page_size
         position, end = offset, offset + length
         while position < end:
-            index, start = divmod(position, pageSize)
-            chunk = min(pageSize - start, end - position)
+            index, start = divmod(position, page_size)
+            chunk = min(page_size - start, end - position)
             spans.append((index, start, chunk))
             position += chunk
         return spans
 
-    def _wholePage(self, index: int, start: int, chunk: int) -> bool:
+    def _whole_page(self, index: int, start: int, chunk: int) -> bool:
         """
         Whether a span covers every byte of its page that lies inside the
         device (the last page may stick out past C{size}).
@@ -182,7 +182,7 @@ class MemoryBlockDevice:
         """
 
         return _call(
-            lambda: read_planned(offset, length, self._blockStatus(offset, length), self._read)
+            lambda: read_planned(offset, length, self._block_status(offset, length), self._read)
         )
 
     def write(self, offset: int, data: bytes, fua: bool = False) -> Deferred[None]:
@@ -219,9 +219,9 @@ class MemoryBlockDevice:
         """
         if length <= 0:
             return
-        pageSize = self.page_size
+        page_size = self.page_size
         end = offset + length
-        first, last = offset // pageSize, (end - 1) // pageSize
+        first, last = offset // page_size, (end - 1) // page_size
         middle = range(first + 1, last)
         # Visit whichever is smaller: the pages of the range, or the allocated ones.
         if len(middle) <= len(self._pages):
@@ -229,18 +229,18 @@ class MemoryBlockDevice:
         else:
             present = [index for index in self._pages if first < index < last]
         absent = len(middle) - len(present)
-        if not deallocate and absent * pageSize > MAX_ALLOCATION:
+        if not deallocate and absent * page_size > MAX_ALLOCATION:
             # Refuse before touching anything.
             raise NBDError(
                 Errno.ENOSPC,
-                f"keeping {absent * pageSize} bytes allocated needs more memory than the "
+                f"keeping {absent * page_size} bytes allocated needs more memory than the "
                 f"{MAX_ALLOCATION} bytes a memory device allocates at once",
             )
         # The first and last pages may be partly covered: handle them one by one.
         for index in sorted({first, last}):
-            start = max(offset, index * pageSize)
-            stop = min(end, (index + 1) * pageSize)
-            self._zeroSpan(index, start - index * pageSize, stop - start, deallocate)
+            start = max(offset, index * page_size)
+            stop = min(end, (index + 1) * page_size)
+            self._zero_span(index, start - index * page_size, stop - start, deallocate)
         if deallocate:
             for index in present:
                 del self._pages[index]
@@ -250,13 +250,13 @@ class MemoryBlockDevice:
             self._pages[index][:] = self._zeroes
         for index in middle:
             if index not in self._pages:
-                self._pages[index] = bytearray(pageSize)
+                self._pages[index] = bytearray(page_size)
             self._zeroPages.add(index)
 
-    def _zeroSpan(self, index: int, start: int, chunk: int, deallocate: bool) -> None:
+    def _zero_span(self, index: int, start: int, chunk: int, deallocate: bool) -> None:
         """Zero C{chunk} bytes from C{start} in page C{index}."""
         if deallocate:
-            if self._wholePage(index, start, chunk):
+            if self._whole_page(index, start, chunk):
                 self._pages.pop(index, None)
                 self._zeroPages.discard(index)
                 return
@@ -272,7 +272,7 @@ class MemoryBlockDevice:
         else:
             page = self._page(index)
             page[start : start + chunk] = self._zeroes[:chunk]
-            if self._wholePage(index, start, chunk) or page == self._zeroes:
+            if self._whole_page(index, start, chunk) or page == self._zeroes:
                 self._zeroPages.add(index)
 
     def flush(self) -> Deferred[None]:
@@ -328,14 +328,14 @@ class MemoryBlockDevice:
         @return: an already-fired Deferred with a non-empty list of
             L{Extent}s.
         """
-        return _call(lambda: self._blockStatus(offset, length))
+        return _call(lambda: self._block_status(offset, length))
 
-    def _blockStatus(self, offset: int, length: int) -> Sequence[Extent]:
+    def _block_status(self, offset: int, length: int) -> Sequence[Extent]:
         end = min(offset + max(length, 1), self.size)
         if end <= offset:
             raise ValueError(f"block status at {offset} is outside a device of {self.size} bytes")
-        pageSize = self.page_size
-        first, last = offset // pageSize, (end - 1) // pageSize
+        page_size = self.page_size
+        first, last = offset // page_size, (end - 1) // page_size
         # Walk whichever is shorter: the pages of the range, or the pages
         # that exist. A status request over a huge empty device must not
         # iterate over billions of page numbers.
@@ -346,28 +346,28 @@ class MemoryBlockDevice:
 
         runs: list[list[int]] = []  # [length, flags], merged as they come
 
-        def add(runLength: int, flags: int) -> None:
+        def add(run_length: int, flags: int) -> None:
             if runs and runs[-1][1] == flags:
-                runs[-1][0] += runLength
+                runs[-1][0] += run_length
             else:
-                runs.append([runLength, flags])
+                runs.append([run_length, flags])
 
         position = offset
         for index in present:
-            pageStart = index * pageSize
-            if pageStart > position:
-                add(pageStart - position, _HOLE)
-                position = pageStart
+            page_start = index * page_size
+            if page_start > position:
+                add(page_start - position, _HOLE)
+                position = page_start
                 if len(runs) >= MAX_EXTENTS:
                     break
-            stop = min(pageStart + pageSize, end)
+            stop = min(page_start + page_size, end)
             add(stop - position, STATE_ZERO if index in self._zeroPages else 0)
             position = stop
             if len(runs) >= MAX_EXTENTS:
                 break
         if position < end and len(runs) < MAX_EXTENTS:
             add(end - position, _HOLE)
-        return [Extent(runLength, flags) for runLength, flags in runs]
+        return [Extent(run_length, flags) for run_length, flags in runs]
 
     def close(self) -> Deferred[None]:
         """
