@@ -22,6 +22,7 @@ from zope.interface.verify import verifyObject
 from tests import builders as b
 from tests.test_connection import GREETING, after_go
 from twisted_nbd._wire import ChunkType, Cmd, CmdFlags, Errno, Opt, Rep
+from twisted_nbd.base import BlockDeviceFilter
 from twisted_nbd.errors import NBDError
 from twisted_nbd.exports import Export, ExportRegistry
 from twisted_nbd.interfaces import Extent, ISparseRead, Segment
@@ -35,10 +36,21 @@ class Harness:
     """A protocol on a StringTransport, past GO, over a controllable device."""
 
     def __init__(
-        self, depth: int = 4, cap: int = 64 << 20, structured: bool = False, read_only: bool = False
+        self,
+        depth: int = 4,
+        cap: int = 64 << 20,
+        structured: bool = False,
+        read_only: bool = False,
+        served: object = None,
     ) -> None:
+        """
+        @param served: what the export serves (a filter over C{self.device},
+            say); C{self.device} itself if C{None}.
+        """
         self.device = ControllableBlockDevice(SIZE)
-        registry = ExportRegistry.of([Export("", self.device, read_only=read_only)])
+        registry = ExportRegistry.of(
+            [Export("", served or self.device, read_only=read_only)]  # type: ignore[arg-type]
+        )
         factory = NBDServerFactory(registry, max_queue_depth=depth, max_bytes_in_flight=cap)
         self.proto = factory.buildProtocol(None)
         self.transport = StringTransport()
@@ -501,3 +513,76 @@ class ISparseReadTests(SynchronousTestCase):
             self.assertEqual((flags, typ), (1, ChunkType.ERROR))
             self.assertEqual(struct.unpack(">I", payload[:4])[0], Errno.EIO)
         self.flushLoggedErrors(RuntimeError)
+
+
+class _WriteCounter(BlockDeviceFilter):
+    """A filter that changes nothing a read sees: it counts writes."""
+
+    writes = 0
+
+    def write(self, offset: int, data: bytes, fua: bool = False) -> Deferred[None]:
+        self.writes += 1
+        return super().write(offset, data, fua)
+
+
+class _Inverter(BlockDeviceFilter):
+    """A filter that changes what reads return, and so must not pass read_sparse on."""
+
+    def read(self, offset: int, length: int) -> Deferred[bytes]:
+        return self.inner.read(offset, length).addCallback(lambda d: bytes(255 - c for c in d))
+
+
+class FilterTransparencyTests(SynchronousTestCase):
+    """
+    Optional companions of a device (ISparseRead) survive wrapping in
+    filters, so a filter does not silently turn the one-trip sparse read
+    off; a filter that changes reads does not let the inner device answer
+    behind its back.
+    """
+
+    def serve(self, wrap: type[BlockDeviceFilter], layers: int = 1) -> tuple[Harness, object]:
+        device = SparseDevice(SIZE)
+        served: object = device
+        for _ in range(layers):
+            served = wrap(served)  # type: ignore[arg-type]
+        h = Harness(structured=True, served=served)
+        h.device = device
+        return h, served
+
+    def test_sparse_read_through_a_filter(self) -> None:
+        """A READ through a pass-through filter is one read_sparse call on the device."""
+        h, served = self.serve(_WriteCounter)
+        self.assertTrue(ISparseRead.providedBy(served))
+        h.send(b.read(5, 0, 128 << 10))
+        call = h.device.take("read_sparse")
+        self.assertEqual(call.args, {"offset": 0, "length": 128 << 10})
+        call.succeed([(0, 128 << 10)])
+        [(flags, typ, _, _)] = b.parse_chunks(h.transport.value())
+        self.assertEqual((flags, typ), (1, ChunkType.OFFSET_HOLE))
+
+    def test_sparse_read_through_a_stack(self) -> None:
+        """Three filters deep, the device still gets one read_sparse call."""
+        h, served = self.serve(_WriteCounter, layers=3)
+        self.assertTrue(ISparseRead.providedBy(served))
+        h.send(b.read(5, 0, 128 << 10))
+        h.device.take("read_sparse").succeed([(0, b"x" * (128 << 10))])
+        self.assertEqual(h.device.calls, [])
+
+    def test_filter_that_changes_reads(self) -> None:
+        """
+        A filter overriding read hides ISparseRead: the server asks for block
+        status and reads through the filter, so the filter's data is what the
+        client gets.
+        """
+        h, served = self.serve(_Inverter)
+        self.assertFalse(ISparseRead.providedBy(served))
+        h.send(b.read(5, 0, 128 << 10))
+        h.device.take("block_status").succeed([Extent(128 << 10, 0)])
+        h.device.take("read").succeed(b"\x00" * (128 << 10))
+        [(flags, typ, _, payload)] = b.parse_chunks(h.transport.value())
+        self.assertEqual((flags, typ), (1, ChunkType.OFFSET_DATA))
+        self.assertEqual(payload[8:], b"\xff" * (128 << 10))
+
+    def test_device_without_sparse_read(self) -> None:
+        """A filter over a device without ISparseRead does not claim to provide it."""
+        self.assertFalse(ISparseRead.providedBy(_WriteCounter(ControllableBlockDevice(SIZE))))

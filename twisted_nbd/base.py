@@ -17,12 +17,12 @@ from typing import Callable, Sequence, TypeVar
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.python.threadpool import ThreadPool
-from zope.interface import implementer
+from zope.interface import alsoProvides, implementer
 
 from twisted_nbd._batch import BatchingRunner, threads
 from twisted_nbd._wire import Errno
 from twisted_nbd.errors import NBDError
-from twisted_nbd.interfaces import Capabilities, Extent, IBlockDevice
+from twisted_nbd.interfaces import Capabilities, Extent, IBlockDevice, ISparseRead, Segment
 
 __all__ = ["BlockDevice", "BlockDeviceFilter", "ThreadedBlockDevice"]
 
@@ -158,11 +158,39 @@ class BlockDeviceFilter:
     A device that wraps another and forwards every call to it. Subclass it
     and override what the filter changes; filters stack in any order.
 
+    Optional companions of the wrapped device stay visible through the
+    filter: if C{inner} provides L{ISparseRead}, so does the filter, and
+    its C{read_sparse} goes to C{inner} - unless the subclass changes
+    C{read} or C{block_status} without changing C{read_sparse} too, since
+    then C{inner}'s answer would bypass the filter. (The server then falls
+    back to C{block_status} and C{read} through the filter, which is
+    always correct.)
+
     @ivar inner: the wrapped device.
     """
 
     def __init__(self, inner: IBlockDevice) -> None:
         self.inner = inner
+        if ISparseRead.providedBy(inner) and self._forwards_sparse_reads():
+            alsoProvides(self, ISparseRead)
+
+    def _forwards_sparse_reads(self) -> bool:
+        """Whether C{read_sparse} agrees with this filter's C{read} and C{block_status}."""
+        cls = type(self)
+        if cls.read_sparse is not BlockDeviceFilter.read_sparse:
+            return True
+        return (
+            cls.read is BlockDeviceFilter.read
+            and cls.block_status is BlockDeviceFilter.block_status
+        )
+
+    def read_sparse(self, offset: int, length: int) -> Deferred[Sequence[Segment]]:
+        """
+        Forward a sparse read (L{ISparseRead}) to C{inner}; only offered when
+        C{inner} provides it.
+        """
+        d: Deferred[Sequence[Segment]] = ISparseRead(self.inner).read_sparse(offset, length)
+        return d
 
     @property
     def size(self) -> int:
