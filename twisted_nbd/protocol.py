@@ -34,6 +34,7 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, ClassVar, Iterable, Sequence, cast
 
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred, DeferredList, FirstError, gatherResults, maybeDeferred
 from twisted.internet.interfaces import IConsumer, IPushProducer, IReactorTime, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol, connectionDone
@@ -113,6 +114,22 @@ def _check_segments(request: ReadRequest, segments: Sequence[Segment]) -> None:
         position += size
     if position != request.offset + request.length:
         raise RuntimeError(f"sparse read segments end at {position}, not at the end of the read")
+
+
+def describe_address(address: object) -> str:
+    """
+    An address as people write it: C{127.0.0.1:5000}, C{[::1]:5000},
+    C{unix:/run/nbd.sock} (C{unix} for an unnamed client socket).
+    """
+    if isinstance(address, IPv4Address):
+        return f"{address.host}:{address.port}"
+    if isinstance(address, IPv6Address):
+        return f"[{address.host}]:{address.port}"
+    if isinstance(address, UNIXAddress):
+        raw = address.name
+        name = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+        return f"unix:{name}" if name else "unix"
+    return str(address)
 
 
 def _request_bytes(request: Request) -> int:
@@ -313,7 +330,7 @@ class NBDServerProtocol(Protocol):
 
     def _peer(self) -> str:
         try:
-            return str(self.transport.getPeer())  # type: ignore[union-attr]
+            return describe_address(self.transport.getPeer())  # type: ignore[union-attr]
         except Exception:
             return "?"
 
