@@ -42,6 +42,10 @@ setup(
         "twisted.plugins",
     ],
     include_package_data=False,
+    # PEP 561: the package's annotations are for its users' type checkers too.
+    package_data={"twisted_nbd": ["py.typed"]},
+    license="MIT",
+    license_files=["LICENSE"],
     install_requires=[
         "twisted>=23.10",
         "zope.interface>=5",
@@ -66,6 +70,7 @@ setup(
     zip_safe=False,
     classifiers=[
         "Framework :: Twisted",
+        "Typing :: Typed",
         "Programming Language :: Python :: 3",
         "Programming Language :: Python :: 3 :: Only",
         "Topic :: System :: Filesystems",

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Install everything twisted-nbd's tests need, then run the whole check:
-# ruff, mypy and pytest (unit, composition, packaging and interop tests).
+# ruff, mypy, pytest (unit, composition, packaging and interop tests, plus
+# the plain pytest tests), then the same suite again under trial, the
+# runner the project's TestCase classes are written for.
 #
 #   bash .ci/test.sh
 #
@@ -77,6 +79,16 @@ if [ "$status" -eq 5 ]; then
 fi
 if [ "$status" -ne 0 ]; then
     failed+=("pytest")
+fi
+
+say "trial"
+# Trial runs every TestCase (it does not collect the plain pytest functions).
+# Extra arguments are pytest's, so a narrowed run (bash .ci/test.sh -k tap)
+# skips this second pass.
+if [ "$#" -eq 0 ]; then
+    "$PYTHON" -m twisted.trial tests </dev/null || failed+=("trial")
+else
+    echo "skipped: arguments were given for pytest"
 fi
 
 if ((${#failed[@]})); then

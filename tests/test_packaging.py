@@ -138,7 +138,32 @@ class WheelTests(TestCase):
         )
         shipped = sorted(n for n in self.names if n.startswith("twisted_nbd/"))
         self.assertEqual([n for n in expected if n not in shipped], [])
-        self.assertEqual([n for n in shipped if not n.endswith(".py")], [])
+        self.assertEqual([n for n in shipped if not n.endswith(".py")], ["twisted_nbd/py.typed"])
+
+    def test_typed(self) -> None:
+        """
+        The package is marked as typed (PEP 561), so type checkers of
+        applications that embed it read its annotations.
+        """
+        self.assertIn("twisted_nbd/py.typed", self.names)
+
+    def test_license(self) -> None:
+        """The wheel carries the MIT license and says so."""
+        self.assertTrue(
+            any(
+                n.endswith(".dist-info/licenses/LICENSE") or n.endswith("/LICENSE")
+                for n in self.names
+            ),
+            self.names,
+        )
+        self.assertIn(
+            "MIT",
+            " ".join(
+                self.metadata.get("License", [])
+                + self.metadata.get("License-Expression", [])
+                + self.metadata.get("Classifier", [])
+            ),
+        )
 
     def test_no_tests(self) -> None:
         """

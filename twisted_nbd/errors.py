@@ -12,7 +12,7 @@ import errno as _errno
 
 from twisted_nbd._wire import Errno
 
-__all__ = ["NBDError", "ProtocolViolation", "errno_from_os_error"]
+__all__ = ["Errno", "NBDError", "ProtocolViolation", "errno_from_os_error"]
 
 
 class NBDError(Exception):
