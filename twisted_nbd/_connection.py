@@ -305,7 +305,7 @@ class ServerConnection(SansIOConnection[Event]):
         self._send(w.encode_option_reply(option, reply, data))
 
     def _option_error(self, option: int, reply: Rep, reason: str) -> OptionRejected:
-        self._reply(option, reply, reason.encode("utf-8")[: w.MAX_STRING])
+        self._reply(option, reply, w.encode_message(reason))
         return OptionRejected(option, reply, reason)
 
     # ------------------------------------------------------------ option handlers

@@ -87,7 +87,7 @@ class Negotiated:
         """
         The record once TLS is up: the client flags stay (they belong to the
         greeting, not to option haggling), everything negotiated by options
-        before STARTTLS is forgotten (S-05).
+        before STARTTLS is forgotten (S-06).
         """
         return Negotiated(fixed_newstyle=self.fixed_newstyle, no_zeroes=self.no_zeroes, tls=True)
 
@@ -159,9 +159,10 @@ class TransmissionRules:
             _READ: True,
             _WRITE: not tx & _READ_ONLY,
             _FLUSH: bool(tx & TxFlags.SEND_FLUSH),
-            _TRIM: bool(tx & TxFlags.SEND_TRIM),
+            # Nothing writes to a read-only export, whatever else is advertised (T-08).
+            _TRIM: bool(tx & TxFlags.SEND_TRIM) and not tx & _READ_ONLY,
             _CACHE: True,
-            _WRITE_ZEROES: bool(tx & TxFlags.SEND_WRITE_ZEROES),
+            _WRITE_ZEROES: bool(tx & TxFlags.SEND_WRITE_ZEROES) and not tx & _READ_ONLY,
             _BLOCK_STATUS: True,
         }
         allowed = {

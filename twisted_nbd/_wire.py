@@ -470,6 +470,17 @@ def encode_string(text: str, what: str = "a string") -> bytes:
     return raw
 
 
+def encode_message(text: str) -> bytes:
+    """
+    A human-readable message (an error reason) as UTF-8, cut to at most
+    L{MAX_STRING} bytes at a character boundary, so it stays UTF-8.
+    """
+    raw = text.encode("utf-8")
+    if len(raw) > MAX_STRING:
+        raw = raw[:MAX_STRING].decode("utf-8", "ignore").encode("utf-8")
+    return raw
+
+
 def _decode_string(raw: bytes) -> str:
     if len(raw) > MAX_STRING:
         raise WireError(f"string of {len(raw)} bytes exceeds {MAX_STRING}")
@@ -881,9 +892,10 @@ def decode_offset_hole(data: bytes) -> tuple[int, int]:
 def encode_error_payload(error: int, message: str, offset: int | None = None) -> bytes:
     """
     The payload of an ERROR chunk, or of an ERROR_OFFSET chunk when
-    C{offset} is given. The message is cut to 4096 bytes (T-14).
+    C{offset} is given. The message is cut to at most 4096 bytes (T-14),
+    at a character boundary so that it stays UTF-8.
     """
-    raw = message.encode("utf-8")[:MAX_STRING]
+    raw = encode_message(message)
     payload = ERROR_HEAD.pack(error, len(raw)) + raw
     if offset is not None:
         payload += U64.pack(offset)
@@ -933,12 +945,14 @@ def decode_block_status(data: bytes, extended: bool) -> BlockStatusPayload:
     """
     Decode the payload of a BLOCK_STATUS or BLOCK_STATUS_EXT chunk.
 
-    @raise WireError: it is not a head and a whole number of descriptors,
-        or (extended) its count disagrees with them (T-17).
+    @raise WireError: it is not a head and a whole number (at least one) of
+        descriptors, or (extended) its count disagrees with them (T-17).
     """
     head, each = (BLOCK_STATUS_EXT_HEAD.size, EXTENT_EXT.size) if extended else (4, EXTENT.size)
     if len(data) < head or (len(data) - head) % each:
         raise WireError(f"a block status payload of {len(data)} bytes (T-17)")
+    if len(data) == head:
+        raise WireError("a block status payload without descriptors (T-17)")
     body = memoryview(data)[head:]
     if extended:
         context_id, count = BLOCK_STATUS_EXT_HEAD.unpack(data[:head])
