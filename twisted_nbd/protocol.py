@@ -61,6 +61,7 @@ from twisted_nbd._connection import (
     WriteZeroesRequest,
     plan_sparse_read,
 )
+from twisted_nbd._transport import Piece, ReplyWriter
 from twisted_nbd._wire import CmdFlags, Errno
 from twisted_nbd.config import DEFAULT_MAX_BYTES_IN_FLIGHT, DEFAULT_MAX_QUEUE_DEPTH
 from twisted_nbd.errors import NBDError, ProtocolViolation
@@ -75,6 +76,10 @@ __all__ = [
     "NBDServerProtocol",
 ]
 
+
+#: Replies gathered inside the parse loop are written once they reach this
+#: many bytes, even before the loop ends.
+_CORK_LIMIT = 256 * 1024
 
 #: Structured READs of at least this many bytes send zero runs as holes; for
 #: smaller ones the extra block_status call would cost more than it saves.
@@ -183,6 +188,11 @@ class NBDServerProtocol(Protocol):
         self._parsing = False
         self._lost: list[Deferred[None]] = []
         self._lost_reason = "closed"
+        # Replies produced inside one run of the parse loop go out together
+        # (one sendmsg); see _emit.
+        self._writer: ReplyWriter | None = None
+        self._out: list[Piece] = []
+        self._out_bytes = 0
 
     # ------------------------------------------------------------ IProtocol
 
@@ -193,6 +203,7 @@ class NBDServerProtocol(Protocol):
             # C-10: replies are small and latency matters more than packet count.
             transport.setTcpNoDelay(True)
         cast(IConsumer, transport).registerProducer(self, True)
+        self._writer = ReplyWriter(transport)
         self.info = ConnectionInfo(peer=self._peer(), started=self._clock())
         for observer in self._observers:
             self._notify(observer.connection_made, self.info)
@@ -309,6 +320,7 @@ class NBDServerProtocol(Protocol):
                     handler(self, event)
         finally:
             self._parsing = False
+        self._flush_out()
         self._update_reading()
 
     def _update_reading(self) -> None:
@@ -325,8 +337,33 @@ class NBDServerProtocol(Protocol):
 
     def _flush_outbox(self) -> None:
         out = self._conn.data_to_send()
-        if out and not self._closed and self.transport is not None:
-            self.transport.writeSequence(out)
+        if out:
+            self._emit(out)
+
+    def _emit(self, pieces: Sequence[Piece]) -> None:
+        """
+        Write one message. Inside the parse loop messages are gathered and
+        written together when it ends (or once they pass L{_CORK_LIMIT}
+        bytes), so a burst of pipelined requests costs one system call.
+        """
+        if self._closed or self.transport is None:
+            return
+        self._out.extend(pieces)
+        if self._parsing:
+            self._out_bytes += sum(len(p) for p in pieces)
+            if self._out_bytes < _CORK_LIMIT:
+                return
+        self._flush_out()
+
+    def _flush_out(self) -> None:
+        out = self._out
+        if not out:
+            return
+        self._out = []
+        self._out_bytes = 0
+        if self._closed or self._writer is None:
+            return
+        self._writer.write(out)
 
     def _peer(self) -> str:
         try:
@@ -594,8 +631,8 @@ class NBDServerProtocol(Protocol):
         self.bytes_in_flight -= size
         if self._closed or self.transport is None:
             return  # nothing is written after connectionLost
-        # C-01: one writeSequence per message keeps replies whole.
-        self.transport.writeSequence(reply)
+        # C-01: each message is written whole, never interleaved with another.
+        self._emit(reply)
         if self._disconnecting:
             self._maybe_close()
         else:
@@ -618,6 +655,7 @@ class NBDServerProtocol(Protocol):
         self._update_reading()
         if self.in_flight == 0 and not self._closed and self.transport is not None:
             self._flush_outbox()
+            self._flush_out()
             # A transport with a registered producer never finishes closing: once its
             # buffer drains it resumes the producer instead (see Twisted's
             # FileDescriptor.doWrite), so stop being one first.

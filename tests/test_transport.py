@@ -1,0 +1,125 @@
+"""
+Tests for L{twisted_nbd._transport.ReplyWriter}: replies go straight to the
+socket when the transport has nothing queued, and to the transport
+otherwise, always in order and whole.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+
+from twisted_nbd._transport import ReplyWriter
+
+
+class FakeTCPTransport:
+    """
+    Just the attributes of Twisted's TCP transport that the writer looks at,
+    over a real socket; writeSequence records what would have been queued.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.socket = sock
+        self.connected = True
+        self.disconnecting = False
+        self.dataBuffer = b""
+        self.offset = 0
+        self._tempDataLen = 0
+        self.queued: list[bytes] = []
+
+    def writeSequence(self, data: list[bytes]) -> None:  # noqa: N802 - Twisted's name
+        for piece in data:
+            assert type(piece) is bytes, piece
+        self.queued.extend(data)
+        self._tempDataLen += sum(len(p) for p in data)
+
+
+def drain(sock: socket.socket) -> bytes:
+    """Everything readable from C{sock} right now."""
+    out = b""
+    sock.setblocking(False)
+    while True:
+        try:
+            chunk = sock.recv(1 << 20)
+        except BlockingIOError:
+            return out
+        if not chunk:
+            return out
+        out += chunk
+
+
+class ReplyWriterTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.ours, self.theirs = socket.socketpair()
+        self.ours.setblocking(False)
+        self.addCleanup(self.ours.close)
+        self.addCleanup(self.theirs.close)
+        self.transport = FakeTCPTransport(self.ours)
+        self.writer = ReplyWriter(self.transport)
+
+    def test_direct(self) -> None:
+        """With nothing queued, the pieces go out at once, in one message, unjoined."""
+        self.assertTrue(self.writer.direct)
+        payload = bytearray(b"x" * 4096)
+        self.writer.write([b"head", memoryview(payload), b"tail"])
+        self.assertEqual(self.transport.queued, [])
+        self.assertEqual(drain(self.theirs), b"head" + b"x" * 4096 + b"tail")
+
+    def test_queued_first(self) -> None:
+        """When the transport holds data, replies queue behind it, as bytes."""
+        self.transport._tempDataLen = 1
+        self.writer.write([b"a", memoryview(b"b")])
+        self.assertEqual(self.transport.queued, [b"a", b"b"])
+        self.assertEqual(drain(self.theirs), b"")
+        self.transport._tempDataLen = 0
+        self.transport.dataBuffer, self.transport.offset = b"pending", 2
+        self.writer.write([b"c"])
+        self.assertEqual(self.transport.queued, [b"a", b"b", b"c"])
+
+    def test_partial_send(self) -> None:
+        """
+        What the kernel does not take is queued (copied, so the caller may
+        reuse its buffers), and everything arrives in order.
+        """
+        self.ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        big = bytearray(range(256)) * 4096  # 1 MiB, more than the socket takes
+        self.writer.write([b"H" * 16, memoryview(big), b"T" * 8])
+        self.assertTrue(self.transport.queued)
+        sent = drain(self.theirs)
+        # The caller scribbles over its buffer; what was queued is a copy.
+        big[:] = bytes(len(big))
+        self.assertEqual(
+            sent + b"".join(self.transport.queued), b"H" * 16 + bytes(range(256)) * 4096 + b"T" * 8
+        )
+
+    def test_many_pieces(self) -> None:
+        """More pieces than one sendmsg takes still go out whole and in order."""
+        pieces: list[Any] = [bytes([i % 256]) * 3 for i in range(1500)]
+        self.writer.write(pieces)
+        received = drain(self.theirs) + b"".join(self.transport.queued)
+        self.assertEqual(received, b"".join(pieces))
+
+    def test_closed_socket(self) -> None:
+        """A send error hands the data to the transport, which finds the error itself."""
+        self.theirs.close()
+        self.writer.write([b"x"])
+        self.writer.write([b"y"])
+        self.assertIn(b"y", b"".join(self.transport.queued))
+
+    def test_not_a_socket(self) -> None:
+        """A transport without a socket (TLS, test fakes) gets writeSequence with bytes."""
+        transport = StringTransport()
+        writer = ReplyWriter(transport)
+        self.assertFalse(writer.direct)
+        writer.write([b"a", memoryview(b"bc"), bytearray(b"d")])
+        self.assertEqual(transport.value(), b"abcd")
+
+    def test_disconnecting(self) -> None:
+        """Once the transport is closing, nothing bypasses it."""
+        self.transport.disconnecting = True
+        self.writer.write([b"late"])
+        self.assertEqual(self.transport.queued, [b"late"])
+        self.assertEqual(drain(self.theirs), b"")
