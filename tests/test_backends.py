@@ -29,9 +29,13 @@ from twisted_nbd.backends.file import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
     FALLOC_FL_ZERO_RANGE,
+    INLINE_COOLDOWN,
+    INLINE_WRITE_MAX,
     MAX_EXTENTS,
     NOWAIT_READ_MAX,
+    SLOW_INLINE_WRITE,
     ZERO_CHUNK,
+    DirtyPageGuard,
     FileBlockDevice,
     create_image,
 )
@@ -382,12 +386,13 @@ class FileBlockDeviceTests(TestCase):
         return device
 
     def open_controlled(
-        self, size: int = 4 * MiB, nowait: bool = False
+        self, size: int = 4 * MiB, nowait: bool = False, inline: bool = False
     ) -> tuple[FileBlockDevice, FakeThreadPool]:
         """
         Open a device whose pool jobs run only when the test says. Reads
         from the page cache in the calling thread are off unless C{nowait},
-        so reads take the pool path these tests control.
+        and writes in the calling thread unless C{inline}, so requests take
+        the pool path these tests control.
         """
         pool = FakeThreadPool()
         device = self.open(
@@ -396,7 +401,132 @@ class FileBlockDeviceTests(TestCase):
             threadpool=cast(ThreadPool, pool),
         )
         device._nowait = nowait
+        device._inline_writes = inline
         return device, pool
+
+    # Writes done in the calling thread when they cannot wait on the disk.
+
+    def inline_device(self, dirty_ok: bool = True) -> tuple[FileBlockDevice, FakeThreadPool]:
+        """A device that writes inline, with the kernel far from throttling (or not)."""
+        device, pool = self.open_controlled(nowait=True, inline=True)
+        device._write_nowait = False  # ext4's case: the checks decide
+        guard = DirtyPageGuard()
+        guard.allows = lambda: dirty_ok  # type: ignore[method-assign]
+        device._dirty = guard
+        return device, pool
+
+    def test_inline_write(self) -> None:
+        """A small page-aligned write is done at once, with no pool job."""
+        device, pool = self.inline_device()
+        d = device.write(4096, b"a" * 4096)
+        self.assertIsNone(self.successResultOf(d))
+        self.assertEqual(pool.jobs, [])
+        with open(self.path, "rb") as f:
+            f.seek(4096)
+            self.assertEqual(f.read(4096), b"a" * 4096)
+
+    def test_inline_write_needs_cached_edges(self) -> None:
+        """
+        A write that covers a page in part goes inline only if that page is
+        cached; otherwise the kernel would read it from disk first, so the
+        pool does it.
+        """
+        device, pool = self.inline_device()
+        probes: list[int] = []
+
+        def not_cached(fd: int, buffers: list[bytearray], offset: int, flags: int) -> int:
+            probes.append(offset)
+            raise BlockingIOError(errno.EAGAIN, "would block")
+
+        self.patch(device, "_preadv", not_cached)
+        d = device.write(100, b"b" * 10)
+        self.assertEqual(probes, [0])
+        self.assertNoResult(d)
+        self.assertIsNone(self.run_(pool, d))
+        with open(self.path, "rb") as f:
+            self.assertEqual(f.read(110)[100:], b"b" * 10)
+
+    def test_inline_write_when_dirty(self) -> None:
+        """Near the kernel's dirty limits, writes go to the pool."""
+        device, pool = self.inline_device(dirty_ok=False)
+        d = device.write(0, b"c" * 4096)
+        self.assertNoResult(d)
+        self.assertIsNone(self.run_(pool, d))
+
+    def test_fua_write_not_inline(self) -> None:
+        """A FUA write needs fdatasync, which may block: always the pool."""
+        device, pool = self.inline_device()
+        d = device.write(0, b"d" * 4096, fua=True)
+        self.assertNoResult(d)
+        self.assertIsNone(self.run_(pool, d))
+
+    def test_large_write_not_inline(self) -> None:
+        """Writes over INLINE_WRITE_MAX go to the pool."""
+        device, pool = self.inline_device()
+        d = device.write(0, bytes(INLINE_WRITE_MAX + 4096))
+        self.assertNoResult(d)
+        self.assertIsNone(self.run_(pool, d))
+
+    def test_slow_inline_write(self) -> None:
+        """One slow inline write sends the next ones to the pool for a while."""
+        device, pool = self.inline_device()
+        now = [100.0]
+        device._now = lambda: now[0]
+        real = device._pwrite
+
+        def slow(fd: int, data: memoryview, offset: int) -> int:
+            now[0] += SLOW_INLINE_WRITE * 2
+            return real(fd, data, offset)
+
+        self.patch(device, "_pwrite", slow)
+        self.successResultOf(device.write(0, b"e" * 4096))
+        d = device.write(4096, b"f" * 4096)
+        self.assertNoResult(d)
+        self.assertIsNone(self.run_(pool, d))
+        now[0] += INLINE_COOLDOWN + 1
+        self.successResultOf(device.write(8192, b"g" * 4096))
+        self.assertEqual(pool.jobs, [])
+
+    def test_inline_write_error(self) -> None:
+        """An inline write that fails fails its Deferred with the mapped errno."""
+        device, pool = self.inline_device()
+
+        def full(fd: int, data: memoryview, offset: int) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        self.patch(device, "_pwrite", full)
+        error = self.failureResultOf(device.write(0, b"h" * 4096), NBDError).value
+        self.assertEqual(error.errno, Errno.ENOSPC)
+        self.assertIn("offset 0", str(error))
+
+    def test_nowait_write(self) -> None:
+        """
+        Where the kernel takes RWF_NOWAIT for buffered writes, it decides:
+        written at once, or (EAGAIN) in the pool; where it does not, the
+        device falls back to its own checks.
+        """
+        device, pool = self.inline_device()
+        device._write_nowait = True
+        calls: list[int] = []
+
+        def nowait(fd: int, buffers: list[Any], offset: int, flags: int) -> int:
+            calls.append(offset)
+            if offset == 0:
+                return os.pwrite(fd, buffers[0], offset)
+            if offset == 4096:
+                raise BlockingIOError(errno.EAGAIN, "would block")
+            raise OSError(errno.EOPNOTSUPP, "not for buffered writes")
+
+        self.patch(device, "_pwritev", nowait)
+        self.successResultOf(device.write(0, b"i" * 4096))
+        d = device.write(4096, b"j" * 4096)
+        self.assertNoResult(d)
+        self.assertIsNone(self.run_(pool, d))
+        self.successResultOf(device.write(8192, b"k" * 4096))
+        self.assertFalse(device._write_nowait)
+        self.assertEqual(calls, [0, 4096, 8192])
+        with open(self.path, "rb") as f:
+            self.assertEqual(f.read(12288), b"i" * 4096 + b"j" * 4096 + b"k" * 4096)
 
     # Reads served from the page cache without the pool.
 
@@ -1120,3 +1250,54 @@ class MemoryZeroStatusTests(SynchronousTestCase):
             self.successResultOf(device.block_status(0, 256 * KiB)),
             [Extent(128 * KiB, HOLE), Extent(128 * KiB, STATE_ZERO)],
         )
+
+
+class DirtyPageGuardTests(SynchronousTestCase):
+    """L{DirtyPageGuard} reads the kernel's dirty page counts and limits."""
+
+    def guard(
+        self, dirty_kib: int, writeback_kib: int, available_kib: int, **sysctl: int
+    ) -> DirtyPageGuard:
+        directory = temp_directory(self)
+        meminfo = os.path.join(directory, "meminfo")
+        with open(meminfo, "w") as f:
+            f.write(
+                f"MemTotal:       {available_kib * 2} kB\n"
+                f"MemAvailable:   {available_kib} kB\n"
+                f"Dirty:          {dirty_kib} kB\n"
+                f"Writeback:      {writeback_kib} kB\n"
+            )
+        settings = {"dirty_background_bytes": 0, "dirty_background_ratio": 10}
+        settings.update(sysctl)
+        for name, value in settings.items():
+            with open(os.path.join(directory, name), "w") as f:
+                f.write(f"{value}\n")
+        self.now = 0.0
+        return DirtyPageGuard(lambda: self.now, meminfo, directory)
+
+    def test_far_from_limits(self) -> None:
+        """Below half the background limit (10% of available memory here), writes may go inline."""
+        self.assertTrue(self.guard(1000, 0, 1_000_000).allows())
+        self.assertTrue(self.guard(49_000, 0, 1_000_000).allows())
+
+    def test_near_limits(self) -> None:
+        """Dirty plus writeback pages at half the background limit stop inline writes."""
+        self.assertFalse(self.guard(30_000, 20_000, 1_000_000).allows())
+
+    def test_bytes_setting(self) -> None:
+        """dirty_background_bytes, when set, is the limit instead of the ratio."""
+        self.assertFalse(self.guard(600, 0, 1_000_000, dirty_background_bytes=1024 * 1024).allows())
+        self.assertTrue(self.guard(400, 0, 1_000_000, dirty_background_bytes=1024 * 1024).allows())
+
+    def test_sampled_lazily(self) -> None:
+        """The counts are read at most every INTERVAL seconds."""
+        guard = self.guard(1000, 0, 1_000_000)
+        self.assertTrue(guard.allows())
+        os.unlink(guard._meminfo)
+        self.assertTrue(guard.allows())
+        self.now += DirtyPageGuard.INTERVAL
+        self.assertFalse(guard.allows())
+
+    def test_unreadable(self) -> None:
+        """Without the kernel's counts (not Linux), writes never go inline."""
+        self.assertFalse(DirtyPageGuard(meminfo="/nonexistent/meminfo").allows())
