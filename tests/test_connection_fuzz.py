@@ -8,7 +8,9 @@ well-formed sequence of replies.
 
 from __future__ import annotations
 
-from hypothesis import HealthCheck, given, settings
+from typing import Any
+
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -129,3 +131,115 @@ class FuzzTests(SynchronousTestCase):
             while conn.next_event() is not NEED_DATA:
                 pass
         self.assertEqual(len(conn._buffer), 0)
+
+
+def _session(
+    conn: ServerConnection, setup: bytes, data: bytes, shut: bool
+) -> tuple[list[object], bytes]:
+    """Events and output of C{data} sent after C{setup} (the handshake)."""
+    events: list[object] = []
+    conn.receive_data(setup)
+    while conn.next_event() is not NEED_DATA:
+        pass
+    conn.data_to_send()
+    if shut:
+        conn.shutdown()
+    conn.receive_data(data)
+    while True:
+        try:
+            event = conn.next_event()
+        except ProtocolViolation as e:
+            events.append(("violation", str(e)))
+            break
+        if event is NEED_DATA:
+            break
+        events.append(event)
+    return events, b"".join(conn.data_to_send())
+
+
+header_fields = st.tuples(
+    st.sampled_from([int(Cmd.READ), int(Cmd.WRITE), int(Cmd.TRIM), int(Cmd.CACHE)]),
+    st.one_of(
+        st.sampled_from([0, int(CmdFlags.FUA), int(CmdFlags.DF), int(CmdFlags.PAYLOAD_LEN)]),
+        st.integers(0, 0xFFFF),
+    ),
+    st.one_of(
+        st.sampled_from([0, 512, 4096, SIZE - 4096, SIZE - 512, SIZE - 1, SIZE, SIZE + 1]),
+        st.integers(0, 2**64 - 1),
+    ),
+    st.one_of(
+        st.sampled_from([0, 1, 512, 4096, 8192, 4097, SIZE, 32 << 20, (32 << 20) + 1]),
+        st.integers(0, 2**32 - 1),
+    ),
+)
+
+
+def _payload(length: int) -> bytes:
+    """A WRITE payload: of the length asked for if small, else one aligned block."""
+    return b"p" * (length if length <= 8192 else 4096)
+
+
+class FastPathTests(SynchronousTestCase):
+    """
+    The fast path for plain READs and WRITEs in L{ServerConnection._request}
+    decides exactly as the full path (L{check_request} and friends) does.
+    """
+
+    @settings(max_examples=600, suppress_health_check=[HealthCheck.too_slow])
+    # A WRITE to a read-only export once slipped through the fast path.
+    @example([(int(Cmd.WRITE), 0, 0, 4096)], 1, False, False, True, False)
+    @given(
+        st.lists(header_fields, min_size=1, max_size=4),
+        st.sampled_from([1, 512, 4096]),
+        st.booleans(),
+        st.booleans(),
+        st.booleans(),
+        st.booleans(),
+    )
+    def test_same_as_full_path(
+        self,
+        headers: list[tuple[int, int, int, int]],
+        min_block: int,
+        extended: bool,
+        structured: bool,
+        read_only: bool,
+        shut: bool,
+    ) -> None:
+        """Whatever the request and the export, both paths give the same events and bytes."""
+        caps = Capabilities(can_extents=True, can_fast_zero=True, min_block=min_block)
+        hello = b.client_flags(3)
+        if extended:
+            hello += b.option(Opt.EXTENDED_HEADERS)
+        elif structured:
+            hello += b.option(Opt.STRUCTURED_REPLY)
+        hello += b.go("disk")
+        data = b""
+        for command, flags, offset, length in headers:
+            if extended:
+                payload = _payload(length) if flags & CmdFlags.PAYLOAD_LEN else b""
+                if payload:
+                    length = len(payload)
+                data += b.ext_request(command, 7, offset, length, flags, payload)
+            else:
+                payload = _payload(length) if command == Cmd.WRITE else b""
+                if payload:
+                    length = len(payload)
+                data += b.request(command, 7, offset & (2**64 - 1), length, flags, payload)
+        outcomes = []
+        for fast in (True, False):
+            conn = new_connection(registry(caps=caps, read_only=read_only))
+            conn.data_to_send()
+            real_enter = conn._enter_transmission
+
+            def enter(
+                export: object,
+                conn: ServerConnection = conn,
+                fast: bool = fast,
+                real_enter: Any = real_enter,
+            ) -> None:
+                real_enter(export)
+                conn._fast = fast
+
+            conn._enter_transmission = enter  # type: ignore[method-assign]
+            outcomes.append(_session(conn, hello, data, shut))
+        self.assertEqual(outcomes[0], outcomes[1])

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import enum
 from collections import deque
+from struct import Struct
+from typing import Any
 
 __all__ = ["NEED_DATA", "ReceiveBuffer"]
 
@@ -84,6 +86,24 @@ class ReceiveBuffer:
                 remaining = 0
         self._length -= count
         return b"".join(parts)
+
+    def unpack(self, fmt: Struct) -> tuple[Any, ...] | None:
+        """
+        Remove a fixed-size structure from the front and return its fields,
+        or return C{None} (removing nothing) if it has not all arrived. When
+        it lies within one chunk, as nearly always, nothing is copied.
+        """
+        size = fmt.size
+        if size > self._length:
+            return None
+        first = self._chunks[0]
+        offset = self._offset
+        if len(first) - offset >= size:
+            fields = fmt.unpack_from(first, offset)
+            self._consume_first(size, len(first) - offset)
+            self._length -= size
+            return fields
+        return fmt.unpack(self.take(size))
 
     def skip(self, count: int) -> int:
         """

@@ -198,6 +198,8 @@ class ServerConnection(SansIOConnection[Event]):
         self._pending_option: w.OptionHeader | None = None
         self._pending_write: w.RequestHeader | None = None
         # Copies of what transmission needs on every request (see _enter_transmission).
+        self._fast = False
+        self._fast_write = False
         self._extended = False
         self._structured = False
         self._header_size = w.request_size(False)
@@ -476,17 +478,56 @@ class ServerConnection(SansIOConnection[Event]):
         self._extended = negotiated.extended_headers
         self._structured = negotiated.structured_replies
         self._header_size = w.request_size(self._extended)
+        # What the fast path of _request accepts without asking check_request:
+        # a READ or WRITE whose flags are allowed (PAYLOAD_LEN aside), in
+        # bounds, aligned and not over the maximum payload. Anything else,
+        # including what is valid but unusual (an unaligned tail), takes the
+        # full path. The test suite checks the two agree.
+        rules = self.rules
+        payload_len = _PAYLOAD_LEN if self._extended else 0
+        self._fast_read_refused = ~(rules.allowed[_READ] & ~payload_len)
+        write_flags = rules.allowed.get(_WRITE)
+        self._fast_write = write_flags is not None
+        self._fast_write_refused = ~(write_flags or 0)
+        self._fast_write_needs = payload_len
+        self._fast_size = rules.size
+        self._fast_max = rules.max_payload
+        self._fast_mask = rules.mask
+        self._request_magic = w.EXTENDED_REQUEST_MAGIC if self._extended else w.REQUEST_MAGIC
+        self._fast = True
 
     # ------------------------------------------------------------ transmission
 
     def _request(self) -> Event | _NeedData | None:
         header = self._pending_write
         if header is None:
-            size = self._header_size
-            if len(self._buffer) < size:
+            fields = w.take_request(self._buffer, self._extended)
+            if fields is None:
                 return NEED_DATA
+            magic, flags, command, cookie, offset, length = fields
+            if (
+                magic == self._request_magic
+                and self._fast
+                and not self.shutting_down
+                and offset <= self._fast_size
+                and length <= self._fast_size - offset
+                and length <= self._fast_max
+                and not (offset | length) & self._fast_mask
+            ):
+                # The common case, decided on plain ints (see _enter_transmission).
+                if command == _READ and not flags & self._fast_read_refused:
+                    return ReadRequest(cookie, offset, length, flags)
+                if (
+                    command == _WRITE
+                    and self._fast_write
+                    and length
+                    and not flags & self._fast_write_refused
+                    and flags & self._fast_write_needs == self._fast_write_needs
+                ):
+                    self._pending_write = header = w.RequestHeader._make(fields)
+                    return self._write_payload(header)
+            header = w.RequestHeader._make(fields)
             extended = self._extended
-            header = w.decode_request(self._buffer.take(size), extended)
             try:
                 w.check_request_magic(header, extended)
             except w.WireError as e:
@@ -525,6 +566,10 @@ class ServerConnection(SansIOConnection[Event]):
                 self._send(self._ok(header.cookie, header.offset))  # T-09
                 return None
             self._pending_write = header
+        return self._write_payload(header)
+
+    def _write_payload(self, header: w.RequestHeader) -> Event | _NeedData:
+        """The WRITE once its payload has all arrived."""
         if len(self._buffer) < header.length:
             return NEED_DATA
         self._pending_write = None

@@ -22,7 +22,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from enum import IntEnum, IntFlag
-from typing import Iterable, NamedTuple, Sequence, Union
+from typing import Any, Iterable, NamedTuple, Protocol, Sequence, Union
 
 # ---------------------------------------------------------------- magic numbers
 
@@ -792,6 +792,20 @@ def decode_request(data: bytes, extended: bool) -> RequestHeader:
     """
     fmt = EXTENDED_REQUEST if extended else REQUEST
     return RequestHeader._make(fmt.unpack(data))
+
+
+class _Unpacker(Protocol):
+    def unpack(self, fmt: struct.Struct) -> tuple[Any, ...] | None: ...
+
+
+def take_request(buffer: _Unpacker, extended: bool) -> tuple[int, ...] | None:
+    """
+    Take a request header's fields (magic, flags, type, cookie, offset,
+    length) from the front of a L{twisted_nbd._buffer.ReceiveBuffer}, or
+    C{None} if it has not all arrived. The magic is not checked (see
+    L{check_request_magic}).
+    """
+    return buffer.unpack(EXTENDED_REQUEST if extended else REQUEST)
 
 
 def check_request_magic(header: RequestHeader, extended: bool) -> None:

@@ -35,19 +35,19 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ExportChosen:
     """The handshake is over: transmission on C{export} starts."""
 
     export: Export
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Aborted:
     """The client sent NBD_OPT_ABORT; its ACK is queued. Close after sending it."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class OptionRejected:
     """An option got an error reply (already queued); C{reason} says why."""
 
@@ -56,7 +56,7 @@ class OptionRejected:
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RequestRejected:
     """A request got an error reply (already queued); C{reason} says why."""
 
@@ -66,12 +66,12 @@ class RequestRejected:
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class DisconnectRequest:
     """NBD_CMD_DISC: finish what is in flight, then close (C-06)."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ReadRequest:
     """NBD_CMD_READ of C{length} bytes at C{offset}."""
 
@@ -82,7 +82,7 @@ class ReadRequest:
     flags: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class WriteRequest:
     """NBD_CMD_WRITE of C{data} at C{offset}."""
 
@@ -97,7 +97,7 @@ class WriteRequest:
         return len(self.data)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class FlushRequest:
     """NBD_CMD_FLUSH."""
 
@@ -107,7 +107,7 @@ class FlushRequest:
     length: ClassVar[int] = 0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class TrimRequest:
     """NBD_CMD_TRIM."""
 
@@ -118,7 +118,7 @@ class TrimRequest:
     fua: bool
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class WriteZeroesRequest:
     """NBD_CMD_WRITE_ZEROES."""
 
@@ -131,7 +131,7 @@ class WriteZeroesRequest:
     fast: bool
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CacheRequest:
     """NBD_CMD_CACHE."""
 
@@ -141,7 +141,7 @@ class CacheRequest:
     length: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class BlockStatusRequest:
     """NBD_CMD_BLOCK_STATUS for the selected C{base:allocation} context."""
 

@@ -87,13 +87,10 @@ SPARSE_READ_MIN = 64 * 1024
 
 _DF = int(CmdFlags.DF)
 
-#: What a handler returns: the backend's Deferred, and how to turn its
-#: result into the reply's bytes.
-_Started = tuple["Deferred[Any]", Callable[[Any], list[bytes]]]
 
-
-def _identity(reply: list[bytes]) -> list[bytes]:
-    return reply
+def _swallow(failure: Failure) -> None:
+    """Mark a failure as handled (it was dealt with elsewhere)."""
+    return None
 
 
 def _first_error(failure: Failure) -> Failure:
@@ -135,13 +132,6 @@ def describe_address(address: object) -> str:
         name = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
         return f"unix:{name}" if name else "unix"
     return str(address)
-
-
-def _request_bytes(request: Request) -> int:
-    """The memory a request holds while in flight: its payload or its reply."""
-    if isinstance(request, (ReadRequest, WriteRequest)):
-        return request.length
-    return 0
 
 
 @implementer(IPushProducer)
@@ -191,6 +181,7 @@ class NBDServerProtocol(Protocol):
         # Replies produced inside one run of the parse loop go out together
         # (one sendmsg); see _emit.
         self._writer: ReplyWriter | None = None
+        self._structured = False
         self._out: list[Piece] = []
         self._out_bytes = 0
 
@@ -392,6 +383,7 @@ class NBDServerProtocol(Protocol):
         )
         self._device = attachment.device
         self._layers = attachment.layers
+        self._structured = self._conn.structured_replies
         self.info.export = export.name
         self.log.info("Client {peer} uses export {name!r}", peer=self.info.peer, name=export.name)
         for observer in self._observers:
@@ -445,60 +437,100 @@ class NBDServerProtocol(Protocol):
         """Hand a request to the backend and send its reply when it is done."""
         device = self._device
         assert device is not None
-        size = _request_bytes(request)
-        self.in_flight += 1
-        self.bytes_in_flight += size
         started = 0.0
         if self._observers:
             started = self._clock()
             for observer in self._observers:
                 self._notify(observer.request_started, self.info, request)
-        d, done = self._HANDLERS[type(request)](self, device, request)
-        # One callback for success and failure alike: every link in a Deferred's
-        # chain costs a few microseconds, and this runs once per request.
-        d.addBoth(self._finish, request, done, size, started)
+        self._HANDLERS[request.__class__](self, device, request, started)
 
-    def _read(self, device: IBlockDevice, request: ReadRequest) -> _Started:
+    def _call(self, method: Callable[..., Any], *args: Any) -> Any:
+        """
+        Call a device method; what it returns (a Deferred, or a plain value
+        from a device that answers at once), or a L{Failure} if it raised.
+        """
+        try:
+            return method(*args)
+        except Exception:
+            return Failure()  # type: ignore[no-untyped-call]
+
+    def _await(
+        self,
+        result: Any,
+        request: Request,
+        reply: Callable[[NBDServerProtocol, Any, Any], Sequence[Piece]],
+        size: int,
+        started: float,
+    ) -> Deferred[Any] | None:
+        """
+        Send C{request}'s reply once C{result} is ready: at once if it is a
+        plain value or an already-fired Deferred (most requests to a memory
+        or a cached file device), else when the Deferred fires. Skipping the
+        Deferred machinery for results that are already there saves several
+        microseconds per request.
+
+        @return: the Deferred still to fire, or C{None} if the reply is sent.
+        """
+        self.in_flight += 1
+        self.bytes_in_flight += size
+        if isinstance(result, Deferred):
+            if result.called and not result.paused:
+                value = result.result
+                if isinstance(value, Failure):
+                    # The failure is dealt with here, not left unhandled in the Deferred.
+                    result.addErrback(_swallow)
+                elif isinstance(value, Deferred):
+                    result.addBoth(self._finish, request, reply, size, started)
+                    return result
+                self._finish(value, request, reply, size, started)
+                return None
+            # One callback for success and failure alike: every link in a
+            # Deferred's chain costs a few microseconds.
+            result.addBoth(self._finish, request, reply, size, started)
+            return result
+        self._finish(result, request, reply, size, started)
+        return None
+
+    def _read(self, device: IBlockDevice, request: ReadRequest, started: float) -> None:
         if (
-            self._conn.structured_replies
+            self._structured
             and request.length >= SPARSE_READ_MIN
             and not request.flags & _DF
             and device.capabilities.can_extents
         ):
-            return self._sparse_read(device, request), _identity
-        conn = self._conn
+            sparse = self._sparse_read(device, request)
+            self._await(sparse, request, NBDServerProtocol._reply_pieces, request.length, started)
+            return
+        result = self._call(device.read, request.offset, request.length)
+        self._await(result, request, NBDServerProtocol._reply_read, request.length, started)
 
-        def done(data: bytes) -> list[bytes]:
-            if len(data) != request.length:
-                raise RuntimeError(
-                    f"backend returned {len(data)} bytes for a read of {request.length}"
-                )
-            return conn.reply_read(request, data)
+    def _write(self, device: IBlockDevice, request: WriteRequest, started: float) -> None:
+        result = self._call(device.write, request.offset, request.data, request.fua)
+        self._track_write(
+            self._await(result, request, NBDServerProtocol._reply_ok, request.length, started)
+        )
 
-        return maybeDeferred(device.read, request.offset, request.length), done
-
-    def _write(self, device: IBlockDevice, request: WriteRequest) -> _Started:
-        d = maybeDeferred(device.write, request.offset, request.data, request.fua)
-        return self._track_write(d), self._ok(request)
-
-    def _flush(self, device: IBlockDevice, request: FlushRequest) -> _Started:
+    def _flush(self, device: IBlockDevice, request: FlushRequest, started: float) -> None:
         # C-02: every write acknowledged before this FLUSH has finished in the
         # backend; waiting for the ones still running too makes FLUSH cover
         # everything received before it, which is stronger and simple to reason about.
-        pending = list(self._writes)
-        d: Deferred[Any]
-        if pending:
-            d = DeferredList(pending, consumeErrors=True).addCallback(lambda _: device.flush())
+        result: Any
+        if self._writes:
+            result = DeferredList(list(self._writes), consumeErrors=True).addCallback(
+                lambda _: device.flush()
+            )
         else:
-            d = maybeDeferred(device.flush)
-        return d, self._ok(request)
+            result = self._call(device.flush)
+        self._await(result, request, NBDServerProtocol._reply_ok, 0, started)
 
-    def _trim(self, device: IBlockDevice, request: TrimRequest) -> _Started:
-        d = maybeDeferred(device.trim, request.offset, request.length, request.fua)
-        return self._track_write(d), self._ok(request)
+    def _trim(self, device: IBlockDevice, request: TrimRequest, started: float) -> None:
+        result = self._call(device.trim, request.offset, request.length, request.fua)
+        self._track_write(self._await(result, request, NBDServerProtocol._reply_ok, 0, started))
 
-    def _write_zeroes(self, device: IBlockDevice, request: WriteZeroesRequest) -> _Started:
-        d = maybeDeferred(
+    def _write_zeroes(
+        self, device: IBlockDevice, request: WriteZeroesRequest, started: float
+    ) -> None:
+        result = self._call(
             device.write_zeroes,
             request.offset,
             request.length,
@@ -506,21 +538,22 @@ class NBDServerProtocol(Protocol):
             request.may_trim,
             request.fast,
         )
-        return self._track_write(d), self._ok(request)
+        self._track_write(self._await(result, request, NBDServerProtocol._reply_ok, 0, started))
 
-    def _cache(self, device: IBlockDevice, request: CacheRequest) -> _Started:
-        return maybeDeferred(device.cache, request.offset, request.length), self._ok(request)
+    def _cache(self, device: IBlockDevice, request: CacheRequest, started: float) -> None:
+        result = self._call(device.cache, request.offset, request.length)
+        self._await(result, request, NBDServerProtocol._reply_ok, 0, started)
 
-    def _block_status(self, device: IBlockDevice, request: BlockStatusRequest) -> _Started:
-        conn = self._conn
-
-        def done(extents: Sequence[Extent]) -> list[bytes]:
-            return conn.reply_block_status(request, extents)
-
-        return maybeDeferred(device.block_status, request.offset, request.length), done
+    def _block_status(
+        self, device: IBlockDevice, request: BlockStatusRequest, started: float
+    ) -> None:
+        result = self._call(device.block_status, request.offset, request.length)
+        self._await(result, request, NBDServerProtocol._reply_block_status, 0, started)
 
     #: The handler of each kind of request.
-    _HANDLERS: ClassVar[dict[type, Callable[[NBDServerProtocol, IBlockDevice, Any], _Started]]] = {
+    _HANDLERS: ClassVar[
+        dict[type, Callable[[NBDServerProtocol, IBlockDevice, Any, float], None]]
+    ] = {
         ReadRequest: _read,
         WriteRequest: _write,
         FlushRequest: _flush,
@@ -530,27 +563,46 @@ class NBDServerProtocol(Protocol):
         BlockStatusRequest: _block_status,
     }
 
+    # How each kind of result becomes a reply.
+
+    def _reply_ok(self, request: Any, result: object) -> Sequence[Piece]:
+        return self._conn.reply_ok(request)
+
+    def _reply_read(self, request: ReadRequest, data: Any) -> Sequence[Piece]:
+        if len(data) != request.length:
+            raise RuntimeError(f"backend returned {len(data)} bytes for a read of {request.length}")
+        return self._conn.reply_read(request, data)
+
+    def _reply_pieces(self, request: ReadRequest, pieces: Sequence[Piece]) -> Sequence[Piece]:
+        return pieces
+
+    def _reply_block_status(
+        self, request: BlockStatusRequest, extents: Sequence[Extent]
+    ) -> Sequence[Piece]:
+        return self._conn.reply_block_status(request, extents)
+
     def _finish(
         self,
         result: object,
         request: Request,
-        done: Callable[[Any], list[bytes]],
+        reply: Callable[[NBDServerProtocol, Any, Any], Sequence[Piece]],
         size: int,
         started: float,
     ) -> None:
         """A request finished in the backend: build its reply and send it."""
         try:
             errno = 0
+            pieces: Sequence[Piece]
             if isinstance(result, Failure):
-                errno, reply = self._failed(result, request)
+                errno, pieces = self._failed(result, request)
             else:
                 try:
-                    reply = done(result)
+                    pieces = reply(self, request, result)
                 except Exception:
                     # A reply that cannot be built (a backend breaking its
                     # contract) is an error reply too, so the client hears of it.
-                    errno, reply = self._failed(Failure(), request)  # type: ignore[no-untyped-call]
-            self._send(reply, size)
+                    errno, pieces = self._failed(Failure(), request)  # type: ignore[no-untyped-call]
+            self._send(pieces, size)
             if self._observers:
                 elapsed = self._clock() - started
                 for observer in self._observers:
@@ -593,8 +645,13 @@ class NBDServerProtocol(Protocol):
 
         return segments.addCallback(reply)
 
-    def _track_write(self, d: Deferred[None]) -> Deferred[None]:
-        """Remember a writing request until it finishes, for FLUSH."""
+    def _track_write(self, pending: Deferred[Any] | None) -> None:
+        """
+        Remember a writing request still running in the backend until it
+        finishes, for FLUSH (one that already finished needs nothing).
+        """
+        if pending is None:
+            return
         settled: Deferred[None] = Deferred()
         self._writes.add(settled)
 
@@ -603,11 +660,7 @@ class NBDServerProtocol(Protocol):
             settled.callback(None)
             return result
 
-        return d.addBoth(finished)
-
-    def _ok(self, request: Request) -> Callable[[object], list[bytes]]:
-        conn = self._conn
-        return lambda _: conn.reply_ok(request)
+        pending.addBoth(finished)
 
     def _failed(self, failure: Failure, request: Request) -> tuple[int, list[bytes]]:
         """
@@ -625,7 +678,7 @@ class NBDServerProtocol(Protocol):
             self.log.failure("Backend failed on {request}", failure, request=type(request).__name__)
         return int(errno), self._conn.reply_error(request, errno, message)
 
-    def _send(self, reply: list[bytes], size: int) -> None:
+    def _send(self, reply: Sequence[Piece], size: int) -> None:
         """Write one finished request's reply and admit more work."""
         self.in_flight -= 1
         self.bytes_in_flight -= size
