@@ -17,7 +17,7 @@ from twisted_nbd.backends import BACKENDS, OpenContext, open_backend
 from twisted_nbd.backends.file import FileBlockDevice
 from twisted_nbd.backends.memory import MemoryBlockDevice
 from twisted_nbd.base import BlockDeviceFilter
-from twisted_nbd.config import Config, ExportSpec
+from twisted_nbd.config import Config, ConfigError, ExportSpec, SpecError
 from twisted_nbd.exports import ConnectionContext, Export, ExportRegistry
 from twisted_nbd.interfaces import IBlockDevice
 from twisted_nbd.observers import ServerObserver
@@ -73,6 +73,51 @@ class BuildTests(SynchronousTestCase):
         [(port, factory, _, interface)] = reactor.tcpServers
         self.assertEqual((port, interface), (10809, "127.0.0.1"))
         self.assertIs(factory, service.factory)
+
+
+class BuildCheckTests(SynchronousTestCase):
+    """L{build} checks a L{Config} made by code as the command line would."""
+
+    def test_no_exports(self) -> None:
+        self.assertRaises(ConfigError, build, Config([]), MemoryReactorClock())
+
+    def test_bad_spec(self) -> None:
+        """An export that cannot be served is refused before anything opens."""
+        with self.assertRaises(SpecError) as caught:
+            build(Config([ExportSpec(memory=MiB, image="/x")]), MemoryReactorClock())
+        self.assertEqual(caught.exception.setting, "export")
+        self.assertRaises(
+            SpecError, build, Config([ExportSpec(image=self.mktemp())]), MemoryReactorClock()
+        )
+
+    def test_duplicates_and_default(self) -> None:
+        specs = [ExportSpec(name="a", memory=MiB), ExportSpec(name="a", memory=MiB)]
+        self.assertRaises(ConfigError, build, Config(specs), MemoryReactorClock())
+        config = Config([ExportSpec(name="a", memory=MiB)], default="b")
+        self.assertRaises(ConfigError, build, config, MemoryReactorClock())
+
+    def test_bad_endpoint_opens_nothing(self) -> None:
+        """A listen string that does not parse is refused before any image is created."""
+        path = self.mktemp()
+        config = Config([ExportSpec(image=path, size=MiB)], listen=("nonsense:1",))
+        self.assertRaises(ConfigError, build, config, MemoryReactorClock())
+        self.assertFalse(os.path.exists(path))
+
+    def test_devices_found_by_type(self) -> None:
+        """
+        In a tree built by hand, the device service closes after the
+        connections drain whatever its name.
+        """
+        device = ControllableBlockDevice(MiB)
+        factory = NBDServerFactory(ExportRegistry.of([Export("", device)]))
+        top = NBDService(factory, MemoryReactorClock(), 0)
+        devices = BlockDeviceService([device])
+        devices.setName("storage")
+        devices.setServiceParent(top)
+        self.assertTrue(top._is_devices(devices))
+        top.startService()
+        self.successResultOf(top.stopService())
+        self.assertTrue(device.closed)
 
 
 class BackendRegistryTests(SynchronousTestCase):

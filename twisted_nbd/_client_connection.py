@@ -10,9 +10,10 @@ the caller (L{twisted_nbd.client}) does the I/O and matches replies to the
 Deferreds it handed out.
 
 The connection owns the handshake (which options to send, in what order,
-and how to fall back when the server refuses one: the table
-L{ClientConnection._PLAN}), the framing of requests, and the checking of
-every reply chunk against the request it answers. What may be sent is
+and how to fall back when the server refuses one: the tables
+L{ClientConnection._OPEN_PLAN} and L{ClientConnection._LIST_PLAN}), the
+framing of requests, and the checking of every reply chunk against the
+request it answers. What may be sent is
 decided by the same L{check_request} the server applies. A server that
 breaks the protocol makes L{ClientConnection.next_event} raise
 L{ProtocolViolation}; the connection cannot be used after that.

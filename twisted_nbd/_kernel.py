@@ -272,6 +272,10 @@ class SansIOConnection(Generic[_E]):
         out, self._outbox = self._outbox, []
         return out
 
+    def has_data_to_send(self) -> bool:
+        """Whether L{data_to_send} would return anything."""
+        return bool(self._outbox)
+
     def next_event(self) -> _E | _NeedData:
         """
         Parse what is buffered up to the next event.

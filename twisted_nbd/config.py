@@ -45,6 +45,7 @@ __all__ = [
     "MAX_SIZE",
     "Config",
     "ConfigError",
+    "check_config",
     "ExportSpec",
     "SpecError",
     "check_image",
@@ -299,6 +300,33 @@ class Config:
     max_queue_depth: int = DEFAULT_MAX_QUEUE_DEPTH
     max_bytes_in_flight: int = DEFAULT_MAX_BYTES_IN_FLIGHT
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
+
+
+def check_config(config: Config) -> None:
+    """
+    Check a L{Config} built by code rather than read from a file: every
+    export as L{ExportSpec.check} does, names unique, the default one of
+    them, the limits positive.
+
+    @raise ConfigError: the configuration as a whole is wrong.
+    @raise SpecError: an export is (L{SpecError.setting} says what).
+    """
+    if not config.exports:
+        raise ConfigError("no exports to serve")
+    names: set[str] = set()
+    for spec in config.exports:
+        spec.check()
+        if spec.name in names:
+            raise ConfigError(f"there are two exports named {spec.name!r}")
+        names.add(spec.name)
+    if config.default is not None and config.default not in names:
+        raise ConfigError(f"the default export {config.default!r} is not defined")
+    if not config.listen:
+        raise ConfigError("nothing to listen on")
+    if config.max_queue_depth < 1 or config.max_bytes_in_flight < 1:
+        raise ConfigError("the queue depth and the bytes in flight must be at least 1")
+    if not 0 <= config.shutdown_timeout < float("inf"):
+        raise ConfigError("the shutdown timeout must be zero or more seconds")
 
 
 _EXPORT_KEYS = {

@@ -19,7 +19,9 @@ Subclass L{ServerObserver} and override what you need::
         def request_finished(self, connection, request, errno, elapsed):
             if errno:
                 log.info("{peer}: {cmd} failed: {errno}", peer=connection.peer,
-                         cmd=command_name(request.command), errno=errno)
+                         cmd=Cmd(request.command).name, errno=Errno(errno).name)
+
+(C{Cmd} and C{Errno} come from L{twisted_nbd.constants}.)
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from typing import TYPE_CHECKING
 from zope.interface import Interface, implementer
 
 if TYPE_CHECKING:
-    from twisted_nbd._connection import Request
+    from twisted_nbd.events import Request
 
 __all__ = ["ConnectionInfo", "IServerObserver", "ServerObserver"]
 
@@ -62,9 +64,9 @@ class ConnectionInfo:
 class IServerObserver(Interface):
     """
     Told of what happens on an NBD server's connections. Requests are the
-    events of L{twisted_nbd._connection}: each has C{command} (an
-    L{twisted_nbd._wire.Cmd} number), C{cookie}, C{offset} and C{length}
-    (for a WRITE, its payload's length).
+    events of L{twisted_nbd.events}: each has C{command} (an
+    L{twisted_nbd.constants.Cmd} number), C{cookie}, C{offset} and
+    C{length} (for a WRITE, its payload's length).
     """
 
     def connection_made(connection: ConnectionInfo) -> None:

@@ -20,7 +20,7 @@ The parse loop asks the connection for one event at a time and checks these
 conditions before each, so the limits hold exactly, even when the backend
 answers synchronously and replies are written from inside the loop.
 
-Each kind of request has one handler in L{NBDServerProtocol._HANDLERS}; a
+Each kind of event has one handler in L{NBDServerProtocol._DISPATCH}; a
 new command is one more entry. Observers
 (L{twisted_nbd.observers.IServerObserver}) see connections and requests
 come and go; with none, the per-request path does not even read the clock.
@@ -86,6 +86,10 @@ _CORK_LIMIT = 256 * 1024
 SPARSE_READ_MIN = 64 * 1024
 
 _DF = int(CmdFlags.DF)
+
+
+#: What L{NBDServerProtocol._sync_value} says of a result not there yet.
+_PENDING = object()
 
 
 def _swallow(failure: Failure) -> None:
@@ -291,24 +295,30 @@ class NBDServerProtocol(Protocol):
             # the outer loop re-checks the limits before every event.
             return
         self._parsing = True
+        conn = self._conn
+        next_event = conn.next_event
+        dispatch = self._DISPATCH
         try:
-            while not self._must_wait():
+            while not (
+                self._closed
+                or self._transport_paused
+                or self.in_flight >= self.max_queue_depth
+                or self.bytes_in_flight >= self.max_bytes_in_flight
+                or (self._disconnecting and not conn.shutting_down)
+            ):
                 try:
-                    event = self._conn.next_event()
+                    event = next_event()
                 except ProtocolViolation as e:
                     self.log.warn("Dropping client {peer}: {reason}", peer=self.info.peer, reason=e)
                     self._lost_reason = f"protocol violation: {e}"
                     self._flush_outbox()
                     self._abort()
                     return
-                self._flush_outbox()
+                if conn.has_data_to_send():
+                    self._flush_outbox()
                 if event is NEED_DATA:
                     break
-                handler = self._EVENTS.get(type(event))
-                if handler is None:
-                    self._start(cast(Request, event))
-                else:
-                    handler(self, event)
+                dispatch[event.__class__](self, event)
         finally:
             self._parsing = False
         self._flush_out()
@@ -331,17 +341,18 @@ class NBDServerProtocol(Protocol):
         if out:
             self._emit(out)
 
-    def _emit(self, pieces: Sequence[Piece]) -> None:
+    def _emit(self, pieces: Sequence[Piece], size: int = 0) -> None:
         """
-        Write one message. Inside the parse loop messages are gathered and
-        written together when it ends (or once they pass L{_CORK_LIMIT}
-        bytes), so a burst of pipelined requests costs one system call.
+        Write one message (of about C{size} bytes beyond its headers).
+        Inside the parse loop messages are gathered and written together when
+        it ends (or once they pass L{_CORK_LIMIT} bytes), so a burst of
+        pipelined requests costs one system call.
         """
-        if self._closed or self.transport is None:
+        if self._closed:
             return
         self._out.extend(pieces)
         if self._parsing:
-            self._out_bytes += sum(len(p) for p in pieces)
+            self._out_bytes += size + 64
             if self._out_bytes < _CORK_LIMIT:
                 return
         self._flush_out()
@@ -422,27 +433,31 @@ class NBDServerProtocol(Protocol):
         self._disconnecting = True
         self._maybe_close()
 
-    #: What to do with each event that is not a request.
-    _EVENTS: ClassVar[dict[type, Callable[[NBDServerProtocol, Any], None]]] = {
-        ExportChosen: _export_chosen,
-        RequestRejected: _request_rejected,
-        OptionRejected: _option_rejected,
-        Aborted: _disconnect,
-        DisconnectRequest: _disconnect,
-    }
-
     # ------------------------------------------------------------ requests
 
-    def _start(self, request: Request) -> None:
-        """Hand a request to the backend and send its reply when it is done."""
-        device = self._device
-        assert device is not None
-        started = 0.0
-        if self._observers:
-            started = self._clock()
-            for observer in self._observers:
-                self._notify(observer.request_started, self.info, request)
-        self._HANDLERS[request.__class__](self, device, request, started)
+    def _started(self, request: Request) -> float:
+        """Tell the observers a request starts; when it did (0 with no observers)."""
+        if not self._observers:
+            return 0.0
+        started = self._clock()
+        for observer in self._observers:
+            self._notify(observer.request_started, self.info, request)
+        return started
+
+    def _sync_value(self, result: Any) -> Any:
+        """
+        The value of a device call that is already there and succeeded (a
+        plain value, or a Deferred that has fired with one), or L{_PENDING}.
+        """
+        if type(result) is Deferred:
+            if result.called and not result.paused:
+                value = result.result
+                if not isinstance(value, (Failure, Deferred)):
+                    return value
+            return _PENDING
+        if isinstance(result, (Failure, Deferred)):
+            return _PENDING
+        return result
 
     def _call(self, method: Callable[..., Any], *args: Any) -> Any:
         """
@@ -491,26 +506,53 @@ class NBDServerProtocol(Protocol):
         self._finish(result, request, reply, size, started)
         return None
 
-    def _read(self, device: IBlockDevice, request: ReadRequest, started: float) -> None:
+    def _read(self, request: ReadRequest) -> None:
+        device = self._device
+        assert device is not None
+        started = self._started(request)
+        length = request.length
         if (
             self._structured
-            and request.length >= SPARSE_READ_MIN
+            and length >= SPARSE_READ_MIN
             and not request.flags & _DF
             and device.capabilities.can_extents
         ):
             sparse = self._sparse_read(device, request)
-            self._await(sparse, request, NBDServerProtocol._reply_pieces, request.length, started)
+            self._await(sparse, request, NBDServerProtocol._reply_pieces, length, started)
             return
-        result = self._call(device.read, request.offset, request.length)
-        self._await(result, request, NBDServerProtocol._reply_read, request.length, started)
+        result: Any
+        try:
+            result = device.read(request.offset, length)
+        except Exception:
+            result = Failure()  # type: ignore[no-untyped-call]
+        if not self._observers:
+            # The common case, in few steps: the data is already there.
+            data = self._sync_value(result)
+            if data is not _PENDING and len(data) == length:
+                self._emit(self._conn.reply_read(request, data), length)
+                return
+        self._await(result, request, NBDServerProtocol._reply_read, length, started)
 
-    def _write(self, device: IBlockDevice, request: WriteRequest, started: float) -> None:
-        result = self._call(device.write, request.offset, request.data, request.fua)
+    def _write(self, request: WriteRequest) -> None:
+        device = self._device
+        assert device is not None
+        started = self._started(request)
+        result: Any
+        try:
+            result = device.write(request.offset, request.data, request.fua)
+        except Exception:
+            result = Failure()  # type: ignore[no-untyped-call]
+        if not self._observers and self._sync_value(result) is not _PENDING:
+            self._emit(self._conn.reply_ok(request))
+            return
         self._track_write(
             self._await(result, request, NBDServerProtocol._reply_ok, request.length, started)
         )
 
-    def _flush(self, device: IBlockDevice, request: FlushRequest, started: float) -> None:
+    def _flush(self, request: FlushRequest) -> None:
+        device = self._device
+        assert device is not None
+        started = self._started(request)
         # C-02: every write acknowledged before this FLUSH has finished in the
         # backend; waiting for the ones still running too makes FLUSH cover
         # everything received before it, which is stronger and simple to reason about.
@@ -523,13 +565,17 @@ class NBDServerProtocol(Protocol):
             result = self._call(device.flush)
         self._await(result, request, NBDServerProtocol._reply_ok, 0, started)
 
-    def _trim(self, device: IBlockDevice, request: TrimRequest, started: float) -> None:
+    def _trim(self, request: TrimRequest) -> None:
+        device = self._device
+        assert device is not None
+        started = self._started(request)
         result = self._call(device.trim, request.offset, request.length, request.fua)
         self._track_write(self._await(result, request, NBDServerProtocol._reply_ok, 0, started))
 
-    def _write_zeroes(
-        self, device: IBlockDevice, request: WriteZeroesRequest, started: float
-    ) -> None:
+    def _write_zeroes(self, request: WriteZeroesRequest) -> None:
+        device = self._device
+        assert device is not None
+        started = self._started(request)
         result = self._call(
             device.write_zeroes,
             request.offset,
@@ -540,20 +586,22 @@ class NBDServerProtocol(Protocol):
         )
         self._track_write(self._await(result, request, NBDServerProtocol._reply_ok, 0, started))
 
-    def _cache(self, device: IBlockDevice, request: CacheRequest, started: float) -> None:
+    def _cache(self, request: CacheRequest) -> None:
+        device = self._device
+        assert device is not None
+        started = self._started(request)
         result = self._call(device.cache, request.offset, request.length)
         self._await(result, request, NBDServerProtocol._reply_ok, 0, started)
 
-    def _block_status(
-        self, device: IBlockDevice, request: BlockStatusRequest, started: float
-    ) -> None:
+    def _block_status(self, request: BlockStatusRequest) -> None:
+        device = self._device
+        assert device is not None
+        started = self._started(request)
         result = self._call(device.block_status, request.offset, request.length)
         self._await(result, request, NBDServerProtocol._reply_block_status, 0, started)
 
-    #: The handler of each kind of request.
-    _HANDLERS: ClassVar[
-        dict[type, Callable[[NBDServerProtocol, IBlockDevice, Any, float], None]]
-    ] = {
+    #: The handler of every event: the requests, and the rest.
+    _DISPATCH: ClassVar[dict[type, Callable[[NBDServerProtocol, Any], None]]] = {
         ReadRequest: _read,
         WriteRequest: _write,
         FlushRequest: _flush,
@@ -561,6 +609,11 @@ class NBDServerProtocol(Protocol):
         WriteZeroesRequest: _write_zeroes,
         CacheRequest: _cache,
         BlockStatusRequest: _block_status,
+        ExportChosen: _export_chosen,
+        RequestRejected: _request_rejected,
+        OptionRejected: _option_rejected,
+        Aborted: _disconnect,
+        DisconnectRequest: _disconnect,
     }
 
     # How each kind of result becomes a reply.
@@ -685,7 +738,7 @@ class NBDServerProtocol(Protocol):
         if self._closed or self.transport is None:
             return  # nothing is written after connectionLost
         # C-01: each message is written whole, never interleaved with another.
-        self._emit(reply)
+        self._emit(reply, size)
         if self._disconnecting:
             self._maybe_close()
         else:

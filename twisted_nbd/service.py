@@ -22,12 +22,13 @@ from typing import Any, Iterable, Sequence, cast
 
 from twisted.application import strports
 from twisted.application.service import MultiService, Service
+from twisted.internet import endpoints
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from twisted_nbd.backends import OpenContext, open_backend
-from twisted_nbd.config import Config, ExportSpec
+from twisted_nbd.config import Config, ConfigError, ExportSpec, check_config
 from twisted_nbd.exports import Export, ExportRegistry
 from twisted_nbd.interfaces import IBlockDevice
 from twisted_nbd.observers import IServerObserver
@@ -147,6 +148,9 @@ class NBDService(MultiService):
 
     @ivar factory: the L{NBDServerFactory} every listener uses.
     @ivar registry: the exports it serves.
+    @ivar devices: the service that owns the devices, once added: the child
+        that is a L{BlockDeviceService} (or, in a tree built by hand, the
+        child named C{"device"}).
     """
 
     def __init__(self, factory: NBDServerFactory, reactor: Any, shutdown_timeout: float) -> None:
@@ -156,6 +160,9 @@ class NBDService(MultiService):
         self._reactor = reactor
         self.shutdown_timeout = shutdown_timeout
 
+    def _is_devices(self, child: Any) -> bool:
+        return isinstance(child, BlockDeviceService) or child.name == "device"
+
     def stopService(self) -> Deferred[None]:
         """
         Stop listening, drain the connections, then close the devices.
@@ -164,8 +171,8 @@ class NBDService(MultiService):
         """
         Service.stopService(self)
         children = list(self)
-        devices = [child for child in children if child.name == "device"]
-        listeners = [child for child in children if child.name != "device"]
+        devices = [child for child in children if self._is_devices(child)]
+        listeners = [child for child in children if not self._is_devices(child)]
         stopped = DeferredList(
             [maybeDeferred(child.stopService) for child in reversed(listeners)],
             consumeErrors=True,
@@ -200,6 +207,10 @@ def build(
         L{StreamServerEndpointService
         <twisted.application.internet.StreamServerEndpointService>} per
         endpoint in C{config.listen}.
+    @raise ConfigError: C{config} cannot be served (no exports, a bad
+        default, an endpoint that does not parse).
+    @raise SpecError: an export cannot be served (the same checks as the
+        command line and the config file make).
     @raise OSError: a device could not be created or opened after all.
     """
     if reactor is None:
@@ -207,6 +218,13 @@ def build(
 
         reactor = global_reactor
 
+    check_config(config)
+    # Parse the endpoints before opening anything, so a bad one leaks nothing.
+    for description in config.listen:
+        try:
+            endpoints.serverFromString(reactor, description)
+        except Exception as e:
+            raise ConfigError(f"{description!r} is not a server endpoint: {e}") from None
     registry, device_service = open_exports(
         config, reactor, min(IO_THREADS, config.max_queue_depth)
     )
