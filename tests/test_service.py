@@ -16,6 +16,7 @@ from tests import builders as b
 from twisted_nbd.backends import BACKENDS, OpenContext, open_backend
 from twisted_nbd.backends.file import FileBlockDevice
 from twisted_nbd.backends.memory import MemoryBlockDevice
+from twisted_nbd.backends.ram import MAPPED_MAX, MappedMemoryDevice
 from twisted_nbd.base import BlockDeviceFilter
 from twisted_nbd.config import Config, ConfigError, ExportSpec, SpecError
 from twisted_nbd.exports import ConnectionContext, Export, ExportRegistry
@@ -130,12 +131,18 @@ class BackendRegistryTests(SynchronousTestCase):
         self.assertEqual(ExportSpec(image="/x").backend, "file")
 
     def test_memory(self) -> None:
-        """A memory spec opens a MemoryBlockDevice of its size, and needs no pool."""
+        """
+        A memory spec opens a RAM disk of its size in shared memory, and
+        needs no pool; one too big to map is a sparse dict of pages.
+        """
         context = OpenContext(MemoryReactorClock(), 4)
         device = open_backend(ExportSpec(memory=3 * MiB), context)
-        self.assertIsInstance(device, MemoryBlockDevice)
+        self.addCleanup(device.close)
+        self.assertIsInstance(device, MappedMemoryDevice)
         self.assertEqual(device.size, 3 * MiB)
         self.assertIsNone(context.pool)
+        huge = open_backend(ExportSpec(memory=MAPPED_MAX + 1), context)
+        self.assertIsInstance(huge, MemoryBlockDevice)
 
     def test_file(self) -> None:
         """A file spec creates the sparse image and opens it on the shared pool."""

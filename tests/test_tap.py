@@ -25,7 +25,7 @@ from twisted.python.usage import UsageError
 from twisted.trial.unittest import TestCase as _TrialTestCase
 
 from twisted_nbd.backends.file import FileBlockDevice
-from twisted_nbd.backends.memory import MemoryBlockDevice
+from twisted_nbd.backends.ram import MappedMemoryDevice
 from twisted_nbd.errors import NBDError
 from twisted_nbd.exports import MAX_STRING
 from twisted_nbd.protocol import NBDServerFactory
@@ -630,7 +630,7 @@ class MakeServiceTests(TestCase):
         self.assertTrue(export.read_only)
         self.assertEqual(export.size, 2 * MiB)
         self.assertFalse(export.capabilities.can_write)
-        self.assertIsInstance(export.device, MemoryBlockDevice)
+        self.assertIsInstance(export.device, MappedMemoryDevice)
 
     def test_listens(self) -> None:
         """

@@ -22,7 +22,14 @@ from zope.interface import alsoProvides, implementer
 from twisted_nbd._batch import BatchingRunner, threads
 from twisted_nbd._wire import Errno
 from twisted_nbd.errors import NBDError
-from twisted_nbd.interfaces import Capabilities, Extent, IBlockDevice, ISparseRead, Segment
+from twisted_nbd.interfaces import (
+    Capabilities,
+    Extent,
+    IBlockDevice,
+    IBufferRead,
+    ISparseRead,
+    Segment,
+)
 
 __all__ = ["BlockDevice", "BlockDeviceFilter", "ThreadedBlockDevice"]
 
@@ -164,7 +171,8 @@ class BlockDeviceFilter:
     C{read} or C{block_status} without changing C{read_sparse} too, since
     then C{inner}'s answer would bypass the filter. (The server then falls
     back to C{block_status} and C{read} through the filter, which is
-    always correct.)
+    always correct.) L{IBufferRead} likewise, unless the subclass changes
+    C{read} without changing C{read_buffer}.
 
     @ivar inner: the wrapped device.
     """
@@ -173,6 +181,24 @@ class BlockDeviceFilter:
         self.inner = inner
         if ISparseRead.providedBy(inner) and self._forwards_sparse_reads():
             alsoProvides(self, ISparseRead)
+        if IBufferRead.providedBy(inner) and self._forwards_buffer_reads():
+            alsoProvides(self, IBufferRead)
+
+    def _forwards_buffer_reads(self) -> bool:
+        """Whether C{read_buffer} agrees with this filter's C{read}."""
+        cls = type(self)
+        return (
+            cls.read_buffer is not BlockDeviceFilter.read_buffer
+            or cls.read is BlockDeviceFilter.read
+        )
+
+    def read_buffer(self, offset: int, length: int) -> bytes | memoryview:
+        """
+        Forward a read of the device's memory (L{IBufferRead}) to C{inner};
+        only offered when C{inner} provides it.
+        """
+        data: bytes | memoryview = IBufferRead(self.inner).read_buffer(offset, length)
+        return data
 
     def _forwards_sparse_reads(self) -> bool:
         """Whether C{read_sparse} agrees with this filter's C{read} and C{block_status}."""

@@ -28,6 +28,7 @@ __all__ = [
     "Capabilities",
     "Extent",
     "IBlockDevice",
+    "IBufferRead",
     "ISparseRead",
     "STATE_HOLE",
     "STATE_ZERO",
@@ -209,5 +210,24 @@ class ISparseRead(Interface):
         @return: a Deferred that fires with consecutive segments covering
             exactly the range, each C{(offset, data)} or C{(offset,
             zero_run_length)} (see L{twisted_nbd.extents.plan_sparse_read}),
-            or fails with L{NBDError}.
+            or fails with L{NBDError}. A device that also provides
+            L{IBufferRead} may give views of its memory as data, valid
+            (as there) only until control returns to the reactor.
+        """
+
+
+class IBufferRead(Interface):
+    """
+    An optional companion of L{IBlockDevice} for devices that hold their
+    bytes in memory (the RAM disk): the server sends a READ's reply straight
+    from the device's memory instead of from a copy.
+    """
+
+    def read_buffer(offset: int, length: int) -> "bytes | memoryview":
+        """
+        Return C{length} bytes at C{offset} at once (no Deferred), or raise
+        L{NBDError}. The result may be a view of the device's memory: it is
+        valid only until control returns to the reactor, since a later write
+        changes it; the server writes it to the socket before then, or
+        copies what the socket did not take.
         """

@@ -66,7 +66,7 @@ from twisted_nbd._wire import CmdFlags, Errno
 from twisted_nbd.config import DEFAULT_MAX_BYTES_IN_FLIGHT, DEFAULT_MAX_QUEUE_DEPTH
 from twisted_nbd.errors import NBDError, ProtocolViolation
 from twisted_nbd.exports import ConnectionContext, ExportRegistry
-from twisted_nbd.interfaces import Extent, IBlockDevice, ISparseRead, Segment
+from twisted_nbd.interfaces import Extent, IBlockDevice, IBufferRead, ISparseRead, Segment
 from twisted_nbd.observers import ConnectionInfo, IServerObserver
 
 __all__ = [
@@ -186,6 +186,10 @@ class NBDServerProtocol(Protocol):
         # (one sendmsg); see _emit.
         self._writer: ReplyWriter | None = None
         self._structured = False
+        # The device's IBufferRead.read_buffer, if it has one, and whether
+        # replies waiting in _out may be views of its memory.
+        self._read_buffer: Callable[[int, int], Any] | None = None
+        self._out_views = False
         self._out: list[Piece] = []
         self._out_bytes = 0
 
@@ -363,6 +367,7 @@ class NBDServerProtocol(Protocol):
             return
         self._out = []
         self._out_bytes = 0
+        self._out_views = False
         if self._closed or self._writer is None:
             return
         self._writer.write(out)
@@ -395,6 +400,8 @@ class NBDServerProtocol(Protocol):
         self._device = attachment.device
         self._layers = attachment.layers
         self._structured = self._conn.structured_replies
+        device = attachment.device
+        self._read_buffer = device.read_buffer if IBufferRead.providedBy(device) else None
         self.info.export = export.name
         self.log.info("Client {peer} uses export {name!r}", peer=self.info.peer, name=export.name)
         for observer in self._observers:
@@ -517,9 +524,24 @@ class NBDServerProtocol(Protocol):
             and not request.flags & _DF
             and device.capabilities.can_extents
         ):
+            if self._read_buffer is not None:
+                # Its data segments may be views of the device's memory.
+                self._out_views = True
             sparse = self._sparse_read(device, request)
             self._await(sparse, request, NBDServerProtocol._reply_pieces, length, started)
             return
+        read_buffer = self._read_buffer
+        if read_buffer is not None and not self._observers:
+            # Straight from the device's memory (IBufferRead): the reply is
+            # written before anything can change it (see _flush_views).
+            try:
+                data = read_buffer(request.offset, length)
+            except Exception:
+                data = None
+            if data is not None and len(data) == length:
+                self._out_views = True
+                self._emit(self._conn.reply_read(request, data), length)
+                return
         result: Any
         try:
             result = device.read(request.offset, length)
@@ -533,7 +555,17 @@ class NBDServerProtocol(Protocol):
                 return
         self._await(result, request, NBDServerProtocol._reply_read, length, started)
 
+    def _flush_views(self) -> None:
+        """
+        Before a request changes data, write the replies still gathered that
+        may be views of the device's memory, so they carry the data as it
+        was when they were read.
+        """
+        if self._out_views:
+            self._flush_out()
+
     def _write(self, request: WriteRequest) -> None:
+        self._flush_views()
         device = self._device
         assert device is not None
         started = self._started(request)
@@ -566,6 +598,7 @@ class NBDServerProtocol(Protocol):
         self._await(result, request, NBDServerProtocol._reply_ok, 0, started)
 
     def _trim(self, request: TrimRequest) -> None:
+        self._flush_views()
         device = self._device
         assert device is not None
         started = self._started(request)
@@ -573,6 +606,7 @@ class NBDServerProtocol(Protocol):
         self._track_write(self._await(result, request, NBDServerProtocol._reply_ok, 0, started))
 
     def _write_zeroes(self, request: WriteZeroesRequest) -> None:
+        self._flush_views()
         device = self._device
         assert device is not None
         started = self._started(request)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from twisted_nbd.backends.file import FileBlockDevice, create_image
 from twisted_nbd.backends.memory import MemoryBlockDevice
+from twisted_nbd.backends.ram import MAPPED_MAX, MappedMemoryDevice
 from twisted_nbd.interfaces import IBlockDevice
 
 if TYPE_CHECKING:
@@ -24,6 +25,7 @@ __all__ = [
     "BACKENDS",
     "BackendOpener",
     "FileBlockDevice",
+    "MappedMemoryDevice",
     "MemoryBlockDevice",
     "OpenContext",
     "create_image",
@@ -74,6 +76,10 @@ def _open_file(spec: ExportSpec, context: OpenContext) -> IBlockDevice:
 
 def _open_memory(spec: ExportSpec, context: OpenContext) -> IBlockDevice:
     assert spec.memory is not None
+    if spec.memory <= MAPPED_MAX:
+        # Shared memory, readable without copying, and shareable with workers.
+        return MappedMemoryDevice(spec.memory)
+    # A huge test disk: sparse in a dict, cheap whatever its size.
     return MemoryBlockDevice(spec.memory)
 
 
