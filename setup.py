@@ -65,6 +65,13 @@ setup(
             # setuptools need the wheel package for bdist_wheel.
             "setuptools>=64",
             "wheel",
+            # tests/test_bench.py runs bench/run.py --smoke, which draws its chart.
+            "matplotlib",
+        ],
+        # bench/run.py: the PNG chart (the rest is the standard library and
+        # Debian's fio, nbdcopy, qemu-nbd, nbdkit, nbd-server).
+        "bench": [
+            "matplotlib",
         ],
     },
     zip_safe=False,

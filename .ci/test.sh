@@ -8,9 +8,10 @@
 #
 # Meant for a Debian machine, as root (or with sudo), with no terminal: CI runs
 # it through .ci/run. The Debian packages are the NBD tools the interop tests
-# drive; apt is skipped when they are all installed already, so re-runs are
-# fast. The project is installed editable with its test extra into the Python
-# that "python3" finds (set PYTHON=... to choose another); if that Python is
+# and the benchmark (bench/run.py, smoke-tested by tests/test_bench.py) drive;
+# apt is skipped when they are all installed already, so re-runs are fast. The
+# project is installed editable with its test extra into the Python that
+# "python3" finds (set PYTHON=... to choose another); if that Python is
 # Debian's own, which refuses pip (PEP 668), a .venv beside this repository is
 # used instead. Exits non-zero if installing or any check fails.
 set -euo pipefail
@@ -19,7 +20,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 export PIP_ROOT_USER_ACTION=ignore
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-DEBIAN_PACKAGES=(qemu-utils libnbd-bin python3-libnbd fio nbdkit nbd-server)
+DEBIAN_PACKAGES=(qemu-utils libnbd-bin python3-libnbd fio nbdkit nbdkit-plugin-python nbd-server)
 PYTHON=${PYTHON:-python3}
 
 say() { printf '\n== %s\n' "$*"; }

@@ -1,0 +1,188 @@
+"""
+The benchmark (bench/run.py) still works: a --smoke run against twisted-nbd
+and a few peers writes JSON of the expected shape and a PNG chart.
+
+Only the structure is checked, never a number: the test suite must not
+depend on how fast the machine is. Like the interop tests, a missing tool
+is a skip on a developer's machine and a failure in CI (CI=true).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import unittest
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.interop.helpers import in_ci, make_tempdir, require_tool
+
+pytestmark = pytest.mark.interop
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BENCH = REPO_ROOT / "bench" / "run.py"
+#: A --smoke run takes about 20 to 30 s; this only bounds a hang.
+SMOKE_TIMEOUT = 240.0
+#: What --smoke runs (see SMOKE_SERVERS and SMOKE_WORKLOADS in bench/run.py).
+FILE_SERVERS = ["twisted-nbd", "nbdkit-file", "nbd-server"]
+RAM_SERVERS = ["twisted-nbd", "nbdkit-memory"]
+WORKLOADS = ["rand-rw-64K-qd16", "rand-read-4K-qd1"]
+
+
+def require_matplotlib() -> None:
+    """
+    Skip (fail in CI) unless this interpreter can import matplotlib (the test extra has it).
+    """
+    done = subprocess.run(
+        [sys.executable, "-c", "import matplotlib"], capture_output=True, timeout=60, check=False
+    )
+    if done.returncode != 0:
+        if in_ci():
+            raise AssertionError("matplotlib is missing, and CI=true requires it")
+        raise unittest.SkipTest("matplotlib is not installed (pip install -e '.[bench]')")
+
+
+class BenchSmokeTests(SynchronousTestCase):
+    """
+    C{bench/run.py --smoke}: every section runs and reports, nothing is timed.
+
+    One test runs the benchmark once (about half a minute) and checks the
+    result part by part with the C{check_*} methods.
+    """
+
+    def test_smoke(self) -> None:
+        """
+        The smoke run succeeds, and its JSON and chart have everything.
+        """
+        self.run_smoke()
+        self.check_chart()
+        self.check_document()
+        self.check_fio()
+        self.check_fills()
+        self.check_nbdcopy()
+        self.check_workers()
+        self.check_rss_and_targets()
+
+    def run_smoke(self) -> None:
+        """
+        Run C{bench/run.py --smoke} into a temporary directory and read its JSON.
+        """
+        for tool in ("fio", "nbdcopy", "nbdinfo", "nbdkit", "nbd-server"):
+            require_tool(tool)
+        require_matplotlib()
+        self.dir = make_tempdir(self)
+        self.json = self.dir / "smoke.json"
+        self.png = self.dir / "smoke.png"
+        argv = [
+            sys.executable,
+            str(BENCH),
+            "--smoke",
+            "--json",
+            str(self.json),
+            "--chart",
+            str(self.png),
+            "--workdir",
+            str(self.dir),
+        ]
+        done = subprocess.run(
+            argv,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=SMOKE_TIMEOUT,
+            cwd=REPO_ROOT,
+            check=False,
+        )
+        self.output = done.stdout + done.stderr
+        self.assertEqual(done.returncode, 0, f"bench/run.py --smoke failed:\n{self.output}")
+        self.document: dict[str, Any] = json.loads(self.json.read_text())
+
+    def check_chart(self) -> None:
+        """
+        A PNG chart is drawn where --chart says.
+        """
+        self.assertTrue(self.png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n"))
+
+    def check_document(self) -> None:
+        """
+        The JSON says what ran, on what, and holds every section.
+        """
+        document = self.document
+        for key in ("date", "machine", "versions", "config", "summary", "results"):
+            self.assertIn(key, document)
+        for key in ("nbdcopy", "fills", "workers", "rss", "targets", "notes"):
+            self.assertIn(key, document)
+        config = document["config"]
+        self.assertEqual(config["families"], {"file": FILE_SERVERS, "ram": RAM_SERVERS})
+        self.assertEqual([w["name"] for w in config["workloads"]], WORKLOADS)
+        self.assertEqual(config["sections"], ["fio", "nbdcopy", "workers"])
+        self.assertEqual(config["repeat"], 1)
+        self.assertIn("twisted-nbd", document["versions"])
+
+    def check_fio(self) -> None:
+        """
+        Every workload ran against every server of both families, with its medians and ratios.
+        """
+        results = [r for r in self.document["results"] if r["section"] == "fio"]
+        for family, servers in (("file", FILE_SERVERS), ("ram", RAM_SERVERS)):
+            runs = {(r["workload"], r["server"]) for r in results if r["family"] == family}
+            self.assertEqual(runs, {(w, s) for w in WORKLOADS for s in servers})
+            rows = self.document["summary"][family]
+            self.assertEqual([row["workload"] for row in rows], WORKLOADS)
+            for row in rows:
+                self.assertEqual(sorted(row["servers"]), sorted(servers))
+                for numbers in row["servers"].values():
+                    for key in ("mib_s", "iops", "clat_p99_us", "peak_rss_bytes"):
+                        self.assertIn(key, numbers)
+                peers = {f"twisted-nbd/{s}" for s in servers if s != "twisted-nbd"}
+                self.assertEqual(set(row["ratios"]), peers)
+        self.assertTrue(all(r["ok"] for r in results), results)
+
+    def check_fills(self) -> None:
+        """
+        Each RAM disk was filled with nbdcopy before its runs.
+        """
+        fills = self.document["fills"]
+        self.assertEqual(sorted(f["server"] for f in fills), sorted(RAM_SERVERS))
+
+    def check_nbdcopy(self) -> None:
+        """
+        The image was copied each way with 1 and 4 connections, for every file server.
+        """
+        copies = self.document["nbdcopy"]["results"]
+        expected = {
+            (s, d, c) for s in FILE_SERVERS for d in ("from_server", "to_server") for c in (1, 4)
+        }
+        done = {(c["server"], c["direction"], c["connections"]) for c in copies}
+        self.assertEqual(done, expected)
+        self.assertEqual(len(self.document["nbdcopy"]["summary"]), 4)
+
+    def check_workers(self) -> None:
+        """
+        The workers section ran, or says why not (twistd nbd without --workers).
+        """
+        workers = self.document["workers"]
+        if workers["supported"]:
+            self.assertIsNone(workers["skipped"])
+            self.assertEqual(len(workers["summary"]), 4)
+            self.assertEqual({c["workers"] for c in workers["copies"]}, {1})
+        else:
+            self.assertIn("--workers", workers["skipped"])
+            self.assertIn("skipped", self.output)
+
+    def check_rss_and_targets(self) -> None:
+        """
+        Peak RSS was sampled, and every target is PASS, FAIL or N/A (which, is not checked).
+        """
+        rss = self.document["rss"]
+        self.assertGreater(rss["twisted_nbd_file_peak_bytes"], 0)
+        self.assertGreater(rss["twisted_nbd_ram_peak_bytes"], 0)
+        targets = self.document["targets"]
+        self.assertTrue(targets)
+        for target in targets:
+            self.assertIn(target["status"], ("PASS", "FAIL", "N/A"))
+        self.assertIn("TARGETS", self.output)
