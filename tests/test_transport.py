@@ -6,13 +6,23 @@ otherwise, always in order and whole.
 
 from __future__ import annotations
 
+import os
 import socket
 from typing import Any
 
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from twisted_nbd._transport import ReplyWriter
+from twisted_nbd._transport import PayloadReceiver, ReplyWriter
+from twisted_nbd.backends.ram import MappedMemoryDevice
+from twisted_nbd.client import connect
+from twisted_nbd.exports import Export, ExportRegistry
+from twisted_nbd.protocol import NBDServerFactory
+
+MiB = 1 << 20
 
 
 class FakeTCPTransport:
@@ -123,3 +133,116 @@ class ReplyWriterTests(SynchronousTestCase):
         self.writer.write([b"late"])
         self.assertEqual(self.transport.queued, [b"late"])
         self.assertEqual(drain(self.theirs), b"")
+
+
+class FakeReadingTransport(FakeTCPTransport):
+    """A transport whose doRead the reactor would call; here the test calls it."""
+
+    def doRead(self) -> Any:  # noqa: N802 - Twisted's name
+        raise AssertionError("the payload receiver should have replaced doRead")
+
+
+class PayloadReceiverTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.ours, self.theirs = socket.socketpair()
+        self.ours.setblocking(False)
+        self.addCleanup(self.ours.close)
+        self.addCleanup(self.theirs.close)
+        self.transport = FakeReadingTransport(self.ours)
+        self.receiver = PayloadReceiver(self.transport)
+
+    def test_fills_the_buffer(self) -> None:
+        """
+        The bytes go straight into the buffer, however they arrive; done is
+        called once, when it is full, and doRead is the transport's again.
+        """
+        self.assertTrue(self.receiver.possible)
+        buffer = bytearray(10000)
+        done: list[bool] = []
+        self.receiver.start(memoryview(buffer)[100:], lambda: done.append(True))
+        self.assertTrue(self.receiver.active)
+        data = os.urandom(9900)
+        self.theirs.sendall(data[:5000])
+        self.assertIsNone(self.transport.doRead())
+        self.assertEqual(done, [])
+        self.assertIsNone(self.transport.doRead())  # nothing to read: EAGAIN
+        self.theirs.sendall(data[5000:] + b"next request")
+        self.assertIsNone(self.transport.doRead())
+        self.assertEqual(done, [True])
+        self.assertFalse(self.receiver.active)
+        self.assertEqual(bytes(buffer[100:]), data)
+        self.assertNotIn("doRead", self.transport.__dict__)
+        # What follows the payload is left in the socket for the usual doRead.
+        self.assertEqual(self.ours.recv(100), b"next request")
+
+    def test_connection_closed(self) -> None:
+        """The peer closing mid-payload ends the connection cleanly and restores doRead."""
+        self.receiver.start(memoryview(bytearray(100)), lambda: None)
+        self.theirs.sendall(b"abc")
+        self.theirs.close()
+        self.assertIsNone(self.transport.doRead())
+        result = self.transport.doRead()
+        self.assertIsInstance(result, ConnectionDone)
+        self.assertFalse(self.receiver.active)
+        self.assertNotIn("doRead", self.transport.__dict__)
+
+    def test_stop(self) -> None:
+        """stop() gives doRead back without calling done."""
+        done: list[bool] = []
+        self.receiver.start(memoryview(bytearray(100)), lambda: done.append(True))
+        self.receiver.stop()
+        self.assertFalse(self.receiver.active)
+        self.assertNotIn("doRead", self.transport.__dict__)
+        self.assertEqual(done, [])
+
+    def test_not_possible(self) -> None:
+        """Transports without a socket (TLS, test fakes) cannot do this."""
+        receiver = PayloadReceiver(StringTransport())
+        self.assertFalse(receiver.possible)
+        self.assertRaises(RuntimeError, receiver.start, memoryview(bytearray(1)), lambda: None)
+
+
+class LargeWriteTests(TestCase):
+    """
+    Large WRITEs over a real TCP connection are received straight into their
+    buffers and land intact, between small requests on the same connection.
+    """
+
+    timeout = 60
+
+    async def test_large_writes(self) -> None:
+        from twisted.internet import reactor
+
+        device = MappedMemoryDevice(64 * MiB)
+        self.addCleanup(device.close)
+        factory = NBDServerFactory(ExportRegistry.of([Export("", device)]))
+        port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(factory)
+        self.addCleanup(port.stopListening)
+        # Runs first: waits until every server-side connection has closed.
+        self.addCleanup(factory.shutdown)
+        started: list[int] = []
+        real_start = PayloadReceiver.start
+
+        def spy(receiver: PayloadReceiver, view: memoryview, done: Any) -> None:
+            started.append(len(view))
+            real_start(receiver, view, done)
+
+        self.patch(PayloadReceiver, "start", spy)
+        for extended in (False, True):
+            client = await connect(
+                reactor, f"tcp:127.0.0.1:{port.getHost().port}", extended_headers=extended
+            )
+            blobs = {
+                0: os.urandom(MiB),
+                2 * MiB: os.urandom(4 * MiB + 4096),
+                8 * MiB: os.urandom(32 * MiB),
+                50 * MiB: b"small",
+            }
+            requests: list[Deferred[Any]] = [client.write(at, data) for at, data in blobs.items()]
+            requests.append(client.read(60 * MiB, 4096))
+            await gatherResults(requests)
+            for at, data in blobs.items():
+                self.assertEqual(await client.read(at, len(data)), data)
+            await client.disconnect()
+        self.assertTrue(started)
+        self.assertLessEqual(max(started), 32 * MiB)

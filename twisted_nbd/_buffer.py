@@ -87,6 +87,27 @@ class ReceiveBuffer:
         self._length -= count
         return b"".join(parts)
 
+    def take_into(self, view: memoryview) -> int:
+        """
+        Move as many bytes from the front as fit into C{view} (all of them
+        if they fit).
+
+        @return: how many were moved.
+        """
+        count = min(len(view), self._length)
+        position = 0
+        while position < count:
+            first = self._chunks[0]
+            available = len(first) - self._offset
+            piece = min(available, count - position)
+            view[position : position + piece] = memoryview(first)[
+                self._offset : self._offset + piece
+            ]
+            self._consume_first(piece, available)
+            position += piece
+        self._length -= count
+        return count
+
     def unpack(self, fmt: Struct) -> tuple[Any, ...] | None:
         """
         Remove a fixed-size structure from the front and return its fields,

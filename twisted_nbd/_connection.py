@@ -197,6 +197,8 @@ class ServerConnection(SansIOConnection[Event]):
         # An option or write header waiting for its data.
         self._pending_option: w.OptionHeader | None = None
         self._pending_write: w.RequestHeader | None = None
+        # A WRITE's payload received by the caller (see payload_received).
+        self._received_payload: bytes | bytearray | memoryview | None = None
         # Copies of what transmission needs on every request (see _enter_transmission).
         self._fast = False
         self._fast_write = False
@@ -570,15 +572,55 @@ class ServerConnection(SansIOConnection[Event]):
 
     def _write_payload(self, header: w.RequestHeader) -> Event | _NeedData:
         """The WRITE once its payload has all arrived."""
-        if len(self._buffer) < header.length:
+        data = self._received_payload
+        if data is not None:
+            self._received_payload = None
+        elif len(self._buffer) < header.length:
             return NEED_DATA
+        else:
+            data = self._buffer.take(header.length)
         self._pending_write = None
-        return WriteRequest(
-            header.cookie,
-            header.offset,
-            self._buffer.take(header.length),
-            bool(header.flags & _FUA),
-        )
+        return WriteRequest(header.cookie, header.offset, data, bool(header.flags & _FUA))
+
+    # ------------------------------------------------------------ payloads received by the caller
+
+    def payload_wanted(self) -> int:
+        """
+        How many bytes of a WRITE's payload are still to come beyond those
+        buffered; 0 when no WRITE waits for its payload. A caller that can
+        receive them straight into a buffer of its own (saving a copy of a
+        large payload) calls L{take_payload_into} then L{payload_received}.
+        """
+        header = self._pending_write
+        if header is None or self._received_payload is not None:
+            return 0
+        return max(0, header.length - len(self._buffer))
+
+    def payload_length(self) -> int:
+        """The whole length of the payload L{payload_wanted} speaks of."""
+        header = self._pending_write
+        return 0 if header is None else header.length
+
+    def take_payload_into(self, view: memoryview) -> int:
+        """
+        Move the part of the waiting WRITE's payload already buffered into
+        the start of C{view} (as long as the payload).
+
+        @return: how many bytes were moved.
+        """
+        return self._buffer.take_into(view)
+
+    def payload_received(self, data: bytes | bytearray | memoryview) -> None:
+        """
+        The caller has the waiting WRITE's whole payload: L{next_event}
+        returns the WRITE with C{data}.
+
+        @raise ValueError: no WRITE is waiting, or C{data} is not its length.
+        """
+        header = self._pending_write
+        if header is None or len(data) != header.length:
+            raise ValueError("no WRITE waits for a payload of this length")
+        self._received_payload = data
 
     def _reject(self, header: w.RequestHeader, errno: Errno, reason: str) -> RequestRejected:
         is_read = header.type == _READ

@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import errno
 import socket
-from typing import Any, Sequence, Union
+from typing import Any, Callable, Sequence, Union
 
-__all__ = ["Piece", "ReplyWriter"]
+from twisted.internet import main as _main
+
+__all__ = ["PayloadReceiver", "Piece", "ReplyWriter"]
 
 #: What a reply is made of: header bytes, and payload views where possible.
 Piece = Union[bytes, memoryview, bytearray]
@@ -120,3 +122,80 @@ def _unsent(pieces: Sequence[Piece], sent: int) -> list[bytes]:
         else:
             out.append(piece if type(piece) is bytes else bytes(piece))
     return out
+
+
+class PayloadReceiver:
+    """
+    Receives a known number of bytes from a Twisted TCP or Unix transport
+    straight into a buffer of the caller's (C{recv_into}), instead of as
+    64 KiB C{bytes} objects that would then be joined: for a 1 MiB WRITE
+    that is one copy (and sixteen allocations) less.
+
+    While it receives, the transport's C{doRead} is replaced on the
+    instance; it is put back when the buffer is full or the connection is
+    lost. Pausing the transport pauses this too, as usual.
+
+    @ivar possible: whether this transport allows it at all.
+    """
+
+    def __init__(self, transport: Any) -> None:
+        self.transport = transport
+        sock = getattr(transport, "socket", None)
+        self.possible = (
+            isinstance(sock, socket.socket)
+            and hasattr(sock, "recv_into")
+            and callable(getattr(type(transport), "doRead", None))
+        )
+        self._socket: socket.socket | None = sock if self.possible else None
+        self._view: memoryview | None = None
+        self._position = 0
+        self._done: Callable[[], None] | None = None
+
+    @property
+    def active(self) -> bool:
+        """Whether a buffer is being filled."""
+        return self._view is not None
+
+    def start(self, view: memoryview, done: Callable[[], None]) -> None:
+        """
+        Fill C{view} from the socket; call C{done} once it is full.
+
+        @raise RuntimeError: this transport does not allow it, or a buffer
+            is already being filled.
+        """
+        if not self.possible or self._view is not None:
+            raise RuntimeError("cannot receive straight into a buffer here")
+        self._view, self._position, self._done = view, 0, done
+        self.transport.doRead = self._do_read
+
+    def stop(self) -> None:
+        """Stop filling (the connection is going away); C{done} is not called."""
+        if self._view is not None:
+            self._view.release()
+            self._view = None
+            self._done = None
+            self.transport.__dict__.pop("doRead", None)
+
+    def _do_read(self) -> Any:
+        view = self._view
+        sock = self._socket
+        assert view is not None and sock is not None
+        try:
+            count = sock.recv_into(view[self._position :])
+        except OSError as e:
+            if e.errno in _RETRY:
+                return None
+            self.stop()
+            return _main.CONNECTION_LOST
+        if not count:
+            self.stop()
+            return _main.CONNECTION_DONE
+        self._position += count
+        if self._position == len(view):
+            done = self._done
+            self._view = None
+            self._done = None
+            self.transport.__dict__.pop("doRead", None)
+            assert done is not None
+            done()
+        return None

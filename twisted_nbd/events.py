@@ -89,7 +89,7 @@ class WriteRequest:
     command: ClassVar[int] = int(Cmd.WRITE)
     cookie: int
     offset: int
-    data: bytes = field(repr=False)
+    data: bytes | bytearray | memoryview = field(repr=False)
     fua: bool
 
     @property

@@ -121,7 +121,8 @@ class IBlockDevice(Interface):
     def write(offset: int, data: bytes, fua: bool = False) -> "Deferred[None]":
         """
         Write C{data} at C{offset}. With C{fua}, the data is durable when the
-        Deferred fires.
+        Deferred fires. C{data} may be any bytes-like object (C{bytes},
+        C{bytearray}, C{memoryview}); nothing else changes it.
 
         @return: a Deferred that fires with C{None} once the data would be
             returned by a later C{read}, or fails with L{NBDError}
