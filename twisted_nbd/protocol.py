@@ -89,7 +89,7 @@ _CORK_LIMIT = 256 * 1024
 
 #: Structured READs of at least this many bytes send zero runs as holes; for
 #: smaller ones the extra block_status call would cost more than it saves.
-SPARSE_READ_MIN = 64 * 1024
+SPARSE_READ_MIN = 256 * 1024
 
 _DF = int(CmdFlags.DF)
 
