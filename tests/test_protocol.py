@@ -370,7 +370,7 @@ class SparseReadTests(SynchronousTestCase):
     def test_holes_become_hole_chunks(self) -> None:
         """A large READ asks block_status first and reads only the data runs."""
         h = Harness(structured=True)
-        h.send(b.read(5, 0, 128 << 10))
+        h.send(b.read(5, 0, 256 << 10))
         h.device.take("block_status").succeed([Extent(64 << 10, 0), Extent(1 << 20, 3)])
         read = h.device.take("read")
         self.assertEqual(read.args, {"offset": 0, "length": 64 << 10})
@@ -380,13 +380,13 @@ class SparseReadTests(SynchronousTestCase):
             [(flags, typ, cookie) for flags, typ, cookie, _ in chunks],
             [(0, ChunkType.OFFSET_DATA, 5), (1, ChunkType.OFFSET_HOLE, 5)],
         )
-        self.assertEqual(chunks[1][3], struct.pack(">QI", 64 << 10, 64 << 10))
+        self.assertEqual(chunks[1][3], struct.pack(">QI", 64 << 10, 192 << 10))
 
     def test_df_reads_whole(self) -> None:
         """With DF the READ is one data chunk, holes included (T-16)."""
         h = Harness(structured=True)
-        h.send(b.read(5, 0, 128 << 10, CmdFlags.DF))
-        h.device.take("read").succeed(bytes(128 << 10))
+        h.send(b.read(5, 0, 256 << 10, CmdFlags.DF))
+        h.device.take("read").succeed(bytes(256 << 10))
         [(flags, typ, _, _)] = b.parse_chunks(h.transport.value())
         self.assertEqual((flags, typ), (1, ChunkType.OFFSET_DATA))
 
@@ -399,7 +399,7 @@ class SparseReadTests(SynchronousTestCase):
     def test_failed_data_read(self) -> None:
         """A data run that fails gives one ERROR chunk with the backend's errno."""
         h = Harness(structured=True)
-        h.send(b.read(5, 0, 128 << 10))
+        h.send(b.read(5, 0, 256 << 10))
         h.device.take("block_status").succeed([Extent(64 << 10, 0)])
         h.device.take("read").fail(NBDError(Errno.EIO, "bad sector"))
         [(flags, typ, cookie, payload)] = b.parse_chunks(h.transport.value())
@@ -491,8 +491,8 @@ class ISparseReadTests(SynchronousTestCase):
     def test_one_call(self) -> None:
         """read_sparse replaces block_status + read; its segments become chunks."""
         h = self.harness()
-        h.send(b.read(5, 0, 128 << 10))
-        h.device.take("read_sparse").succeed([(0, b"d" * 4096), (4096, (124 << 10))])
+        h.send(b.read(5, 0, 256 << 10))
+        h.device.take("read_sparse").succeed([(0, b"d" * 4096), (4096, (252 << 10))])
         chunks = b.parse_chunks(h.transport.value())
         self.assertEqual(
             [(flags, typ) for flags, typ, _, _ in chunks],
@@ -503,11 +503,11 @@ class ISparseReadTests(SynchronousTestCase):
         """Segments that do not cover the read exactly become EIO, not a bad reply."""
         for segments in (
             [(0, b"d" * 4096)],
-            [(0, 4096), (8192, (120 << 10))],
-            [(0, 0), (0, 128 << 10)],
+            [(0, 4096), (8192, (248 << 10))],
+            [(0, 0), (0, 256 << 10)],
         ):
             h = self.harness()
-            h.send(b.read(5, 0, 128 << 10))
+            h.send(b.read(5, 0, 256 << 10))
             h.device.take("read_sparse").succeed(segments)
             [(flags, typ, _, payload)] = b.parse_chunks(h.transport.value())
             self.assertEqual((flags, typ), (1, ChunkType.ERROR))
@@ -553,10 +553,10 @@ class FilterTransparencyTests(SynchronousTestCase):
         """A READ through a pass-through filter is one read_sparse call on the device."""
         h, served = self.serve(_WriteCounter)
         self.assertTrue(ISparseRead.providedBy(served))
-        h.send(b.read(5, 0, 128 << 10))
+        h.send(b.read(5, 0, 256 << 10))
         call = h.device.take("read_sparse")
-        self.assertEqual(call.args, {"offset": 0, "length": 128 << 10})
-        call.succeed([(0, 128 << 10)])
+        self.assertEqual(call.args, {"offset": 0, "length": 256 << 10})
+        call.succeed([(0, 256 << 10)])
         [(flags, typ, _, _)] = b.parse_chunks(h.transport.value())
         self.assertEqual((flags, typ), (1, ChunkType.OFFSET_HOLE))
 
@@ -564,8 +564,8 @@ class FilterTransparencyTests(SynchronousTestCase):
         """Three filters deep, the device still gets one read_sparse call."""
         h, served = self.serve(_WriteCounter, layers=3)
         self.assertTrue(ISparseRead.providedBy(served))
-        h.send(b.read(5, 0, 128 << 10))
-        h.device.take("read_sparse").succeed([(0, b"x" * (128 << 10))])
+        h.send(b.read(5, 0, 256 << 10))
+        h.device.take("read_sparse").succeed([(0, b"x" * (256 << 10))])
         self.assertEqual(h.device.calls, [])
 
     def test_filter_that_changes_reads(self) -> None:
@@ -576,12 +576,12 @@ class FilterTransparencyTests(SynchronousTestCase):
         """
         h, served = self.serve(_Inverter)
         self.assertFalse(ISparseRead.providedBy(served))
-        h.send(b.read(5, 0, 128 << 10))
-        h.device.take("block_status").succeed([Extent(128 << 10, 0)])
-        h.device.take("read").succeed(b"\x00" * (128 << 10))
+        h.send(b.read(5, 0, 256 << 10))
+        h.device.take("block_status").succeed([Extent(256 << 10, 0)])
+        h.device.take("read").succeed(b"\x00" * (256 << 10))
         [(flags, typ, _, payload)] = b.parse_chunks(h.transport.value())
         self.assertEqual((flags, typ), (1, ChunkType.OFFSET_DATA))
-        self.assertEqual(payload[8:], b"\xff" * (128 << 10))
+        self.assertEqual(payload[8:], b"\xff" * (256 << 10))
 
     def test_device_without_sparse_read(self) -> None:
         """A filter over a device without ISparseRead does not claim to provide it."""
