@@ -87,6 +87,19 @@ class ReceiveBuffer:
         self._length -= count
         return b"".join(parts)
 
+    def take_view(self, count: int) -> bytes | memoryview:
+        """
+        Like L{take}, but a part of one chunk comes as a view of it rather
+        than a copy (the chunk is bytes, so the view never changes).
+        """
+        if count and self._chunks and len(self._chunks[0]) - self._offset > count:
+            first = self._chunks[0]
+            start = self._offset
+            self._offset += count
+            self._length -= count
+            return memoryview(first)[start : start + count]
+        return self.take(count)
+
     def take_into(self, view: memoryview) -> int:
         """
         Move as many bytes from the front as fit into C{view} (all of them

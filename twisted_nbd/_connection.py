@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from dataclasses import replace as _replace
-from typing import Callable, ClassVar, Iterator, Protocol, Sequence, Union
+from typing import Callable, ClassVar, Iterator, Protocol, Sequence, Union, cast
 
 from twisted_nbd import _wire as w
 from twisted_nbd._buffer import _NeedData
@@ -205,6 +205,7 @@ class ServerConnection(SansIOConnection[Event]):
         self._extended = False
         self._structured = False
         self._header_size = w.request_size(False)
+        self._encode_ok = w.ok_reply_encoder(False, False)
         self._send(w.encode_greeting(self.config.handshake_flags))
 
     def shutdown(self) -> None:
@@ -480,6 +481,7 @@ class ServerConnection(SansIOConnection[Event]):
         self._extended = negotiated.extended_headers
         self._structured = negotiated.structured_replies
         self._header_size = w.request_size(self._extended)
+        self._encode_ok = w.ok_reply_encoder(self._structured, self._extended)
         # What the fast path of _request accepts without asking check_request:
         # a READ or WRITE whose flags are allowed (PAYLOAD_LEN aside), in
         # bounds, aligned and not over the maximum payload. Anything else,
@@ -526,8 +528,11 @@ class ServerConnection(SansIOConnection[Event]):
                     and not flags & self._fast_write_refused
                     and flags & self._fast_write_needs == self._fast_write_needs
                 ):
-                    self._pending_write = header = w.RequestHeader._make(fields)
-                    return self._write_payload(header)
+                    # The raw fields serve as the header: a RequestHeader is
+                    # the same tuple with names.
+                    pending = cast(w.RequestHeader, fields)
+                    self._pending_write = pending
+                    return self._write_payload(pending)
             header = w.RequestHeader._make(fields)
             extended = self._extended
             try:
@@ -572,15 +577,34 @@ class ServerConnection(SansIOConnection[Event]):
 
     def _write_payload(self, header: w.RequestHeader) -> Event | _NeedData:
         """The WRITE once its payload has all arrived."""
+        # By index: header may be the plain tuple of fields (see _request).
+        length = header[5]
         data = self._received_payload
         if data is not None:
             self._received_payload = None
-        elif len(self._buffer) < header.length:
+        elif len(self._buffer) < length:
             return NEED_DATA
         else:
-            data = self._buffer.take(header.length)
+            # A view, not a copy, when the payload lies in one received chunk.
+            data = self._buffer.take_view(length)
         self._pending_write = None
-        return WriteRequest(header.cookie, header.offset, data, bool(header.flags & _FUA))
+        return WriteRequest(header[3], header[4], data, bool(header[1] & _FUA))
+
+    def next_event(self) -> Event | _NeedData:
+        """
+        Parse what is buffered up to the next event (see
+        L{SansIOConnection.next_event}); requests in transmission take the
+        shortest way.
+        """
+        if self.phase is Phase.TRANSMISSION and not self._discard:
+            try:
+                event = self._request()
+            except ProtocolViolation:
+                self.phase = Phase.CLOSED
+                raise
+            if event is not None:
+                return event
+        return super().next_event()
 
     # ------------------------------------------------------------ payloads received by the caller
 
@@ -594,12 +618,13 @@ class ServerConnection(SansIOConnection[Event]):
         header = self._pending_write
         if header is None or self._received_payload is not None:
             return 0
-        return max(0, header.length - len(self._buffer))
+        # By index: header may be the plain tuple of fields (see _request).
+        return max(0, header[5] - len(self._buffer))
 
     def payload_length(self) -> int:
         """The whole length of the payload L{payload_wanted} speaks of."""
         header = self._pending_write
-        return 0 if header is None else header.length
+        return 0 if header is None else header[5]
 
     def take_payload_into(self, view: memoryview) -> int:
         """
@@ -618,7 +643,7 @@ class ServerConnection(SansIOConnection[Event]):
         @raise ValueError: no WRITE is waiting, or C{data} is not its length.
         """
         header = self._pending_write
-        if header is None or len(data) != header.length:
+        if header is None or len(data) != header[5]:
             raise ValueError("no WRITE waits for a payload of this length")
         self._received_payload = data
 
@@ -674,9 +699,7 @@ class ServerConnection(SansIOConnection[Event]):
     # ------------------------------------------------------------ replies
 
     def _ok(self, cookie: int, offset: int) -> bytes:
-        if self._structured:
-            return w.encode_chunk_header(_DONE, w.ChunkType.NONE, cookie, 0, offset, self._extended)
-        return w.encode_simple_reply(0, cookie)
+        return self._encode_ok(cookie, offset)
 
     def _error(
         self, cookie: int, offset: int, errno: int, message: str, is_read: bool
@@ -692,7 +715,7 @@ class ServerConnection(SansIOConnection[Event]):
 
     def reply_ok(self, request: Request) -> list[bytes]:
         """The bytes of a success reply without data (anything but READ)."""
-        return [self._ok(request.cookie, request.offset)]
+        return [self._encode_ok(request.cookie, request.offset)]
 
     def reply_read(self, request: ReadRequest, data: bytes) -> list[bytes]:
         """

@@ -22,7 +22,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from enum import IntEnum, IntFlag
-from typing import Any, Iterable, NamedTuple, Protocol, Sequence, Union
+from typing import Any, Callable, Iterable, NamedTuple, Protocol, Sequence, Union
 
 # ---------------------------------------------------------------- magic numbers
 
@@ -872,6 +872,27 @@ def decode_chunk_header(data: bytes, extended: bool) -> ChunkHeader:
     if magic != expected:
         raise WireError(f"reply magic {magic:#x} is not valid here")
     return ChunkHeader(flags, type_, cookie, offset, length)
+
+
+def ok_reply_encoder(structured: bool, extended: bool) -> Callable[[int, int], bytes]:
+    """
+    A function C{(cookie, offset) -> bytes} for the success reply without
+    data that a connection in this mode sends (the same bytes as
+    L{encode_chunk_header} with C{NONE} and C{DONE}, or
+    L{encode_simple_reply} with error 0), specialised once per connection
+    because one is sent for nearly every request.
+    """
+    if not structured:
+        pack_simple = SIMPLE_REPLY.pack
+        return lambda cookie, offset: pack_simple(SIMPLE_REPLY_MAGIC, 0, cookie)
+    done, none = int(ReplyFlags.DONE), int(ChunkType.NONE)
+    if extended:
+        pack_extended = EXTENDED_REPLY.pack
+        return lambda cookie, offset: pack_extended(
+            EXTENDED_REPLY_MAGIC, done, none, cookie, offset, 0
+        )
+    pack_structured = STRUCTURED_REPLY.pack
+    return lambda cookie, offset: pack_structured(STRUCTURED_REPLY_MAGIC, done, none, cookie, 0)
 
 
 def encode_offset_data_head(offset: int) -> bytes:
