@@ -6,6 +6,7 @@ without any command line, the backend registry, and per-connection layers.
 from __future__ import annotations
 
 import os
+from typing import cast
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.defer import Deferred, succeed
@@ -219,3 +220,37 @@ class ConnectionLayerTests(SynchronousTestCase):
         protos[0].connectionLost()
         self.assertEqual([m.closed for m in made], [True, False])
         self.assertFalse(device.closed)
+
+
+class WorkersConfigTests(SynchronousTestCase):
+    """What --workers accepts."""
+
+    def test_check(self) -> None:
+        from twisted_nbd.workers import check_workers
+
+        check_workers(Config([ExportSpec(memory=MiB)], workers=4))
+        self.assertRaises(ConfigError, check_workers, Config([ExportSpec(memory=MiB)], workers=0))
+        huge = Config([ExportSpec(memory=MAPPED_MAX + 1)], workers=2)
+        self.assertRaises(ConfigError, check_workers, huge)
+        check_workers(Config([ExportSpec(memory=MAPPED_MAX + 1)], workers=1))
+
+    def test_no_observers_with_workers(self) -> None:
+        """Observers live in one process: build() refuses them with workers."""
+        config = Config([ExportSpec(memory=MiB)], workers=2)
+        self.assertRaises(
+            ConfigError, build, config, MemoryReactorClock(), observers=[ServerObserver()]
+        )
+
+    def test_supervisor_tree(self) -> None:
+        """With workers, build() makes a supervisor: devices, the pool, the listeners."""
+        from twisted_nbd.workers import SupervisorService, WorkerPool
+
+        config = Config([ExportSpec(memory=MiB)], workers=3)
+        service = build(config, MemoryReactorClock())
+        self.assertIsInstance(service, SupervisorService)
+        children = list(service)
+        self.assertEqual(children[0].name, "device")
+        self.assertIsInstance(children[1], WorkerPool)
+        self.assertEqual(len(cast(SupervisorService, service).pool.workers), 3)
+        self.assertIsInstance(children[2], StreamServerEndpointService)
+        cast(BlockDeviceService, children[0]).devices[0].close()

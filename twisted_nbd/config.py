@@ -292,6 +292,9 @@ class Config:
     @ivar max_bytes_in_flight: ... or while they hold this many bytes.
     @ivar shutdown_timeout: on stop, how many seconds requests in flight
         get to finish before their connections are dropped.
+    @ivar workers: how many processes serve the connections; with more
+        than one, this process only accepts them and hands them out (see
+        L{twisted_nbd.workers}).
     """
 
     exports: list[ExportSpec]
@@ -300,6 +303,7 @@ class Config:
     max_queue_depth: int = DEFAULT_MAX_QUEUE_DEPTH
     max_bytes_in_flight: int = DEFAULT_MAX_BYTES_IN_FLIGHT
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
+    workers: int = 1
 
 
 def check_config(config: Config) -> None:
@@ -327,6 +331,8 @@ def check_config(config: Config) -> None:
         raise ConfigError("the queue depth and the bytes in flight must be at least 1")
     if not 0 <= config.shutdown_timeout < float("inf"):
         raise ConfigError("the shutdown timeout must be zero or more seconds")
+    if config.workers < 1:
+        raise ConfigError("the number of workers must be at least 1")
 
 
 _EXPORT_KEYS = {

@@ -122,7 +122,9 @@ class IBlockDevice(Interface):
         """
         Write C{data} at C{offset}. With C{fua}, the data is durable when the
         Deferred fires. C{data} may be any bytes-like object (C{bytes},
-        C{bytearray}, C{memoryview}); nothing else changes it.
+        C{bytearray}, C{memoryview}); nothing changes it until the Deferred
+        has fired, and after that the server may reuse its memory: a device
+        that keeps the bytes (a cache) must copy them.
 
         @return: a Deferred that fires with C{None} once the data would be
             returned by a later C{read}, or fails with L{NBDError}

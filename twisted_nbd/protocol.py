@@ -77,11 +77,17 @@ __all__ = [
 ]
 
 
-#: How much a TCP or Unix transport reads at once (Twisted's default is 64 KiB).
-READ_SIZE = 256 * 1024
+#: How much a TCP or Unix transport reads at once (Twisted's default is 64 KiB):
+#: just under 128 KiB, so that the buffer each read allocates stays below
+#: glibc's threshold for allocating with mmap (which would cost an mmap, a
+#: munmap and page faults per read).
+READ_SIZE = 128 * 1024 - 1024
 #: WRITE payloads with at least this much still to come are received straight
 #: into their final buffer (see PayloadReceiver).
 DIRECT_PAYLOAD_MIN = 256 * 1024
+
+#: At most this many bytes of payload buffers are kept for reuse per connection.
+SPARE_BUFFERS_MAX = 16 * 1024 * 1024
 
 #: Replies gathered inside the parse loop are written once they reach this
 #: many bytes, even before the loop ends.
@@ -192,6 +198,9 @@ class NBDServerProtocol(Protocol):
         # (one sendmsg); see _emit.
         self._writer: ReplyWriter | None = None
         self._receiver: PayloadReceiver | None = None
+        # Payload buffers for large WRITEs, kept for reuse, by size.
+        self._spare: dict[int, list[bytearray]] = {}
+        self._spare_bytes = 0
         self._structured = False
         # The device's IBufferRead.read_buffer, if it has one, and whether
         # replies waiting in _out may be views of its memory.
@@ -353,7 +362,7 @@ class NBDServerProtocol(Protocol):
         if receiver is None or not receiver.possible or receiver.active:
             return
         conn = self._conn
-        payload = bytearray(conn.payload_length())
+        payload = self._payload_buffer(conn.payload_length())
         view = memoryview(payload)
         got = conn.take_payload_into(view)
 
@@ -612,12 +621,44 @@ class NBDServerProtocol(Protocol):
             result = device.write(request.offset, cast(bytes, request.data), request.fua)
         except Exception:
             result = Failure()  # type: ignore[no-untyped-call]
+        data = request.data
         if not self._observers and self._sync_value(result) is not _PENDING:
+            if type(data) is bytearray:
+                self._spare_buffer(data)
             self._emit(self._conn.reply_ok(request))
             return
-        self._track_write(
-            self._await(result, request, NBDServerProtocol._reply_ok, request.length, started)
-        )
+        pending = self._await(result, request, NBDServerProtocol._reply_ok, request.length, started)
+        if type(data) is bytearray:
+            # The payload buffer is ours again once the device is done with it.
+            if pending is None:
+                self._spare_buffer(data)
+            else:
+                pending.addBoth(self._spare_after, data)
+        self._track_write(pending)
+
+    def _spare_after(self, result: object, buffer: bytearray) -> object:
+        self._spare_buffer(buffer)
+        return result
+
+    def _spare_buffer(self, buffer: bytearray) -> None:
+        """Keep a payload buffer (see L{_payload_buffer}) for the next large WRITE."""
+        size = len(buffer)
+        if size >= DIRECT_PAYLOAD_MIN and self._spare_bytes + size <= SPARE_BUFFERS_MAX:
+            self._spare.setdefault(size, []).append(buffer)
+            self._spare_bytes += size
+
+    def _payload_buffer(self, size: int) -> bytearray:
+        """
+        A buffer for a large WRITE payload: a spare one of that size if
+        there is one. Reusing them spares allocating, zeroing and
+        faulting in a megabyte per request; devices may not keep a WRITE's
+        data once they have answered (L{IBlockDevice.write}).
+        """
+        spares = self._spare.get(size)
+        if spares:
+            self._spare_bytes -= size
+            return spares.pop()
+        return bytearray(size)
 
     def _flush(self, request: FlushRequest) -> None:
         device = self._device

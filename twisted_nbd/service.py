@@ -191,6 +191,7 @@ def build(
     reactor: Any = None,
     observers: Iterable[IServerObserver] = (),
 ) -> NBDService:
+    # With config.workers > 1 the tree is a twisted_nbd.workers.SupervisorService.
     """
     Build the service tree that serves C{config}: open its devices, make
     the factory, and add one listener per endpoint. Nothing listens until
@@ -219,12 +220,18 @@ def build(
         reactor = global_reactor
 
     check_config(config)
+    if config.workers > 1 and observers:
+        raise ConfigError("observers see only their own process: they cannot watch workers")
     # Parse the endpoints before opening anything, so a bad one leaks nothing.
     for description in config.listen:
         try:
             endpoints.serverFromString(reactor, description)
         except Exception as e:
             raise ConfigError(f"{description!r} is not a server endpoint: {e}") from None
+    if config.workers > 1:
+        from twisted_nbd.workers import build_supervisor
+
+        return build_supervisor(config, reactor)  # type: ignore[return-value]
     registry, device_service = open_exports(
         config, reactor, min(IO_THREADS, config.max_queue_depth)
     )

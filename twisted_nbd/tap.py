@@ -195,6 +195,13 @@ class Options(usage.Options):
             "64M",
             "Stop reading a connection's requests while their payloads in flight reach SIZE.",
         ],
+        [
+            "workers",
+            "w",
+            "1",
+            "Serve connections from N processes, each on its own core; this one then only "
+            "accepts and hands them out.",
+        ],
     ]
 
     compData = usage.Completions(optActions={"image": usage.CompleteFiles()})
@@ -225,6 +232,7 @@ class Options(usage.Options):
         """
         self["max-bytes-in-flight"] = self._size("max-bytes-in-flight")
         self["max-queue-depth"] = self._count("max-queue-depth")
+        self["workers"] = self._count("workers")
         try:
             self["shutdown-timeout"] = float(self["shutdown-timeout"])
         except ValueError:
@@ -252,7 +260,15 @@ class Options(usage.Options):
             max_queue_depth=self["max-queue-depth"],
             max_bytes_in_flight=self["max-bytes-in-flight"],
             shutdown_timeout=self["shutdown-timeout"],
+            workers=self["workers"],
         )
+        if self.config.workers > 1:
+            from twisted_nbd.workers import check_workers
+
+            try:
+                check_workers(self.config)
+            except ConfigError as e:
+                raise usage.UsageError(f"--workers: {e}") from None
 
     def _from_file(self, path: str) -> Config:
         """Load C{--config}, which describes every export by itself."""

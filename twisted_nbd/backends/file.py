@@ -277,6 +277,7 @@ class FileBlockDevice:
         read_only: bool = False,
         reactor: IReactorFromThreads | None = None,
         threadpool: ThreadPool | None = None,
+        fd: int | None = None,
     ) -> None:
         """
         Open C{path} (this blocks briefly; do it while setting up).
@@ -287,6 +288,9 @@ class FileBlockDevice:
         @param threadpool: the pool to run blocking calls in; C{reactor}'s
             own pool if C{None}. An application would pass one owned by a
             service, so it is started and stopped with the server.
+        @param fd: serve this open file descriptor of C{path} instead of
+            opening it (a worker process gets the descriptor its supervisor
+            opened, see L{share}); the device owns it from now on.
         @raise OSError: the file cannot be opened (for writing, unless
             C{read_only}), or is neither a regular file nor a block device.
         """
@@ -294,11 +298,12 @@ class FileBlockDevice:
         self._reactor = reactor
         self._threadpool = threadpool
         flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
-        try:
-            fd = os.open(path, flags)
-        except OSError as e:
-            how = "reading" if read_only else "reading and writing"
-            raise OSError(e.errno, f"cannot open {path!r} for {how}: {e.strerror}", path) from e
+        if fd is None:
+            try:
+                fd = os.open(path, flags)
+            except OSError as e:
+                how = "reading" if read_only else "reading and writing"
+                raise OSError(e.errno, f"cannot open {path!r} for {how}: {e.strerror}", path) from e
         try:
             mode = os.fstat(fd).st_mode
             if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
@@ -358,6 +363,15 @@ class FileBlockDevice:
         self._inline_off_until = 0.0
         self._dirty = DIRTY_PAGES
         self._now: Callable[[], float] = time.monotonic
+
+    def share(self) -> tuple[int, ...]:
+        """
+        The file descriptor another process needs to serve this same file
+        (pass it to L{FileBlockDevice} there, with C{fd}). Every process
+        then shares one page cache, so a FLUSH in any of them covers the
+        writes of all (multi-conn).
+        """
+        return (self._fd,)
 
     # Running things in the pool.
 

@@ -1,0 +1,182 @@
+# -*- test-case-name: tests.test_workers -*-
+"""
+A worker process of C{twistd nbd --workers N}; see L{twisted_nbd.workers}.
+
+Started by the supervisor as C{python -m twisted_nbd.worker --index N}, with
+its settings as JSON on standard input, its control socket on descriptor 3
+and the shared devices' descriptors after it. It serves the connections the
+supervisor hands it, logs to standard output (the supervisor relays it),
+drains and exits on SIGTERM, and exits as well if the supervisor goes away.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import sys
+from typing import Any, Sequence, cast
+
+from twisted.application.service import Service
+from twisted.internet.interfaces import IFileDescriptorReceiver
+from twisted.internet.protocol import connectionDone
+from twisted.logger import FileLogObserver, Logger, eventAsText, globalLogBeginner
+from twisted.protocols.basic import LineReceiver
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from twisted_nbd.backends import OpenContext
+from twisted_nbd.config import Config, ExportSpec
+from twisted_nbd.exports import ExportRegistry
+from twisted_nbd.observers import ConnectionInfo, ServerObserver
+from twisted_nbd.protocol import NBDServerFactory
+from twisted_nbd.service import IO_THREADS, BlockDeviceService, NBDService, export_of
+from twisted_nbd.workers import CONTROL_FD, _OneProtocolFactory, shared_device
+
+__all__ = ["main"]
+
+_log = Logger()
+
+
+@implementer(IFileDescriptorReceiver)
+class WorkerControl(LineReceiver):
+    """The worker's end of the control socket: adopts the connections it is given."""
+
+    delimiter = b"\n"
+
+    def __init__(self, reactor: Any, factory: NBDServerFactory, lost: Any) -> None:
+        self.reactor = reactor
+        self.factory = factory
+        self._lost = lost
+        self._fds: list[int] = []
+
+    def fileDescriptorReceived(self, descriptor: int) -> None:  # noqa: N802 - Twisted's name
+        self._fds.append(descriptor)
+
+    def lineReceived(self, line: bytes) -> None:  # noqa: N802 - LineReceiver's name
+        try:
+            message = json.loads(line)
+            connection_id = message["connection"]
+            family = int(message["family"])
+        except (ValueError, KeyError, TypeError):
+            _log.warn("Bad control message {line!r}", line=line)
+            return
+        if not self._fds:
+            _log.warn("Control message {line!r} without a descriptor", line=line)
+            return
+        fd = self._fds.pop(0)
+        try:
+            self.reactor.adoptStreamConnection(fd, family, self.factory)
+        except Exception:
+            _log.failure("Could not adopt connection {id}", id=connection_id)
+        finally:
+            os.close(fd)
+        self.send({"adopted": connection_id})
+
+    def send(self, message: dict[str, Any]) -> None:
+        if self.transport is not None:
+            self.sendLine(json.dumps(message).encode("utf-8"))  # type: ignore[no-untyped-call]
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+        self._lost()
+
+
+class _Counter(ServerObserver):
+    """Tells the supervisor how many connections this worker has."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.control: WorkerControl | None = None
+
+    def _tell(self) -> None:
+        if self.control is not None:
+            self.control.send({"connections": self.count})
+
+    def connection_made(self, connection: ConnectionInfo) -> None:
+        self.count += 1
+        self._tell()
+
+    def connection_lost(self, connection: ConnectionInfo, reason: str) -> None:
+        self.count -= 1
+        self._tell()
+
+
+def _format(event: dict[str, Any]) -> str | None:
+    text = eventAsText(event, includeTimestamp=False, includeSystem=False)
+    return text + "\n" if text else None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one worker until it is told to stop; the exit status."""
+    parser = argparse.ArgumentParser(prog="python -m twisted_nbd.worker")
+    parser.add_argument("--index", type=int, required=True)
+    args = parser.parse_args(argv)
+    settings = json.load(sys.stdin)
+
+    from twisted.internet import reactor as global_reactor
+
+    reactor: Any = global_reactor
+    globalLogBeginner.beginLoggingTo(
+        [FileLogObserver(sys.stdout, _format)], redirectStandardIO=False
+    )
+    specs = [ExportSpec(**spec) for spec in settings["exports"]]
+    config = Config(
+        specs,
+        default=settings["default"],
+        listen=(),
+        max_queue_depth=settings["max_queue_depth"],
+        max_bytes_in_flight=settings["max_bytes_in_flight"],
+        shutdown_timeout=settings["shutdown_timeout"],
+    )
+    context = OpenContext(reactor, min(IO_THREADS, config.max_queue_depth))
+    devices = []
+    exports = []
+    for spec in specs:
+        device = shared_device(spec, settings["shared"][spec.name], context)
+        devices.append(device)
+        exports.append(export_of(spec, device))
+    registry = ExportRegistry.of(exports, config.default)
+    counter = _Counter()
+    factory = NBDServerFactory(
+        registry,
+        max_queue_depth=config.max_queue_depth,
+        max_bytes_in_flight=config.max_bytes_in_flight,
+        observers=[counter],
+        reactor=reactor,
+    )
+    top = NBDService(factory, reactor, config.shutdown_timeout)
+    device_service: Service = BlockDeviceService(devices, context.pool)
+    device_service.setName("device")
+    device_service.setServiceParent(top)
+
+    stopping: list[bool] = []
+
+    def stop() -> None:
+        if stopping:
+            return
+        stopping.append(True)
+        _log.info("Worker {index} stopping", index=args.index)
+        top.stopService().addBoth(lambda _: reactor.stop())
+
+    control = WorkerControl(reactor, factory, stop)
+    counter.control = control
+    cast(Service, top).startService()
+    reactor.adoptStreamConnection(CONTROL_FD, socket.AF_UNIX, _OneProtocolFactory(control))
+    os.close(CONTROL_FD)
+    # The supervisor decides when to stop: Ctrl-C in a terminal reaches the
+    # whole process group, and a worker that left at once would cut its
+    # requests short.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, frame: reactor.callFromThread(stop))
+    control.send({"ready": True})
+    reactor.run(installSignalHandlers=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
