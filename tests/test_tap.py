@@ -69,6 +69,8 @@ ALL_OPTIONS = [
     "--min-block",
     "--preferred-block",
     "--max-block",
+    "--workers",
+    "--poll-max",
 ]
 
 GOOD_SIZES = [
@@ -955,3 +957,21 @@ class ShutdownOrderTests(TestCase):
         for bad in ("soon", "-1", "nan", "inf"):
             with self.assertRaises(UsageError):
                 parse("--memory", "1M", "--shutdown-timeout", bad)
+
+
+class PerformanceOptionsTests(TestCase):
+    """--workers and --poll-max."""
+
+    def test_workers(self) -> None:
+        self.assertEqual(parse("--memory", "1M").config.workers, 1)
+        self.assertEqual(parse("--memory", "1M", "--workers", "4").config.workers, 4)
+        for text in ("0", "-1", "x"):
+            self.assertRaises(UsageError, parse, "--memory", "1M", "--workers", text)
+
+    def test_poll_max(self) -> None:
+        """Microseconds on the command line, seconds in the Config; 0 turns it off."""
+        self.assertAlmostEqual(parse("--memory", "1M").config.poll_max, 100e-6)
+        self.assertEqual(parse("--memory", "1M", "--poll-max", "0").config.poll_max, 0)
+        self.assertAlmostEqual(parse("--memory", "1M", "--poll-max", "250").config.poll_max, 250e-6)
+        for text in ("-1", "20000", "soon"):
+            self.assertRaises(UsageError, parse, "--memory", "1M", "--poll-max", text)

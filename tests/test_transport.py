@@ -16,6 +16,7 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from tests import builders as b
 from twisted_nbd._transport import PayloadReceiver, ReplyWriter
 from twisted_nbd.backends.ram import MappedMemoryDevice
 from twisted_nbd.client import connect
@@ -246,3 +247,104 @@ class LargeWriteTests(TestCase):
             await client.disconnect()
         self.assertTrue(started)
         self.assertLessEqual(max(started), 32 * MiB)
+
+
+class PollingTests(SynchronousTestCase):
+    """
+    A connection busy-polls for its client's next request for a while
+    (L{NBDServerProtocol._poll}) when the client has been answering fast.
+    """
+
+    def setUp(self) -> None:
+        self.ours, self.theirs = socket.socketpair()
+        self.ours.setblocking(False)
+        self.addCleanup(self.ours.close)
+        self.addCleanup(self.theirs.close)
+        self.device = MappedMemoryDevice(MiB)
+        self.addCleanup(self.device.close)
+        factory = NBDServerFactory(ExportRegistry.of([Export("", self.device)]), poll_max=1e-3)
+        self.proto = factory.buildProtocol(None)
+        transport = PollingTransport(self.ours)
+        self.proto.makeConnection(transport)
+        self.clock = [0.0]
+
+        def now() -> float:
+            # Time passes a little at every look, so polling always ends.
+            self.clock[0] += 1e-6
+            return self.clock[0]
+
+        self.proto._now = now
+        self.proto.dataReceived(b.client_flags() + b.go())
+        drain(self.theirs)
+
+    def test_takes_waiting_requests(self) -> None:
+        """
+        After a quick client, a request already waiting in the socket is
+        taken at once by polling, without the reactor.
+        """
+        self.clock[0] += 50e-6  # the client answered 50 microseconds after we went idle
+        self.theirs.sendall(b.read(2, 0, 512))
+        self.proto.dataReceived(b.read(1, 0, 512))
+        self.assertGreater(self.proto._poll_window, 0)
+        replies = drain(self.theirs)
+        self.assertEqual(b.parse_simple_replies(replies[:16]), [(0, 1)])
+        self.assertEqual(b.parse_simple_replies(replies[528:544]), [(0, 2)])
+
+    def test_slow_client_not_polled(self) -> None:
+        """A client slower than poll_max is not waited for: the reactor is."""
+        self.clock[0] += 5e-3
+        self.theirs.sendall(b.read(2, 0, 512))
+        self.proto.dataReceived(b.read(1, 0, 512))
+        self.assertEqual(self.proto._poll_window, 0)
+        self.assertEqual(len(drain(self.theirs)), 16 + 512)  # only the first reply
+        self.assertEqual(len(self.ours.recv(1000)), 28)  # the second is still waiting
+
+    def test_window_shrinks_unused(self) -> None:
+        """A window that expires with nothing to read is halved."""
+        self.clock[0] += 50e-6
+        calls = [0]
+
+        def later() -> float:
+            calls[0] += 1
+            self.clock[0] += 60e-6
+            return self.clock[0]
+
+        self.proto.dataReceived(b.read(1, 0, 512))
+        window = self.proto._poll_window
+        self.assertGreater(window, 0)
+        self.proto._now = later
+        self.proto._poll()
+        self.assertEqual(self.proto._poll_window, window / 2)
+
+    def test_off(self) -> None:
+        """poll_max 0 never polls."""
+        self.proto.poll_max = 0
+        self.theirs.sendall(b.read(2, 0, 512))
+        self.proto.dataReceived(b.read(1, 0, 512))
+        self.assertEqual(len(drain(self.theirs)), 16 + 512)
+
+
+class PollingTransport(FakeTCPTransport):
+    """What the protocol needs of a TCP transport, over a socketpair."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__(sock)
+        self.producer: Any = None
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:  # noqa: N802
+        self.producer = producer
+
+    def unregisterProducer(self) -> None:  # noqa: N802
+        self.producer = None
+
+    def pauseProducing(self) -> None:  # noqa: N802
+        pass
+
+    def resumeProducing(self) -> None:  # noqa: N802
+        pass
+
+    def getPeer(self) -> Any:  # noqa: N802
+        return "peer"
+
+    def writeSequence(self, data: list[bytes]) -> None:  # noqa: N802
+        self.socket.sendall(b"".join(data))

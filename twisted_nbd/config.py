@@ -62,6 +62,9 @@ DEFAULT_MAX_BYTES_IN_FLIGHT = 64 * 1024 * 1024
 #: On stop, how long requests in flight get to finish.
 DEFAULT_SHUTDOWN_TIMEOUT = 10.0
 
+#: The longest a connection busy-polls for its client's next request (seconds).
+DEFAULT_POLL_MAX = 100e-6
+
 #: The largest size accepted: offsets are signed 64-bit numbers in most
 #: clients (qemu, the Linux kernel), so nothing larger is usable.
 MAX_SIZE = 2**63 - 1
@@ -292,6 +295,8 @@ class Config:
     @ivar max_bytes_in_flight: ... or while they hold this many bytes.
     @ivar shutdown_timeout: on stop, how many seconds requests in flight
         get to finish before their connections are dropped.
+    @ivar poll_max: the longest a connection busy-polls for its client's
+        next request, in seconds (see L{twisted_nbd.protocol}); 0 never.
     @ivar workers: how many processes serve the connections; with more
         than one, this process only accepts them and hands them out (see
         L{twisted_nbd.workers}).
@@ -304,6 +309,7 @@ class Config:
     max_bytes_in_flight: int = DEFAULT_MAX_BYTES_IN_FLIGHT
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
     workers: int = 1
+    poll_max: float = DEFAULT_POLL_MAX
 
 
 def check_config(config: Config) -> None:
@@ -333,6 +339,8 @@ def check_config(config: Config) -> None:
         raise ConfigError("the shutdown timeout must be zero or more seconds")
     if config.workers < 1:
         raise ConfigError("the number of workers must be at least 1")
+    if not 0 <= config.poll_max <= 0.01:
+        raise ConfigError("the poll time must be from 0 to 10000 microseconds")
 
 
 _EXPORT_KEYS = {

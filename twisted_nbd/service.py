@@ -241,6 +241,7 @@ def build(
         max_bytes_in_flight=config.max_bytes_in_flight,
         observers=observers,
         reactor=reactor,
+        poll_max=config.poll_max,
     )
     top = NBDService(factory, reactor, config.shutdown_timeout)
     # Typed as a plain Service: mypy sees the inherited methods as Twisted's.

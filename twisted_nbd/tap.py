@@ -196,6 +196,13 @@ class Options(usage.Options):
             "Stop reading a connection's requests while their payloads in flight reach SIZE.",
         ],
         [
+            "poll-max",
+            None,
+            "100",
+            "Busy-poll a connection for its client's next request for up to this many "
+            "MICROSECONDS when the client answers that fast (0: never).",
+        ],
+        [
             "workers",
             "w",
             "1",
@@ -234,6 +241,14 @@ class Options(usage.Options):
         self["max-queue-depth"] = self._count("max-queue-depth")
         self["workers"] = self._count("workers")
         try:
+            self["poll-max"] = float(self["poll-max"]) / 1e6
+        except ValueError:
+            raise usage.UsageError(
+                f"--poll-max: {self['poll-max']!r} is not a number of microseconds"
+            ) from None
+        if not 0 <= self["poll-max"] <= 0.01:
+            raise usage.UsageError("--poll-max must be from 0 to 10000 microseconds")
+        try:
             self["shutdown-timeout"] = float(self["shutdown-timeout"])
         except ValueError:
             raise usage.UsageError(
@@ -261,6 +276,7 @@ class Options(usage.Options):
             max_bytes_in_flight=self["max-bytes-in-flight"],
             shutdown_timeout=self["shutdown-timeout"],
             workers=self["workers"],
+            poll_max=self["poll-max"],
         )
         if self.config.workers > 1:
             from twisted_nbd.workers import check_workers

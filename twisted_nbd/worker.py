@@ -132,6 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_queue_depth=settings["max_queue_depth"],
         max_bytes_in_flight=settings["max_bytes_in_flight"],
         shutdown_timeout=settings["shutdown_timeout"],
+        poll_max=settings["poll_max"],
     )
     context = OpenContext(reactor, min(IO_THREADS, config.max_queue_depth))
     devices = []
@@ -148,6 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_bytes_in_flight=config.max_bytes_in_flight,
         observers=[counter],
         reactor=reactor,
+        poll_max=config.poll_max,
     )
     top = NBDService(factory, reactor, config.shutdown_timeout)
     device_service: Service = BlockDeviceService(devices, context.pool)

@@ -299,6 +299,7 @@ class WorkerPool(Service):
             "max_queue_depth": self.config.max_queue_depth,
             "max_bytes_in_flight": self.config.max_bytes_in_flight,
             "shutdown_timeout": self.config.shutdown_timeout,
+            "poll_max": self.config.poll_max,
         }
         process.write(json.dumps(settings).encode("utf-8"))
         process.closeStdin()
