@@ -1301,3 +1301,43 @@ class DirtyPageGuardTests(SynchronousTestCase):
     def test_unreadable(self) -> None:
         """Without the kernel's counts (not Linux), writes never go inline."""
         self.assertFalse(DirtyPageGuard(meminfo="/nonexistent/meminfo").allows())
+
+
+class DenseFileTests(SynchronousTestCase):
+    """
+    A file with every byte allocated has no holes to look for: sparse reads
+    skip SEEK_DATA/SEEK_HOLE until a trim or zeroing may have made some.
+    """
+
+    def test_dense_file_skips_lookup(self) -> None:
+        path = os.path.join(temp_directory(self), "dense.img")
+        with open(path, "wb") as f:
+            f.write(pattern(4 * MiB))
+            f.flush()
+            os.fsync(f.fileno())
+        device = FileBlockDevice(path, reactor=cast(IReactorFromThreads, ImmediateReactor()))
+        pool = FakeThreadPool()
+        device._threadpool = cast(ThreadPool, pool)
+        self.addCleanup(device.close)
+        self.assertFalse(device._maybe_sparse)
+        seeks: list[int] = []
+        real_lseek = os.lseek
+
+        def lseek(fd: int, position: int, how: int) -> int:
+            seeks.append(how)
+            return real_lseek(fd, position, how)
+
+        self.patch(os, "lseek", lseek)
+        d = device.read_sparse(0, 2 * MiB)
+        pool.run_all()
+        self.assertEqual(self.successResultOf(d), [(0, pattern(4 * MiB)[: 2 * MiB])])
+        self.assertEqual(seeks, [])
+        trimmed = device.trim(MiB, MiB)
+        pool.run_all()
+        self.successResultOf(trimmed)
+        self.assertTrue(device._maybe_sparse)
+        d = device.read_sparse(0, 2 * MiB)
+        pool.run_all()
+        segments = self.successResultOf(d)
+        self.assertTrue(seeks)
+        self.assertEqual(segments[0], (0, pattern(4 * MiB)[:MiB]))

@@ -311,7 +311,12 @@ class FileBlockDevice:
                     errno.EINVAL, f"{path!r} is neither a regular file nor a block device", path
                 )
             self.size = _device_size(fd, mode)
-            block_size = os.fstat(fd).st_blksize
+            info = os.fstat(fd)
+            block_size = info.st_blksize
+            # Whether the file may have holes: if every byte is allocated,
+            # sparse reads need not look for them (until a trim or zeroing
+            # makes some). Only ever an optimisation: reads are right anyway.
+            self._maybe_sparse = stat.S_ISREG(mode) and info.st_blocks * 512 < self.size
         except BaseException:
             os.close(fd)
             raise
@@ -460,6 +465,8 @@ class FileBlockDevice:
         return True
 
     def _zero(self, offset: int, length: int, fua: bool, may_trim: bool, fast: bool) -> None:
+        # Holes may appear (punched, or extents ext4 reports as holes).
+        self._maybe_sparse = True
         done = may_trim and self._try_fallocate(_PUNCH, offset, length)
         if not done:
             done = self._try_fallocate(_ZERO_RANGE, offset, length)
@@ -564,6 +571,9 @@ class FileBlockDevice:
         """
 
         def job() -> Sequence[Segment]:
+            if not self._maybe_sparse:
+                # Nothing to look for: lseek would only cost time.
+                return [(offset, self._read_all(offset, length))]
             extents = self._block_status(offset, length)
             return read_planned(offset, length, extents, self._read_all)
 
@@ -682,6 +692,7 @@ class FileBlockDevice:
         """
 
         def trim() -> None:
+            self._maybe_sparse = True
             self._try_fallocate(_PUNCH, offset, length)
             if fua:
                 _fdatasync(self._fd)
