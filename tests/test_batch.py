@@ -9,9 +9,9 @@ from typing import Any, Callable, cast
 
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.python.threadpool import ThreadPool
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from twisted_nbd._batch import BATCH_MAX, BatchingRunner
+from twisted_nbd._batch import BATCH_MAX, LINGER, BatchingRunner, linger_for
 
 
 class FakePool:
@@ -55,7 +55,7 @@ class BatchingRunnerTests(SynchronousTestCase):
 
     def runner(self, jobs: int) -> BatchingRunner:
         return BatchingRunner(
-            cast(IReactorFromThreads, self.reactor), cast(ThreadPool, self.pool), jobs
+            cast(IReactorFromThreads, self.reactor), cast(ThreadPool, self.pool), jobs, linger=0
         )
 
     def test_one_call(self) -> None:
@@ -77,14 +77,16 @@ class BatchingRunnerTests(SynchronousTestCase):
         self.assertEqual(self.pool.jobs, [])
 
     def test_batch_cap(self) -> None:
-        """A job runs at most BATCH_MAX calls; the rest get another job."""
+        """
+        A job hands its results back every BATCH_MAX calls, so early ones
+        are not held up, and runs on until the queue is empty.
+        """
         runner = self.runner(1)
         ds = [runner.run(constant(i)) for i in range(BATCH_MAX + 3)]
         self.pool.run_one()
-        self.assertNoResult(ds[-1])
-        self.assertEqual(len(self.pool.jobs), 1)
-        self.pool.run_one()
-        self.assertEqual(self.successResultOf(ds[-1]), BATCH_MAX + 2)
+        self.assertEqual([self.successResultOf(d) for d in ds], list(range(BATCH_MAX + 3)))
+        self.assertEqual(self.reactor.wakeups, 2)
+        self.assertEqual(self.pool.jobs, [])
 
     def test_failures(self) -> None:
         """A call that raises fails its own Deferred only."""
@@ -119,3 +121,35 @@ class BatchingRunnerTests(SynchronousTestCase):
         self.assertEqual(len(self.pool.jobs), 1)
         self.pool.run_one()
         self.assertEqual(self.successResultOf(late), 2)
+
+
+class LingerTests(TestCase):
+    """In a real thread pool, a job waits a little for more calls."""
+
+    async def test_calls_share_a_lingering_job(self) -> None:
+        """
+        Calls that come one after the other, each after the previous one's
+        result, are all run by one pool job waiting for them.
+        """
+        from twisted.internet import reactor
+
+        pool = ThreadPool(minthreads=1, maxthreads=4, name="linger-test")
+        pool.start()
+        self.addCleanup(pool.stop)
+        submitted: list[int] = []
+        real = pool.callInThreadWithCallback
+
+        def counting(on_result: Any, f: Any, *args: Any, **kwargs: Any) -> None:
+            submitted.append(1)
+            real(on_result, f, *args, **kwargs)
+
+        self.patch(pool, "callInThreadWithCallback", counting)
+        runner = BatchingRunner(cast(IReactorFromThreads, reactor), pool, 4, linger=1.0)
+        for i in range(20):
+            self.assertEqual(await runner.run(constant(i)), i)
+        self.assertEqual(len(submitted), 1)
+
+    def test_linger_only_in_real_pools(self) -> None:
+        """Fakes that run jobs inline must not wait."""
+        self.assertEqual(linger_for(ThreadPool()), LINGER)
+        self.assertEqual(linger_for(FakePool()), 0.0)

@@ -19,7 +19,7 @@ from twisted.internet.interfaces import IReactorFromThreads
 from twisted.python.threadpool import ThreadPool
 from zope.interface import alsoProvides, implementer
 
-from twisted_nbd._batch import BatchingRunner, threads
+from twisted_nbd._batch import BatchingRunner, linger_for, threads
 from twisted_nbd._wire import Errno
 from twisted_nbd.errors import NBDError
 from twisted_nbd.interfaces import (
@@ -141,7 +141,7 @@ class ThreadedBlockDevice(BlockDevice):
         # Batched like the file backend's: several calls share one pool hand-off.
         if self._runner is None:
             reactor, pool = threads(self._reactor, self._threadpool)
-            self._runner = BatchingRunner(reactor, pool, pool.max)
+            self._runner = BatchingRunner(reactor, pool, pool.max, linger_for(pool))
         return self._runner.run(f)
 
     def read(self, offset: int, length: int) -> Deferred[bytes]:

@@ -29,7 +29,7 @@ from twisted.internet.interfaces import IReactorFromThreads
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from twisted_nbd._batch import BatchingRunner, threads
+from twisted_nbd._batch import BatchingRunner, linger_for, threads
 from twisted_nbd._wire import Errno
 from twisted_nbd.errors import NBDError, errno_from_os_error
 from twisted_nbd.extents import read_planned
@@ -404,7 +404,9 @@ class FileBlockDevice:
                 # No usable reactor or pool: still answer with a Deferred.
                 return fail(e)
             # Several requests share one pool hand-off under load (see _batch).
-            runner = self._runner = BatchingRunner(reactor, threadpool, threadpool.max)
+            runner = self._runner = BatchingRunner(
+                reactor, threadpool, threadpool.max, linger_for(threadpool)
+            )
         d = runner.run(in_thread)
         self._pending += 1
         d.addBoth(self._finished)
