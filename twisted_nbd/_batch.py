@@ -13,7 +13,6 @@ behaves like C{deferToThreadPool}.
 
 from __future__ import annotations
 
-import signal
 import threading
 from queue import Empty, Queue
 from typing import Any, Callable, TypeVar, cast
@@ -30,16 +29,6 @@ _T = TypeVar("_T")
 #: The most calls one pool job runs before handing results back, so that
 #: early results in a long queue are not held up for long.
 BATCH_MAX = 32
-_thread_state = threading.local()
-_BLOCKED_SIGNALS = {
-    signal.SIGTERM,
-    signal.SIGINT,
-    signal.SIGHUP,
-    signal.SIGUSR1,
-    signal.SIGUSR2,
-    signal.SIGCHLD,
-}
-
 #: How long a job waits for more calls once the queue is empty (seconds):
 #: handing a call to a waiting job is much cheaper than starting a new one
 #: (a thread pool hand-off and its locks), and I/O calls come in bursts.
@@ -126,12 +115,6 @@ class BatchingRunner:
         C{linger} seconds for more before ending: a call that comes soon
         then costs no new pool job. What is left is returned.
         """
-        if not getattr(_thread_state, "signals_blocked", False):
-            # Signals are the reactor thread's business; here they would only
-            # interrupt system calls.
-            if hasattr(signal, "pthread_sigmask"):
-                signal.pthread_sigmask(signal.SIG_BLOCK, _BLOCKED_SIGNALS)
-            _thread_state.signals_blocked = True
         results: list[_Result] = []
         queue = self._queue
         while True:
