@@ -123,11 +123,13 @@ class BatchingRunner:
             except Empty:
                 if not self._linger:
                     return results
+                # Counted idle before the results go: a caller woken by
+                # them must see this job waiting, not start another.
+                with self._idle_lock:
+                    self._idle += 1
                 if results:
                     self._reactor.callFromThread(self._fire, results)
                     results = []
-                with self._idle_lock:
-                    self._idle += 1
                 try:
                     f, d = queue.get(timeout=self._linger)
                 except Empty:

@@ -180,18 +180,21 @@ class PayloadReceiver:
         view = self._view
         sock = self._socket
         assert view is not None and sock is not None
-        try:
-            count = sock.recv_into(view[self._position :])
-        except OSError as e:
-            if e.errno in _RETRY:
-                return None
-            self.stop()
-            return _main.CONNECTION_LOST
-        if not count:
-            self.stop()
-            return _main.CONNECTION_DONE
-        self._position += count
-        if self._position == len(view):
+        size = len(view)
+        # Take all that has arrived, not one piece per turn of the reactor.
+        while self._position < size:
+            try:
+                count = sock.recv_into(view[self._position :])
+            except OSError as e:
+                if e.errno in _RETRY:
+                    return None
+                self.stop()
+                return _main.CONNECTION_LOST
+            if not count:
+                self.stop()
+                return _main.CONNECTION_DONE
+            self._position += count
+        if self._position == size:
             done = self._done
             self._view = None
             self._done = None

@@ -99,7 +99,8 @@ POLL_REQUESTS = 16
 #: next POLL_REST requests.
 POLL_MISSES = 3
 POLL_REST = 64
-_PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
+#: What polling reads at most at once (more waits for the next round).
+POLL_BUFFER = 64 * 1024
 
 #: At most this many bytes of payload buffers are kept for reuse per connection.
 SPARE_BUFFERS_MAX = 16 * 1024 * 1024
@@ -222,6 +223,7 @@ class NBDServerProtocol(Protocol):
         self._idle_since = 0.0
         self._now: Callable[[], float] = time.perf_counter
         self._socket: socket.socket | None = None
+        self._poll_buffer: bytearray | None = None
         # Payload buffers for large WRITEs, kept for reuse, by size.
         self._spare: dict[int, list[bytearray]] = {}
         self._spare_bytes = 0
@@ -305,10 +307,15 @@ class NBDServerProtocol(Protocol):
         window = self._poll_window
         deadline = now() + window
         conn = self._conn
+        buffer = self._poll_buffer
+        if buffer is None:
+            buffer = self._poll_buffer = bytearray(POLL_BUFFER)
         for _ in range(POLL_REQUESTS):
             while True:
                 try:
-                    ready = sock.recv(1, _PEEK)
+                    # Into a buffer kept for this: one system call per try,
+                    # and nothing allocated when nothing has come.
+                    count = sock.recv_into(buffer, POLL_BUFFER, socket.MSG_DONTWAIT)
                 except BlockingIOError:
                     if now() >= deadline:
                         self._poll_window = window / 2 if window > POLL_MIN else 0.0
@@ -323,14 +330,10 @@ class NBDServerProtocol(Protocol):
                 except OSError:
                     return
                 break
-            if not ready:
+            if not count:
                 return  # end of stream: the reactor will see it too
-            try:
-                data = sock.recv(READ_SIZE, socket.MSG_DONTWAIT)
-            except OSError:
-                return
             self._poll_misses = 0
-            conn.receive_data(data)
+            conn.receive_data(bytes(memoryview(buffer)[:count]))
             self._parse()
             if self._closed or self._must_wait() or (receiver is not None and receiver.active):
                 return

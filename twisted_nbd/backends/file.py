@@ -132,8 +132,11 @@ _RWF_NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)
 
 #: Writes up to this size are done in the reactor thread when they cannot
 #: wait on the disk (see L{FileBlockDevice._write_inline}); larger ones, and
-#: FUA writes, go to the pool.
-INLINE_WRITE_MAX = 128 * 1024
+#: FUA writes, go to the pool. A 1 MiB write into the page cache takes a few
+#: hundred microseconds, which other connections can wait; buffered writes
+#: to one file take its lock in turn anyway, so threads would not run them
+#: side by side (measured: 1 MiB writes at QD8 about 17% faster inline).
+INLINE_WRITE_MAX = 1024 * 1024
 #: An inline write that takes longer than this (seconds) means the kernel
 #: made it wait after all: inline writes stop for L{INLINE_COOLDOWN} seconds.
 SLOW_INLINE_WRITE = 0.002
