@@ -26,6 +26,7 @@ from twisted.internet import endpoints
 from twisted.python import usage
 
 from twisted_nbd import service
+from twisted_nbd._process import tune_allocator
 from twisted_nbd.config import (
     DEFAULT_LISTEN,
     MAX_SIZE,
@@ -379,4 +380,5 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         pool's results to; the global reactor if C{None}.
     @raise OSError: an image could not be created or opened after all.
     """
+    tune_allocator()
     return service.build(options.config, reactor)

@@ -27,6 +27,7 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from twisted_nbd._process import tune_allocator
 from twisted_nbd.backends import OpenContext
 from twisted_nbd.config import Config, ExportSpec
 from twisted_nbd.exports import ExportRegistry
@@ -116,6 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m twisted_nbd.worker")
     parser.add_argument("--index", type=int, required=True)
     args = parser.parse_args(argv)
+    tune_allocator()
     settings = json.load(sys.stdin)
 
     from twisted.internet import reactor as global_reactor
