@@ -2,17 +2,22 @@
 """
 Base classes that make backends and filters short to write.
 
-  - L{BlockDevice}: implement C{read} and C{write} (returning Deferreds);
-    everything else has a correct default.
+  - L{BlockDevice}: implement C{read} (and C{write} if it can write),
+    returning Deferreds, plain values, or written with C{async def};
+    everything else has a correct default, and the C{capabilities} follow
+    from which methods the class defines.
   - L{ThreadedBlockDevice}: implement blocking C{pread}/C{pwrite}/C{sync};
-    they run in a thread pool and the Deferreds are made for you.
+    they run in a thread pool and the Deferreds are made for you
+    (L{ThreadedBlockDevice.in_thread} runs any other blocking call).
   - L{BlockDeviceFilter}: wraps another device and forwards every call;
-    override only what the filter changes.
+    override only what the filter changes (methods may be C{async def}).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence, TypeVar
+import functools
+import inspect
+from typing import Any, Callable, Sequence, TypeVar
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorFromThreads
@@ -31,12 +36,107 @@ from twisted_nbd.interfaces import (
     Segment,
 )
 
-__all__ = ["BlockDevice", "BlockDeviceFilter", "ThreadedBlockDevice"]
+__all__ = [
+    "BlockDevice",
+    "BlockDeviceFilter",
+    "ThreadedBlockDevice",
+    "as_deferred",
+    "derive_capabilities",
+]
 
 _T = TypeVar("_T")
 
 #: How many zero bytes the default write_zeroes writes at a time.
 _ZERO_CHUNK = 1024 * 1024
+
+
+#: The methods of L{IBlockDevice}.
+OPERATIONS = ("read", "write", "flush", "trim", "write_zeroes", "cache", "block_status", "close")
+
+
+def as_deferred(result: Any) -> Deferred[Any]:
+    """
+    A Deferred for what a backend method returned: a Deferred as it is, a
+    coroutine run with L{Deferred.fromCoroutine}, any other value already
+    fired.
+    """
+    if isinstance(result, Deferred):
+        return result
+    if inspect.iscoroutine(result):
+        return Deferred.fromCoroutine(result)
+    return succeed(result)
+
+
+def _returning_deferreds(f: Callable[..., Any]) -> Callable[..., Deferred[Any]]:
+    """Wrap a backend method so it returns a Deferred whatever it returned or raised."""
+
+    @functools.wraps(f)
+    def method(*args: Any, **kwargs: Any) -> Deferred[Any]:
+        try:
+            result = f(*args, **kwargs)
+        except BaseException:
+            return fail()
+        return as_deferred(result)
+
+    method.__nbd_adapted__ = True  # type: ignore[attr-defined]
+    return method
+
+
+def _running_coroutines(f: Callable[..., Any]) -> Callable[..., Deferred[Any]]:
+    """Wrap an C{async def} method so it returns a Deferred."""
+
+    @functools.wraps(f)
+    def method(*args: Any, **kwargs: Any) -> Deferred[Any]:
+        return Deferred.fromCoroutine(f(*args, **kwargs))
+
+    method.__nbd_adapted__ = True  # type: ignore[attr-defined]
+    return method
+
+
+def _adapt_methods(cls: type, wrap: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
+    """Wrap the L{IBlockDevice} methods C{cls} itself defines (once each)."""
+    for name in OPERATIONS:
+        f = cls.__dict__.get(name)
+        if callable(f) and not getattr(f, "__nbd_adapted__", False):
+            setattr(cls, name, wrap(f))
+
+
+def derive_capabilities(cls: type, base: type) -> Capabilities:
+    """
+    Safe capabilities for a L{BlockDevice} subclass, from which methods it
+    defines beyond C{base}'s, as nbdkit decides its defaults from the
+    callbacks a plugin has:
+
+      - C{can_write}: it defines C{write} (or C{pwrite});
+      - C{can_flush} and C{can_fua}: it writes and defines C{flush} (or
+        C{sync}); a FUA write is then a write and a flush unless the class
+        says C{handles_fua = True};
+      - C{can_trim}: it defines C{trim};
+      - C{can_zero}: it writes (the default C{write_zeroes} writes zeroes);
+      - C{can_fast_zero}: never by default (say so explicitly);
+      - C{can_cache}: it defines C{cache};
+      - C{can_extents}: it defines C{block_status};
+      - C{can_multi_conn}: true, since one device object serves every
+        connection of an export (a class with per-connection state says
+        otherwise).
+    """
+
+    def defines(*names: str) -> bool:
+        return any(getattr(cls, n, None) is not getattr(base, n, None) for n in names)
+
+    can_write = defines("write", "pwrite")
+    can_flush = can_write and defines("flush", "sync")
+    return Capabilities(
+        can_write=can_write,
+        can_flush=can_flush,
+        can_fua=can_flush,
+        can_trim=can_write and defines("trim"),
+        can_zero=can_write,
+        can_fast_zero=False,
+        can_cache=defines("cache"),
+        can_extents=defines("block_status"),
+        can_multi_conn=True,
+    )
 
 
 @implementer(IBlockDevice)
@@ -45,19 +145,58 @@ class BlockDevice:
     A backend with sensible defaults: subclasses set C{size} and implement
     L{read} and L{write}.
 
-    The defaults: C{flush} and C{cache} do nothing, C{trim} does nothing
-    (always allowed), C{write_zeroes} writes zeroes in 1 MiB pieces (and
-    refuses C{fast} ones, as the protocol asks), C{block_status} reports
-    everything as allocated data, C{close} does nothing. C{capabilities}
-    says so: no fast zero, no extents, no cache.
+    Methods may return a Deferred, a plain value, or be written with
+    C{async def}: a subclass's methods are wrapped so that callers always
+    get a Deferred (an exception becomes a failed one).
+
+    The defaults: C{flush} and C{cache} do nothing, C{trim} does nothing,
+    C{write_zeroes} writes zeroes in 1 MiB pieces (and refuses C{fast}
+    ones, as the protocol asks), C{block_status} reports everything as
+    allocated data, C{close} does nothing. Unless a subclass sets
+    C{capabilities} itself, they follow from the methods it defines (see
+    L{derive_capabilities}): no C{write}, read-only; no C{trim}, no TRIM;
+    and so on.
 
     @ivar size: the device's size in bytes.
+    @cvar handles_fua: C{write} honours C{fua} itself; when false (the
+        default) a FUA write is a plain write followed by C{flush}.
     """
 
     size: int = 0
     capabilities: Capabilities = Capabilities(
         can_fast_zero=False, can_cache=False, can_extents=False
     )
+    handles_fua: bool = False
+    _capabilities_derived: bool = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        own_write = cls.__dict__.get("write")
+        _adapt_methods(cls, _returning_deferreds)
+        if own_write is not None and not cls.handles_fua:
+            write = cls.__dict__["write"]
+
+            def write_fua(
+                self: BlockDevice, offset: int, data: bytes, fua: bool = False
+            ) -> Deferred[None]:
+                d: Deferred[None] = write(self, offset, data, False)
+                if fua:
+                    d.addCallback(lambda _: self.flush())
+                return d
+
+            write_fua.__nbd_adapted__ = True  # type: ignore[attr-defined]
+            functools.update_wrapper(write_fua, write)
+            cls.write = write_fua  # type: ignore[method-assign]
+        # Capabilities someone wrote (in this class or a parent) win over derived ones.
+        written = any(
+            "capabilities" in vars(c) and not vars(c).get("_capabilities_derived")
+            for c in cls.__mro__[: cls.__mro__.index(BlockDevice)]
+        )
+        if not written:
+            threaded = globals().get("ThreadedBlockDevice")
+            base = threaded if threaded is not None and issubclass(cls, threaded) else BlockDevice
+            cls.capabilities = derive_capabilities(cls, base)
+            cls._capabilities_derived = True
 
     def read(self, offset: int, length: int) -> Deferred[bytes]:
         """Fire with C{length} bytes at C{offset}; subclasses implement this."""
@@ -117,6 +256,8 @@ class ThreadedBlockDevice(BlockDevice):
         when C{None}).
     """
 
+    handles_fua = True
+
     def __init__(
         self,
         reactor: IReactorFromThreads | None = None,
@@ -137,7 +278,13 @@ class ThreadedBlockDevice(BlockDevice):
     def sync(self) -> None:
         """Make completed writes durable; runs in a thread."""
 
-    def _in_thread(self, f: Callable[[], _T]) -> Deferred[_T]:
+    def in_thread(self, f: Callable[[], _T]) -> Deferred[_T]:
+        """
+        Run the blocking C{f} in the thread pool.
+
+        @return: a Deferred that fires with what C{f} returns, or fails with
+            what it raises.
+        """
         # Batched like the file backend's: several calls share one pool hand-off.
         if self._runner is None:
             reactor, pool = threads(self._reactor, self._threadpool)
@@ -145,7 +292,7 @@ class ThreadedBlockDevice(BlockDevice):
         return self._runner.run(f)
 
     def read(self, offset: int, length: int) -> Deferred[bytes]:
-        return self._in_thread(lambda: self.pread(offset, length))
+        return self.in_thread(lambda: self.pread(offset, length))
 
     def write(self, offset: int, data: bytes, fua: bool = False) -> Deferred[None]:
         def job() -> None:
@@ -153,10 +300,10 @@ class ThreadedBlockDevice(BlockDevice):
             if fua:
                 self.sync()
 
-        return self._in_thread(job)
+        return self.in_thread(job)
 
     def flush(self) -> Deferred[None]:
-        return self._in_thread(self.sync)
+        return self.in_thread(self.sync)
 
 
 @implementer(IBlockDevice)
@@ -174,8 +321,19 @@ class BlockDeviceFilter:
     always correct.) L{IBufferRead} likewise, unless the subclass changes
     C{read} without changing C{read_buffer}.
 
+    Methods a subclass writes with C{async def} are run with
+    L{Deferred.fromCoroutine}; others must return Deferreds (the common
+    path of a filter that changes nothing costs no extra Deferred).
+
     @ivar inner: the wrapped device.
     """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in (*OPERATIONS, "read_sparse"):
+            f = cls.__dict__.get(name)
+            if inspect.iscoroutinefunction(f):
+                setattr(cls, name, _running_coroutines(f))
 
     def __init__(self, inner: IBlockDevice) -> None:
         self.inner = inner

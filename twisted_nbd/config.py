@@ -21,6 +21,11 @@ A config file (C{twistd nbd --config exports.toml}) looks like this::
     preferred-block = 4096
     max-block = "32M"
 
+    [[export]]
+    name = "test"
+    backend = "pattern:size=1G" # any backend by name (or a table: {name = "pattern", size = "1G"})
+    filters = ["cow", { name = "delay", delay = "10ms", ops = "read" }]   # outermost first
+
 Every mistake is reported as L{ConfigError} naming the file, the line and
 the reason.
 """
@@ -31,11 +36,12 @@ import os
 import re
 import stat
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from twisted_nbd.exports import check_block_sizes, check_text
 from twisted_nbd.interfaces import Capabilities
+from twisted_nbd.registry import PATH, PluginError, PluginRef, parse_ref, registry
 
 __all__ = [
     "DEFAULT_LISTEN",
@@ -51,6 +57,7 @@ __all__ = [
     "check_image",
     "load_config",
     "parse_size",
+    "with_backend",
 ]
 
 #: Where the server listens when nothing else is said: the IANA NBD port.
@@ -187,6 +194,12 @@ class ExportSpec:
     @ivar size: with C{image}, create a sparse image of this size if none
         exists; otherwise C{None}.
     @ivar memory: the size of a memory export, or C{None}.
+    @ivar backend_ref: any other backend, by name with its keys (see
+        L{twisted_nbd.registry}), or C{None}. The C{file} and C{memory}
+        backends are always given as C{image} and C{memory} instead (see
+        L{with_backend}), which worker processes know how to share.
+    @ivar filters: the filters around the backend, outermost (nearest the
+        client) first, as nbdkit stacks them.
     """
 
     name: str = ""
@@ -198,11 +211,24 @@ class ExportSpec:
     min_block: int | None = None
     preferred_block: int | None = None
     max_block: int | None = None
+    backend_ref: PluginRef | None = None
+    filters: tuple[PluginRef, ...] = ()
 
     @property
     def backend(self) -> str:
         """The name of the backend that serves this export (see L{twisted_nbd.backends})."""
+        if self.backend_ref is not None:
+            return self.backend_ref.name
         return "memory" if self.memory is not None else "file"
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ExportSpec:
+        """The specification C{dataclasses.asdict} turned into C{data} (sent as JSON)."""
+        fields = dict(data)
+        if fields.get("backend_ref") is not None:
+            fields["backend_ref"] = PluginRef.from_json(fields["backend_ref"])
+        fields["filters"] = tuple(PluginRef.from_json(f) for f in fields.get("filters", ()))
+        return cls(**fields)
 
     def check(
         self, size_hint: str = "give a size", read_only_hint: str = "serve it read-only"
@@ -222,8 +248,19 @@ class ExportSpec:
                 check_text(f"the {setting}", getattr(self, setting))
             except ValueError as e:
                 raise SpecError(setting, str(e)) from None
-        if (self.image is None) == (self.memory is None):
-            raise SpecError("export", "give exactly one of an image and a memory size")
+        given = [x for x in (self.image, self.memory, self.backend_ref) if x is not None]
+        if len(given) != 1:
+            raise SpecError("export", "give exactly one of an image, a memory size and a backend")
+        if self.backend_ref is not None:
+            try:
+                registry.resolve("backend", self.backend_ref)
+            except PluginError as e:
+                raise SpecError("backend", str(e)) from None
+        for ref in self.filters:
+            try:
+                registry.resolve("filter", ref)
+            except PluginError as e:
+                raise SpecError("filters", str(e)) from None
         if self.memory is not None and self.size is not None:
             raise SpecError(
                 "export", "a size only applies to an image; a memory export has its own"
@@ -312,6 +349,51 @@ class Config:
     poll_max: float = DEFAULT_POLL_MAX
 
 
+def absolute_paths(kind: str, ref: PluginRef, base: str) -> PluginRef:
+    """
+    C{ref} with the values of its C{PATH} keys made absolute against
+    C{base} (a config file's directory, or the current one); unknown names
+    and keys are left for L{ExportSpec.check} to report.
+    """
+    try:
+        plugin = registry.get(kind, ref.name)
+    except PluginError:
+        return ref
+    paths = {key.name for key in plugin.keys if key.type is PATH}
+    if not paths:
+        return ref
+    args = tuple(
+        (
+            k,
+            os.path.join(base, os.path.expanduser(v))
+            if k in paths and isinstance(v, str) and v
+            else v,
+        )
+        for k, v in ref.args
+    )
+    return PluginRef(ref.name, args)
+
+
+def with_backend(spec: ExportSpec, ref: PluginRef) -> ExportSpec:
+    """
+    C{spec} served by the backend C{ref} names: C{file} and C{memory} become
+    C{image}/C{size} and C{memory} (what C{--image} and C{--memory} fill
+    in), any other backend C{backend_ref}. Paths should be absolute already
+    (L{absolute_paths}).
+
+    @raise SpecError: the C{file} or C{memory} keys are wrong.
+    """
+    if ref.name in ("file", "memory"):
+        try:
+            _, values = registry.resolve("backend", ref)
+        except PluginError as e:
+            raise SpecError("backend", str(e)) from None
+        if ref.name == "file":
+            return replace(spec, image=values["path"], size=values["size"])
+        return replace(spec, memory=values["size"])
+    return replace(spec, backend_ref=ref)
+
+
 def check_config(config: Config) -> None:
     """
     Check a L{Config} built by code rather than read from a file: every
@@ -353,6 +435,8 @@ _EXPORT_KEYS = {
     "min-block",
     "preferred-block",
     "max-block",
+    "backend",
+    "filters",
 }
 _BLOCK_KEYS = ("min-block", "preferred-block", "max-block")
 _HEADER = re.compile(r"^\s*\[\[\s*export\s*\]\]")
@@ -440,6 +524,8 @@ def load_config(path: str) -> Config:
             at: str | None = e.setting if e.setting in ("name", "description", "image") else None
             if e.setting == "export" and spec.image:
                 at = "image"
+            elif e.setting in ("backend", "filters"):
+                at = e.setting
             elif e.setting == "block sizes":
                 at = next((k for k in _BLOCK_KEYS if k in table), None)
             raise fail(index, at, f"export {spec.name!r}: {e}") from None
@@ -491,7 +577,11 @@ def _spec(table: dict[str, Any], base: str) -> ExportSpec:
         if not isinstance(image, str) or not image:
             raise _KeyError("image", "'image' must be a path")
         image = os.path.join(base, os.path.expanduser(image))
-    return ExportSpec(
+    filters = table.get("filters", [])
+    if not isinstance(filters, list):
+        raise _KeyError("filters", '\'filters\' must be a list such as ["cow", "error:rate=0.01"]')
+    refs = tuple(absolute_paths("filter", _ref(item, "filter"), base) for item in filters)
+    spec = ExportSpec(
         name=text("name"),
         description=text("description"),
         read_only=read_only,
@@ -501,4 +591,33 @@ def _spec(table: dict[str, Any], base: str) -> ExportSpec:
         min_block=size("min-block"),
         preferred_block=size("preferred-block"),
         max_block=size("max-block"),
+        filters=refs,
     )
+    if "backend" in table:
+        if image is not None or "memory" in table:
+            raise _KeyError("backend", "give one of 'backend', 'image' and 'memory'")
+        ref = absolute_paths("backend", _ref(table["backend"], "backend"), base)
+        try:
+            spec = with_backend(spec, ref)
+        except SpecError as e:
+            raise _KeyError("backend", str(e)) from None
+    return spec
+
+
+def _ref(value: Any, kind: str) -> PluginRef:
+    """
+    A backend or filter from the config file: C{"NAME:key=value,..."} or a
+    table C{{name = "NAME", key = value, ...}}.
+    """
+    key = "backend" if kind == "backend" else "filters"
+    if isinstance(value, str):
+        try:
+            return parse_ref(value, kind)
+        except PluginError as e:
+            raise _KeyError(key, str(e)) from None
+    if isinstance(value, dict):
+        name = value.get("name")
+        if not isinstance(name, str):
+            raise _KeyError(key, f'a {kind} table needs a name = "..."')
+        return PluginRef(name, tuple((k, v) for k, v in value.items() if k != "name"))
+    raise _KeyError(key, f'a {kind} is "NAME:key=value,..." or a table with a name')

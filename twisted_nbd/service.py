@@ -11,7 +11,8 @@ process can build the same tree from the same L{Config}::
      +- BlockDeviceService "device"  (owns the devices and their I/O thread pool)
      +- StreamServerEndpointService  (one per listen endpoint, all sharing one factory)
 
-Backends are opened by name through L{twisted_nbd.backends.open_backend}.
+Backends are opened by name through L{twisted_nbd.backends.open_backend},
+and wrapped in the export's filters (L{with_filters}).
 Observers (L{twisted_nbd.observers.IServerObserver}) passed to L{build}
 see every connection and request.
 """
@@ -40,6 +41,7 @@ __all__ = [
     "NBDService",
     "build",
     "open_exports",
+    "with_filters",
 ]
 
 _log = Logger()
@@ -108,6 +110,22 @@ def export_of(spec: ExportSpec, device: IBlockDevice) -> Export:
     )
 
 
+def with_filters(spec: ExportSpec, device: IBlockDevice, context: OpenContext) -> IBlockDevice:
+    """
+    C{device} wrapped in C{spec}'s filters, the first outermost; each is
+    made once per export and shared by its connections.
+
+    @raise twisted_nbd.registry.PluginError: a filter is wrong (the specification
+        was checked, so only a filter that fails to open).
+    """
+    if not spec.filters:
+        return device
+    from twisted_nbd.registry import registry
+
+    context.read_only = spec.read_only
+    return registry.wrap(device, spec.filters, context)
+
+
 def open_exports(
     config: Config, reactor: Any, max_threads: int = IO_THREADS
 ) -> tuple[ExportRegistry, BlockDeviceService]:
@@ -126,8 +144,10 @@ def open_exports(
     exports: list[Export] = []
     try:
         for spec in config.exports:
+            context.read_only = spec.read_only
             device = open_backend(spec, context)
             devices.append(device)
+            device = devices[-1] = with_filters(spec, device, context)
             exports.append(export_of(spec, device))
         registry = ExportRegistry.of(exports, config.default)
     except BaseException:

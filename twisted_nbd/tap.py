@@ -18,6 +18,7 @@ for tests and for embedding.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import replace
 from typing import Any, cast
 
@@ -34,9 +35,12 @@ from twisted_nbd.config import (
     ConfigError,
     ExportSpec,
     SpecError,
+    absolute_paths,
     load_config,
     parse_size,
+    with_backend,
 )
+from twisted_nbd.registry import PluginError, PluginRef, describe, parse_ref, registry
 
 __all__ = [
     "DEFAULT_LISTEN",
@@ -56,6 +60,10 @@ Endpoints for --listen (quote them in a shell):
 
 Examples:
   twistd -n nbd --memory 1G
+  twistd -n nbd --backend pattern:size=1G --filter delay:delay=5ms,ops=read
+  twistd -n nbd --image base.img --filter cow --filter stats
+  twistd -n nbd --memory 1G --filter error:rate=0.01,ops=read+write,errno=EIO
+  twistd nbd --filter cow:help
   twistd -n nbd --image disk.img --size 10G --name disk
   twistd -n nbd --image /dev/vg0/vm1 --read-only --listen tcp:10809:interface=127.0.0.1
   nbdinfo nbd://127.0.0.1
@@ -94,6 +102,8 @@ _SINGLE_EXPORT_OPTIONS = (
     "min-block",
     "preferred-block",
     "max-block",
+    "backend",
+    "filter",
 )
 
 
@@ -103,6 +113,8 @@ _SPEC_OPTIONS = {
     "description": "--description:",
     "block sizes": "--min-block/--preferred-block/--max-block:",
     "image": "--image",
+    "backend": "--backend:",
+    "filters": "--filter:",
 }
 
 
@@ -217,6 +229,37 @@ class Options(usage.Options):
     def __init__(self) -> None:
         usage.Options.__init__(self)
         self["listen"] = []
+        self["backend"] = None
+        self["filter"] = []
+
+    def _ref(self, text: str, kind: str) -> PluginRef:
+        """
+        Parse C{NAME:key=value,...}; C{NAME:help} prints the keys and exits.
+
+        @raise usage.UsageError: it is not written that way, or names nothing.
+        """
+        try:
+            ref = parse_ref(text, kind)
+            plugin = registry.get(kind, ref.name)
+        except PluginError as e:
+            raise usage.UsageError(f"--{kind}: {e}") from None
+        if ("help", "") in ref.args:
+            print(describe(plugin, kind))
+            sys.exit(0)
+        return ref
+
+    def opt_backend(self, text: str) -> None:
+        """Serve a backend by name: NAME:key=value,... (NAME:help lists its keys)."""
+        ref = self._ref(text, "backend")
+        if self["backend"] is not None:
+            raise usage.UsageError("--backend is given twice: an export has one backend")
+        self["backend"] = ref
+
+    opt_b = opt_backend
+
+    def opt_filter(self, text: str) -> None:
+        """Stack a filter: NAME:key=value,...; repeatable, the first outermost."""
+        self["filter"].append(self._ref(text, "filter"))
 
     def opt_listen(self, description: str) -> None:
         """Listen on this Twisted server endpoint; repeat for more. [default: tcp:10809]"""
@@ -229,7 +272,7 @@ class Options(usage.Options):
         The usage text, followed by examples kept as they are written
         (Twisted rewraps C{longdesc} into one paragraph).
         """
-        return usage.Options.getUsage(self, width) + _EXAMPLES
+        return usage.Options.getUsage(self, width) + _plugins_help() + _EXAMPLES
 
     def postOptions(self) -> None:
         """
@@ -289,7 +332,9 @@ class Options(usage.Options):
 
     def _from_file(self, path: str) -> Config:
         """Load C{--config}, which describes every export by itself."""
-        single = [option for option in _SINGLE_EXPORT_OPTIONS if self[option] not in (None, False)]
+        single = [
+            option for option in _SINGLE_EXPORT_OPTIONS if self[option] not in (None, False, [])
+        ]
         if single:
             raise usage.UsageError(
                 f"--config describes the exports; --{single[0]} belongs in its [[export]] tables"
@@ -301,14 +346,17 @@ class Options(usage.Options):
 
     def _from_options(self) -> Config:
         """Build the one export the command line describes."""
-        image, memory = self["image"], self["memory"]
-        if image is None and memory is None:
+        image, memory, backend = self["image"], self["memory"], self["backend"]
+        if image is None and memory is None and backend is None:
             raise usage.UsageError(
                 "nothing to serve: give --image PATH (an image file), --memory SIZE "
-                "(a RAM disk) or --config FILE (several exports)"
+                "(a RAM disk), --backend NAME:key=value,... or --config FILE (several exports)"
             )
-        if image is not None and memory is not None:
-            raise usage.UsageError("--image and --memory cannot be used together")
+        given = [o for o, v in (("image", image), ("memory", memory), ("backend", backend)) if v]
+        if len(given) > 1:
+            raise usage.UsageError(f"--{given[0]} and --{given[1]} cannot be used together")
+        if backend is not None and self["size"] is not None:
+            raise usage.UsageError("--size only applies to --image; give the backend's own key")
         if memory is not None and self["size"] is not None:
             raise usage.UsageError("--size only applies to --image; --memory takes its own size")
         for option in ("size", "memory", "min-block", "preferred-block", "max-block"):
@@ -330,8 +378,11 @@ class Options(usage.Options):
             min_block=self["min-block"],
             preferred_block=self["preferred-block"],
             max_block=self["max-block"],
+            filters=tuple(absolute_paths("filter", ref, os.getcwd()) for ref in self["filter"]),
         )
         try:
+            if backend is not None:
+                spec = with_backend(spec, absolute_paths("backend", backend, os.getcwd()))
             spec.check(size_hint="add --size SIZE", read_only_hint="add --read-only")
         except SpecError as e:
             prefix = _SPEC_OPTIONS.get(e.setting)
@@ -369,6 +420,17 @@ class Options(usage.Options):
         if number < 1:
             raise usage.UsageError(f"--{option} must be at least 1, not {number}")
         return number
+
+
+def _plugins_help() -> str:
+    """The backends and filters, one line each, for C{--help}."""
+    lines = ["", "Backends (--backend NAME:key=value,...; NAME:help lists its keys):"]
+    for plugin in registry.all("backend"):
+        lines.append(f"  {plugin.name:<10} {plugin.help}")
+    lines.append("Filters (--filter NAME:key=value,..., repeatable; the first is outermost):")
+    for plugin in registry.all("filter"):
+        lines.append(f"  {plugin.name:<10} {plugin.help}")
+    return "\n".join(lines) + "\n"
 
 
 def makeService(options: Options, reactor: Any = None) -> MultiService:

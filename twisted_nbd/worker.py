@@ -33,7 +33,13 @@ from twisted_nbd.config import Config, ExportSpec
 from twisted_nbd.exports import ExportRegistry
 from twisted_nbd.observers import ConnectionInfo, ServerObserver
 from twisted_nbd.protocol import NBDServerFactory
-from twisted_nbd.service import IO_THREADS, BlockDeviceService, NBDService, export_of
+from twisted_nbd.service import (
+    IO_THREADS,
+    BlockDeviceService,
+    NBDService,
+    export_of,
+    with_filters,
+)
 from twisted_nbd.workers import CONTROL_FD, _OneProtocolFactory, shared_device
 
 __all__ = ["main"]
@@ -126,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     globalLogBeginner.beginLoggingTo(
         [FileLogObserver(sys.stdout, _format)], redirectStandardIO=False
     )
-    specs = [ExportSpec(**spec) for spec in settings["exports"]]
+    specs = [ExportSpec.from_json(spec) for spec in settings["exports"]]
     config = Config(
         specs,
         default=settings["default"],
@@ -140,7 +146,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     devices = []
     exports = []
     for spec in specs:
-        device = shared_device(spec, settings["shared"][spec.name], context)
+        # The filters are stacked here, in each worker, over the shared device;
+        # check_workers allowed only those whose state may be per process.
+        device = with_filters(
+            spec, shared_device(spec, settings["shared"][spec.name], context), context
+        )
         devices.append(device)
         exports.append(export_of(spec, device))
     registry = ExportRegistry.of(exports, config.default)

@@ -86,12 +86,26 @@ def check_workers(config: Config) -> None:
         raise ConfigError("the number of workers must be at least 1")
     if config.workers == 1:
         return
+    from twisted_nbd.registry import FilterPlugin, registry
+
     for spec in config.exports:
         if spec.memory is not None and spec.memory > MAPPED_MAX:
             raise ConfigError(
                 f"export {spec.name!r}: a RAM disk over {MAPPED_MAX} bytes cannot be shared "
                 "by worker processes"
             )
+        if spec.backend_ref is not None:
+            raise ConfigError(
+                f"export {spec.name!r}: the {spec.backend_ref.name!r} backend cannot be shared "
+                "by worker processes (only file and memory can)"
+            )
+        for ref in spec.filters:
+            plugin = registry.get("filter", ref.name)
+            if isinstance(plugin, FilterPlugin) and not plugin.per_process:
+                raise ConfigError(
+                    f"export {spec.name!r}: the {ref.name!r} filter keeps one state per export, "
+                    "which worker processes cannot share"
+                )
 
 
 def open_shared(spec: ExportSpec, context: OpenContext) -> IBlockDevice:
