@@ -38,6 +38,7 @@ setup(
     packages=[
         "twisted_nbd",
         "twisted_nbd.backends",
+        "twisted_nbd.filters",
         # A namespace-less plugin directory: no __init__.py, never a dropin.cache.
         "twisted.plugins",
     ],
@@ -72,6 +73,28 @@ setup(
         # Debian's fio, nbdcopy, qemu-nbd, nbdkit, nbd-server).
         "bench": [
             "matplotlib",
+        ],
+    },
+    # Backends and filters by name (twisted_nbd.registry): a third-party package
+    # adds its own in these groups. twisted_nbd.registry names the same objects,
+    # so a source checkout that is not installed has them too.
+    entry_points={
+        "twisted_nbd.backends": [
+            "file = twisted_nbd.backends:file_plugin",
+            "memory = twisted_nbd.backends:memory_plugin",
+            "pattern = twisted_nbd.backends.pattern:plugin",
+        ],
+        "twisted_nbd.filters": [
+            "blocksize = twisted_nbd.filters.blocksize:plugin",
+            "cache = twisted_nbd.filters.cache:plugin",
+            "cow = twisted_nbd.filters.cow:plugin",
+            "delay = twisted_nbd.filters.delay:plugin",
+            "error = twisted_nbd.filters.error:plugin",
+            "offset = twisted_nbd.filters.offset:plugin",
+            "rate = twisted_nbd.filters.rate:plugin",
+            "readonly = twisted_nbd.filters.readonly:plugin",
+            "stats = twisted_nbd.filters.stats:plugin",
+            "truncate = twisted_nbd.filters.truncate:plugin",
         ],
     },
     zip_safe=False,

@@ -91,7 +91,11 @@ def built_wheel() -> tuple[list[str], dict[str, list[str]]]:
             names = wheel.namelist()
             (metadata_name,) = [n for n in names if n.endswith(".dist-info/METADATA")]
             message = Parser().parsestr(wheel.read(metadata_name).decode("utf-8"))
-        return names, {key: message.get_all(key) or [] for key in set(message.keys())}
+            fields = {key: message.get_all(key) or [] for key in set(message.keys())}
+            (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+            # Not a metadata field: kept under a name no field has.
+            fields["entry_points.txt"] = [wheel.read(entry_points).decode("utf-8")]
+        return names, fields
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -119,6 +123,20 @@ class WheelTests(TestCase):
         self.assertNotIn("twisted/__init__.py", self.names)
         under_twisted = [n for n in self.names if n.startswith("twisted/")]
         self.assertEqual(under_twisted, ["twisted/plugins/twisted_nbd_dropin.py"])
+
+    def test_entry_points(self) -> None:
+        """
+        The built-in backends and filters are declared as entry points, the
+        same objects L{twisted_nbd.registry} names for an uninstalled tree.
+        """
+        from configparser import ConfigParser
+
+        from twisted_nbd.registry import BUILTIN_BACKENDS, BUILTIN_FILTERS
+
+        parser = ConfigParser()
+        parser.read_string(self.metadata["entry_points.txt"][0])
+        self.assertEqual(dict(parser["twisted_nbd.backends"]), BUILTIN_BACKENDS)
+        self.assertEqual(dict(parser["twisted_nbd.filters"]), BUILTIN_FILTERS)
 
     def test_no_dropin_cache(self) -> None:
         """

@@ -5,7 +5,8 @@ on top of twisted-nbd.
 
 L{BlockDeviceConformanceMixin} holds the tests every L{IBlockDevice} should
 pass; a backend's test module mixes it into a trial C{TestCase} and says how
-to make a device.
+to make a device. L{FilterConformanceMixin} runs the same tests on a filter
+wrapped around a memory device (or any device, or a stack of filters).
 
 L{ControllableBlockDevice} answers nothing by itself: every call is recorded
 with an unfired Deferred that the test fires when and how it likes, which is
@@ -25,7 +26,15 @@ from zope.interface.verify import verifyObject
 
 from twisted_nbd._wire import Errno
 from twisted_nbd.errors import NBDError
-from twisted_nbd.interfaces import STATE_HOLE, STATE_ZERO, Capabilities, Extent, IBlockDevice
+from twisted_nbd.interfaces import (
+    STATE_HOLE,
+    STATE_ZERO,
+    Capabilities,
+    Extent,
+    IBlockDevice,
+    IBufferRead,
+    ISparseRead,
+)
 
 if TYPE_CHECKING:
     from twisted.trial.unittest import TestCase as _ConformanceBase
@@ -34,7 +43,12 @@ else:
     # runners would collect it and run it without a device.
     _ConformanceBase = object
 
-__all__ = ["BlockDeviceConformanceMixin", "Call", "ControllableBlockDevice"]
+__all__ = [
+    "BlockDeviceConformanceMixin",
+    "Call",
+    "ControllableBlockDevice",
+    "FilterConformanceMixin",
+]
 
 
 @dataclass
@@ -597,6 +611,65 @@ class BlockDeviceConformanceMixin(_ConformanceBase):
         read = await self._read(device, 4 * _KiB, length)
         self._assert_bytes(read, data, "8 MiB read")
 
+    async def _scatter(self, device: IBlockDevice) -> bytearray:
+        """Write data here and there, zero some of it; return the model."""
+        model = bytearray(device.size)
+        if device.capabilities.can_write:
+            for i, offset in enumerate([0, 100 * _KiB, _MiB - 7, 3 * _MiB + 4 * _KiB]):
+                if device.capabilities.min_block != 1:
+                    offset -= offset % device.capabilities.min_block
+                await self._write(device, model, offset, _pattern(200 * _KiB, i))
+            if device.capabilities.can_zero:
+                await device.write_zeroes(128 * _KiB, 64 * _KiB)
+                model[128 * _KiB : 192 * _KiB] = bytes(64 * _KiB)
+        else:
+            model[:] = await self._read(device, 0, device.size)
+        return model
+
+    async def test_sparse_read_agrees(self) -> None:
+        """
+        A device that provides L{ISparseRead} gives, for any range, segments
+        that cover it exactly and hold what C{read} returns.
+        """
+        device = await self._open()
+        if not ISparseRead.providedBy(device):
+            raise SkipTest("the device does not provide ISparseRead")
+        model = await self._scatter(device)
+        step = device.capabilities.min_block
+        for offset, length in [(0, 4 * _MiB), (64 * _KiB, 256 * _KiB), (_MiB, 2 * _MiB)]:
+            offset -= offset % step
+            length = min(length, device.size - offset, device.capabilities.max_block)
+            segments = list(await device.read_sparse(offset, length))
+            position = offset
+            for at, part in segments:
+                self._expect(at == position, f"segment at {at}, expected {position}")
+                if isinstance(part, int):
+                    self._expect(part > 0, f"empty zero run at {at}")
+                    data = bytes(part)
+                else:
+                    data = bytes(part)
+                self._assert_bytes(data, bytes(model[at : at + len(data)]), f"segment at {at}")
+                position += len(data)
+            self._expect(position == offset + length, f"segments end at {position}")
+
+    async def test_buffer_read_agrees(self) -> None:
+        """
+        A device that provides L{IBufferRead} returns from C{read_buffer}
+        what C{read} does (or raises, and the server reads instead).
+        """
+        device = await self._open()
+        if not IBufferRead.providedBy(device):
+            raise SkipTest("the device does not provide IBufferRead")
+        model = await self._scatter(device)
+        step = device.capabilities.min_block
+        for offset, length in [(0, 4 * _KiB), (_MiB - 4 * _KiB, 64 * _KiB), (5 * _MiB, 4 * _KiB)]:
+            offset -= offset % step
+            try:
+                data = device.read_buffer(offset, length)
+            except Exception:
+                continue
+            self._assert_bytes(data, bytes(model[offset : offset + length]), "read_buffer")
+
     async def test_concurrent_requests(self) -> None:
         """
         Many requests in flight at once, as several connections would send,
@@ -616,3 +689,40 @@ class BlockDeviceConformanceMixin(_ConformanceBase):
         """Close fires with C{None}."""
         device = await self._open(close_after=False)
         await self._expect_none(device.close(), "close")
+
+
+class FilterConformanceMixin(BlockDeviceConformanceMixin):
+    """
+    The tests of L{BlockDeviceConformanceMixin}, run on a filter (or a stack
+    of filters) around a fresh device. Implement L{make_filter}::
+
+        class MyFilterTests(FilterConformanceMixin, TestCase):
+            def make_filter(self, inner: IBlockDevice) -> IBlockDevice:
+                return MyFilter(inner)
+
+    The device below is a sparse L{MemoryBlockDevice
+    <twisted_nbd.backends.memory.MemoryBlockDevice>} unless L{make_inner}
+    says otherwise; L{inner_size} gives it a different size than the
+    filter's (for a filter that serves a slice of it, say).
+    """
+
+    def make_filter(self, inner: IBlockDevice) -> IBlockDevice | Deferred[IBlockDevice]:
+        """
+        Wrap C{inner} in the filter under test.
+
+        @return: the filter, or a Deferred that fires with it.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement make_filter")
+
+    def inner_size(self, size: int) -> int:
+        """The size of the device below for a filter of C{size} bytes."""
+        return size
+
+    def make_inner(self, size: int) -> IBlockDevice:
+        """A new device of C{size} bytes that reads as zeroes, to filter."""
+        from twisted_nbd.backends.memory import MemoryBlockDevice
+
+        return MemoryBlockDevice(size)
+
+    def make_device(self, size: int) -> IBlockDevice | Deferred[IBlockDevice]:
+        return self.make_filter(self.make_inner(self.inner_size(size)))
