@@ -11,7 +11,7 @@ import io
 import json
 import os
 from contextlib import redirect_stdout
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from importlib import metadata
 from typing import Any, Mapping
 
@@ -21,10 +21,12 @@ from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from twisted_nbd import registry as registry_module
+from twisted_nbd._wire import Errno
 from twisted_nbd.backends import OpenContext
 from twisted_nbd.backends.memory import MemoryBlockDevice
 from twisted_nbd.base import BlockDevice, BlockDeviceFilter
 from twisted_nbd.config import Config, ConfigError, ExportSpec, SpecError, load_config
+from twisted_nbd.errors import NBDError
 from twisted_nbd.filters import find_filter
 from twisted_nbd.filters.cow import CopyOnWriteFilter
 from twisted_nbd.filters.stats import StatsFilter
@@ -347,3 +349,49 @@ class AuthoringTests(SynchronousTestCase):
         device = registry.open_backend(parse_ref("mine:n=0x10"), OpenContext(None))
         self.assertEqual(device.size, 16)
         self.assertEqual(opened, [{"n": 16}])
+
+
+# The documentation's example backend and filter (docs/examples/blockstore.py).
+
+from docs.examples import blockstore  # noqa: E402
+from docs.examples.blockstore_tests import BlockStoreTests, ProtectFilterTests  # noqa: E402
+
+__all__ = ["BlockStoreTests", "ProtectFilterTests"]
+
+
+class ExampleTests(SynchronousTestCase):
+    def test_by_name(self) -> None:
+        """Added to the registry (as entry points would), they serve by name."""
+        for plugin in (blockstore.backend, blockstore.protect):
+            registry.add(plugin)
+            self.addCleanup(registry.remove, plugin)
+        options = parse("--backend", "blockstore:size=1M", "--filter", "protect:size=4K")
+        service = build(
+            replace(options.config, listen=("tcp:0:interface=127.0.0.1",)), MemoryReactorClock()
+        )
+        device: IBlockDevice = service.registry.exports[""].device
+        self.assertIsInstance(device, blockstore.ProtectFilter)
+        failure = self.failureResultOf(device.write(100, b"x"), NBDError)
+        self.assertEqual(failure.value.errno, Errno.EPERM)
+        self.successResultOf(device.write(8192, b"x"))
+        self.assertEqual(self.successResultOf(device.read(8192, 2)), b"x\0")
+
+
+class PageTests(SynchronousTestCase):
+    def test_every_plugin_and_key_listed(self) -> None:
+        """docs/backends-and-filters.md has a row for each built-in, naming every key."""
+        from pathlib import Path
+
+        page = (
+            Path(__file__).resolve().parents[1] / "docs" / "backends-and-filters.md"
+        ).read_text()
+        rows = {line.split("`")[1]: line for line in page.splitlines() if line.startswith("| `")}
+        for kind in ("backend", "filter"):
+            for plugin in registry.all(kind):
+                if plugin.name not in registry_module.BUILTIN_BACKENDS and (
+                    plugin.name not in registry_module.BUILTIN_FILTERS
+                ):
+                    continue
+                self.assertIn(plugin.name, rows)
+                for key in plugin.keys:
+                    self.assertIn(f"`{key.name}=", rows[plugin.name], plugin.name)

@@ -286,12 +286,14 @@ class Key:
     @ivar default: the value when it is not given (already converted), or
         L{REQUIRED}.
     @ivar help: one line for C{NAME:help}.
+    @ivar shown: how C{NAME:help} shows the default, if not as it is.
     """
 
     name: str
     type: KeyType[Any]
     default: Any = REQUIRED
     help: str = ""
+    shown: str | None = None
 
     @property
     def required(self) -> bool:
@@ -424,6 +426,8 @@ def describe(plugin: Plugin, kind: str | None = None) -> str:
         left = f"{key.name}={key.type.name}"
         if key.required:
             note = " (required)"
+        elif key.shown is not None:
+            note = f" [default: {key.shown}]"
         elif key.default is None:
             note = ""
         else:
@@ -434,9 +438,19 @@ def describe(plugin: Plugin, kind: str | None = None) -> str:
                 default = default.name
             elif isinstance(default, bool):
                 default = str(default).lower()
+            elif key.type is SIZE:
+                default = _human(default)
             note = f" [default: {default}]"
         lines.append(f"  {left:<{width}}  {key.help}{note}")
     return "\n".join(lines)
+
+
+def _human(size: int) -> str:
+    """C{65536} as C{64K}: the largest unit that divides it."""
+    for suffix, unit in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if size % unit == 0:
+            return f"{size // unit}{suffix}"
+    return str(size)
 
 
 @dataclass

@@ -103,9 +103,9 @@ plugin = FilterPlugin(
     name="delay",
     help="delay requests on the reactor's clock, to imitate slow storage",
     keys=(
-        Key("delay", DURATION, 0.01, "the fixed delay: 10ms, 250us, 0.5s"),
-        Key("jitter", DURATION, 0.0, "add a random delay from 0 up to this"),
-        Key("ops", set_of(*OPERATIONS), frozenset(OPERATIONS), "which operations (read+write)"),
+        Key("delay", DURATION, 0.01, "the fixed delay: 10ms, 250us, 0.5s", "10ms"),
+        Key("jitter", DURATION, 0.0, "add a random delay from 0 up to this", "0"),
+        Key("ops", set_of(*OPERATIONS), frozenset(OPERATIONS), "which operations", "all"),
         Key("seed", INT, None, "seed the random part, for repeatable tests"),
     ),
     wrap=_wrap,

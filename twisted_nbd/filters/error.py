@@ -120,7 +120,13 @@ plugin = FilterPlugin(
     help="fail a random share of requests with an error, to test clients",
     keys=(
         Key("rate", RATE, 0.01, "the share of requests to fail: 0.01 or 1%"),
-        Key("ops", set_of(*OPERATIONS), frozenset({"read", "write"}), "which operations"),
+        Key(
+            "ops",
+            set_of(*OPERATIONS),
+            frozenset({"read", "write"}),
+            f"which operations: {'+'.join(OPERATIONS)} or all",
+            "read+write",
+        ),
         Key("errno", ERRNO, Errno.EIO, "the error: EIO, ENOSPC, EPERM, EINVAL, ENOMEM, ..."),
         Key("seed", INT, None, "seed the random choice, for repeatable tests"),
     ),
