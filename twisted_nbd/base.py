@@ -337,10 +337,18 @@ class BlockDeviceFilter:
 
     def __init__(self, inner: IBlockDevice) -> None:
         self.inner = inner
-        if ISparseRead.providedBy(inner) and self._forwards_sparse_reads():
-            alsoProvides(self, ISparseRead)
-        if IBufferRead.providedBy(inner) and self._forwards_buffer_reads():
-            alsoProvides(self, IBufferRead)
+        # The inner companions' methods, looked up once: adapting on every
+        # call (IBufferRead(inner)) costs more than the read it forwards.
+        self._inner_read_sparse: Callable[[int, int], Deferred[Sequence[Segment]]] | None = None
+        self._inner_read_buffer: Callable[[int, int], bytes | memoryview] | None = None
+        if ISparseRead.providedBy(inner):
+            self._inner_read_sparse = inner.read_sparse
+            if self._forwards_sparse_reads():
+                alsoProvides(self, ISparseRead)
+        if IBufferRead.providedBy(inner):
+            self._inner_read_buffer = inner.read_buffer
+            if self._forwards_buffer_reads():
+                alsoProvides(self, IBufferRead)
 
     def _forwards_buffer_reads(self) -> bool:
         """Whether C{read_buffer} agrees with this filter's C{read}."""
@@ -355,8 +363,10 @@ class BlockDeviceFilter:
         Forward a read of the device's memory (L{IBufferRead}) to C{inner};
         only offered when C{inner} provides it.
         """
-        data: bytes | memoryview = IBufferRead(self.inner).read_buffer(offset, length)
-        return data
+        read_buffer = self._inner_read_buffer
+        if read_buffer is None:
+            raise NBDError(Errno.ENOTSUP, "the device below cannot be read from memory")
+        return read_buffer(offset, length)
 
     def _forwards_sparse_reads(self) -> bool:
         """Whether C{read_sparse} agrees with this filter's C{read} and C{block_status}."""
@@ -373,8 +383,10 @@ class BlockDeviceFilter:
         Forward a sparse read (L{ISparseRead}) to C{inner}; only offered when
         C{inner} provides it.
         """
-        d: Deferred[Sequence[Segment]] = ISparseRead(self.inner).read_sparse(offset, length)
-        return d
+        read_sparse = self._inner_read_sparse
+        if read_sparse is None:
+            return fail(NBDError(Errno.ENOTSUP, "the device below has no sparse reads"))
+        return read_sparse(offset, length)
 
     @property
     def size(self) -> int:

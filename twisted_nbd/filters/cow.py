@@ -36,7 +36,6 @@ from twisted_nbd.interfaces import (
     Capabilities,
     Extent,
     IBlockDevice,
-    IBufferRead,
     ISparseRead,
     Segment,
 )
@@ -91,6 +90,9 @@ class CopyOnWriteFilter(BlockDeviceFilter):
         self._shift = block_size.bit_length() - 1
         self._size = int(inner.size)
         self._map = bytearray((self._size + block_size - 1) >> self._shift)
+        # Whether any block is the overlay's yet: until then every read goes
+        # straight down without looking at the map.
+        self._touched = False
         # Blocks being copied up, with who waits for each.
         self._copying: dict[int, list[Deferred[None]]] = {}
         self._capabilities = Capabilities(
@@ -141,7 +143,7 @@ class CopyOnWriteFilter(BlockDeviceFilter):
     # Reading.
 
     def read(self, offset: int, length: int) -> Deferred[bytes]:
-        if self._untouched(offset, length):
+        if not self._touched or self._untouched(offset, length):
             d: Deferred[bytes] = self.inner.read(offset, length)
             return d
         reads = [device.read(at, run) for at, run, device in self._runs(offset, length)]
@@ -150,16 +152,16 @@ class CopyOnWriteFilter(BlockDeviceFilter):
         )
 
     def read_buffer(self, offset: int, length: int) -> bytes | memoryview:
-        if not self._untouched(offset, length):
+        read_buffer = self._inner_read_buffer
+        assert read_buffer is not None  # only offered when the device below has it
+        if self._touched and not self._untouched(offset, length):
             # The server falls back to read.
             raise NBDError(Errno.EIO, "the overlay holds part of this range")
-        data: bytes | memoryview = IBufferRead(self.inner).read_buffer(offset, length)
-        return data
+        return read_buffer(offset, length)
 
     def read_sparse(self, offset: int, length: int) -> Deferred[Sequence[Segment]]:
-        if self._untouched(offset, length):
-            d: Deferred[Sequence[Segment]] = ISparseRead(self.inner).read_sparse(offset, length)
-            return d
+        if not self._touched or self._untouched(offset, length):
+            return super().read_sparse(offset, length)
         reads = []
         for at, run, device in self._runs(offset, length):
             if ISparseRead.providedBy(device):
@@ -229,6 +231,7 @@ class CopyOnWriteFilter(BlockDeviceFilter):
         first, last = self._blocks(offset, length)
         if self._map.find(_BASE, first, last + 1) == -1:
             return None
+        self._touched = True
         end = offset + length
         waits = []
         for index in range(first, last + 1):

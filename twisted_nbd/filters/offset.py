@@ -14,7 +14,7 @@ from twisted.internet.defer import Deferred
 from twisted_nbd.backends import OpenContext
 from twisted_nbd.base import BlockDeviceFilter
 from twisted_nbd.filters._util import clip_extents
-from twisted_nbd.interfaces import Extent, IBlockDevice, IBufferRead, Segment
+from twisted_nbd.interfaces import Extent, IBlockDevice, Segment
 from twisted_nbd.registry import SIZE, FilterPlugin, Key
 
 __all__ = ["OffsetFilter", "plugin"]
@@ -51,10 +51,7 @@ class OffsetFilter(BlockDeviceFilter):
         return d
 
     def read_buffer(self, offset: int, length: int) -> bytes | memoryview:
-        data: bytes | memoryview = IBufferRead(self.inner).read_buffer(
-            offset + self._offset, length
-        )
-        return data
+        return super().read_buffer(offset + self._offset, length)
 
     def read_sparse(self, offset: int, length: int) -> Deferred[Sequence[Segment]]:
         shift = self._offset

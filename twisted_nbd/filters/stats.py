@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 
 from twisted_nbd.backends import OpenContext
 from twisted_nbd.base import BlockDeviceFilter
-from twisted_nbd.interfaces import Extent, IBlockDevice, IBufferRead, Segment
+from twisted_nbd.interfaces import Extent, IBlockDevice, Segment
 from twisted_nbd.registry import BOOL, FilterPlugin, Key
 
 __all__ = ["BUCKETS", "OperationStats", "Stats", "StatsFilter", "plugin"]
@@ -33,6 +33,7 @@ _log = Logger()
 #: Latency histogram bucket upper bounds, in seconds: 1 us to about 34 s,
 #: doubling; the last bucket counts everything slower.
 BUCKETS: tuple[float, ...] = tuple(1e-6 * 2**i for i in range(26))
+_LAST = len(BUCKETS)
 
 
 @dataclass
@@ -65,8 +66,8 @@ class OperationStats:
         # Doubling buckets from 1 us: the bucket is the bit length of the
         # latency in microseconds (cheaper than a search).
         micros = int(seconds * 1e6)
-        index = max(micros - 1, 0).bit_length() if micros > 1 else 0
-        self.histogram[min(index, len(BUCKETS))] += 1
+        index = (micros - 1).bit_length() if micros > 1 else 0
+        self.histogram[index if index < _LAST else _LAST] += 1
 
 
 @dataclass
@@ -115,8 +116,15 @@ class StatsFilter(BlockDeviceFilter):
         self._trim, self._zero, self._cache = ops["trim"], ops["zero"], ops["cache"]
         self._extents = ops["extents"]
 
-    def _count(self, d: Deferred[Any], op: OperationStats, length: int) -> Deferred[Any]:
-        started = self._clock()
+    def _count(
+        self, d: Deferred[Any], op: OperationStats, length: int, started: float
+    ) -> Deferred[Any]:
+        """Count C{d}'s request when it is answered; C{d} itself is returned."""
+        if d.called and not d.paused:
+            # Answered already (a memory device, a page cache hit): count it
+            # now, without a callback.
+            op.record(length, self._clock() - started, isinstance(d.result, Failure))
+            return d
         clock = self._clock
 
         def done(result: object) -> object:
@@ -126,26 +134,42 @@ class StatsFilter(BlockDeviceFilter):
         return d.addBoth(done)
 
     def read(self, offset: int, length: int) -> Deferred[bytes]:
-        return self._count(self.inner.read(offset, length), self._read, length)
+        clock = self._clock
+        started = clock()
+        d = self.inner.read(offset, length)
+        if d.called and not d.paused:
+            # The common case inline (see _count).
+            self._read.record(length, clock() - started, isinstance(d.result, Failure))
+            return d
+        return self._count(d, self._read, length, started)
 
     def read_sparse(self, offset: int, length: int) -> Deferred[Sequence[Segment]]:
-        return self._count(super().read_sparse(offset, length), self._read, length)
+        started = self._clock()
+        return self._count(super().read_sparse(offset, length), self._read, length, started)
 
     def read_buffer(self, offset: int, length: int) -> bytes | memoryview:
-        started = self._clock()
+        # Only offered when the device below has it (see BlockDeviceFilter).
+        read_buffer = self._inner_read_buffer
+        assert read_buffer is not None
+        clock = self._clock
+        started = clock()
         # If this raises, the server falls back to read, which is counted then.
-        data: bytes | memoryview = IBufferRead(self.inner).read_buffer(offset, length)
-        self._read.record(length, self._clock() - started, False)
+        data = read_buffer(offset, length)
+        self._read.record(length, clock() - started, False)
         return data
 
     def write(self, offset: int, data: bytes, fua: bool = False) -> Deferred[None]:
-        return self._count(self.inner.write(offset, data, fua), self._write, len(data))
+        started = self._clock()
+        d = self.inner.write(offset, data, fua)
+        return self._count(d, self._write, len(data), started)
 
     def flush(self) -> Deferred[None]:
-        return self._count(self.inner.flush(), self._flush, 0)
+        started = self._clock()
+        return self._count(self.inner.flush(), self._flush, 0, started)
 
     def trim(self, offset: int, length: int, fua: bool = False) -> Deferred[None]:
-        return self._count(self.inner.trim(offset, length, fua), self._trim, length)
+        started = self._clock()
+        return self._count(self.inner.trim(offset, length, fua), self._trim, length, started)
 
     def write_zeroes(
         self,
@@ -155,14 +179,18 @@ class StatsFilter(BlockDeviceFilter):
         may_trim: bool = True,
         fast: bool = False,
     ) -> Deferred[None]:
+        started = self._clock()
         d = self.inner.write_zeroes(offset, length, fua, may_trim, fast)
-        return self._count(d, self._zero, length)
+        return self._count(d, self._zero, length, started)
 
     def cache(self, offset: int, length: int) -> Deferred[None]:
-        return self._count(self.inner.cache(offset, length), self._cache, length)
+        started = self._clock()
+        return self._count(self.inner.cache(offset, length), self._cache, length, started)
 
     def block_status(self, offset: int, length: int) -> Deferred[Sequence[Extent]]:
-        return self._count(self.inner.block_status(offset, length), self._extents, length)
+        started = self._clock()
+        d = self.inner.block_status(offset, length)
+        return self._count(d, self._extents, length, started)
 
     def close(self) -> Deferred[None]:
         if self._log:
