@@ -13,7 +13,7 @@ import os
 from contextlib import redirect_stdout
 from dataclasses import asdict, replace
 from importlib import metadata
-from typing import Any, Mapping
+from typing import Any, Mapping, cast
 
 from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock
@@ -264,6 +264,32 @@ class BuildTests(SynchronousTestCase):
         with self.assertRaises(SpecError) as caught:
             spec.check()
         self.assertEqual(caught.exception.setting, "filters")
+
+    def test_per_connection(self) -> None:
+        """rate:per=connection is a layer of each connection, outside the export's filters."""
+        from twisted_nbd.exports import ConnectionContext
+        from twisted_nbd.filters.rate import RateFilter
+
+        spec = ExportSpec(
+            name="x",
+            memory=MiB,
+            filters=(parse_ref("rate:rate=1M,per=connection"), parse_ref("cow:overlay=memory")),
+        )
+        service = build(Config([spec], listen=("tcp:0:interface=127.0.0.1",)), MemoryReactorClock())
+        export = service.registry.exports["x"]
+        self.assertIsInstance(export.device, CopyOnWriteFilter)
+        one, two = export.attach(ConnectionContext("x")), export.attach(ConnectionContext("x"))
+        self.assertIsInstance(one.device, RateFilter)
+        self.assertIsNot(one.device, two.device)
+        self.assertIs(cast(RateFilter, one.device).inner, export.device)
+        self.successResultOf(one.device.close())
+        self.successResultOf(export.device.write(0, b"still open"))
+        # Allowed with workers: each process has its own connections anyway.
+        check_workers(Config([replace(spec, filters=spec.filters[:1])], workers=2))
+        wrong = replace(spec, filters=tuple(reversed(spec.filters)))
+        with self.assertRaises(SpecError) as caught:
+            wrong.check()
+        self.assertIn("must come before", str(caught.exception))
 
     def test_check_workers(self) -> None:
         config = Config([ExportSpec(memory=MiB, filters=(parse_ref("cache"),))], workers=2)

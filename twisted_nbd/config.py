@@ -256,11 +256,10 @@ class ExportSpec:
                 registry.resolve("backend", self.backend_ref)
             except PluginError as e:
                 raise SpecError("backend", str(e)) from None
-        for ref in self.filters:
-            try:
-                registry.resolve("filter", ref)
-            except PluginError as e:
-                raise SpecError("filters", str(e)) from None
+        try:
+            registry.split(self.filters)
+        except PluginError as e:
+            raise SpecError("filters", str(e)) from None
         if self.memory is not None and self.size is not None:
             raise SpecError(
                 "export", "a size only applies to an image; a memory export has its own"

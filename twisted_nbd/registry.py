@@ -345,6 +345,11 @@ class FilterPlugin:
     @ivar per_process: the filter's state may be kept apart in each worker
         process (C{--workers}); false for those whose state must be one
         per export (an overlay, a cache, a rate limit).
+    @ivar per_connection: given the converted keys, whether C{wrap} is
+        called once per connection (around that connection's device)
+        instead of once per export. Such filters must come first, outside
+        every per-export one, and their C{close} must leave the device
+        below open (see L{twisted_nbd.exports.ConnectionLayer}).
     """
 
     name: str
@@ -352,6 +357,7 @@ class FilterPlugin:
     keys: tuple[Key, ...]
     wrap: FilterWrapper
     per_process: bool = True
+    per_connection: Callable[[Mapping[str, Any]], bool] | None = None
 
 
 Plugin = BackendPlugin | FilterPlugin
@@ -596,6 +602,34 @@ class Registry:
             return plugin.open(values, context)
         except ValueError as e:
             raise PluginError(f"backend {ref.name!r}: {e}") from None
+
+    def split(
+        self, filters: Iterable[PluginRef]
+    ) -> tuple[list[tuple[FilterPlugin, dict[str, Any]]], list[PluginRef]]:
+        """
+        Separate the filters made per connection (which come first) from
+        those made per export.
+
+        @return: the per-connection filters with their values, outermost
+            first, and the references of the per-export ones.
+        @raise PluginError: a reference is wrong, or a per-connection
+            filter comes after a per-export one.
+        """
+        per_connection: list[tuple[FilterPlugin, dict[str, Any]]] = []
+        per_export: list[PluginRef] = []
+        for ref in filters:
+            plugin, values = self.resolve("filter", ref)
+            assert isinstance(plugin, FilterPlugin)
+            if plugin.per_connection is not None and plugin.per_connection(values):
+                if per_export:
+                    raise PluginError(
+                        f"filter {ref.name!r} is made per connection, so it must come before "
+                        f"(outside) every filter made per export, such as {per_export[0].name!r}"
+                    )
+                per_connection.append((plugin, values))
+            else:
+                per_export.append(ref)
+        return per_connection, per_export
 
     def wrap(
         self, device: IBlockDevice, filters: Iterable[PluginRef], context: OpenContext

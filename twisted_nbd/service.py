@@ -30,16 +30,18 @@ from twisted.python.threadpool import ThreadPool
 
 from twisted_nbd.backends import OpenContext, open_backend
 from twisted_nbd.config import Config, ConfigError, ExportSpec, check_config
-from twisted_nbd.exports import Export, ExportRegistry
+from twisted_nbd.exports import ConnectionContext, ConnectionLayer, Export, ExportRegistry
 from twisted_nbd.interfaces import IBlockDevice
 from twisted_nbd.observers import IServerObserver
 from twisted_nbd.protocol import NBDServerFactory
+from twisted_nbd.registry import FilterPlugin
 
 __all__ = [
     "IO_THREADS",
     "BlockDeviceService",
     "NBDService",
     "build",
+    "connection_layers",
     "open_exports",
     "with_filters",
 ]
@@ -97,8 +99,10 @@ class BlockDeviceService(Service):
         return closed.addCallback(stop_pool)
 
 
-def export_of(spec: ExportSpec, device: IBlockDevice) -> Export:
-    """The L{Export} that serves C{device} as C{spec} says."""
+def export_of(
+    spec: ExportSpec, device: IBlockDevice, layers: tuple[ConnectionLayer, ...] = ()
+) -> Export:
+    """The L{Export} that serves C{device} as C{spec} says, with per-connection C{layers}."""
     return Export(
         spec.name,
         device,
@@ -107,7 +111,34 @@ def export_of(spec: ExportSpec, device: IBlockDevice) -> Export:
         min_block=spec.min_block,
         preferred_block=spec.preferred_block,
         max_block=spec.max_block,
+        connection_layers=layers,
     )
+
+
+def connection_layers(spec: ExportSpec, context: OpenContext) -> tuple[ConnectionLayer, ...]:
+    """
+    The per-connection layers of C{spec}'s filters that are made per
+    connection (C{rate:per=connection}), innermost first, as
+    L{Export.connection_layers} wants them.
+    """
+    if not spec.filters:
+        return ()
+    from twisted_nbd.registry import registry
+
+    per_connection, _ = registry.split(spec.filters)
+    layers: list[ConnectionLayer] = []
+    for plugin, values in reversed(per_connection):
+
+        def layer(
+            device: IBlockDevice,
+            connection: ConnectionContext,
+            plugin: FilterPlugin = plugin,
+            values: dict[str, Any] = values,
+        ) -> IBlockDevice:
+            return plugin.wrap(device, values, context)
+
+        layers.append(layer)
+    return tuple(layers)
 
 
 def with_filters(spec: ExportSpec, device: IBlockDevice, context: OpenContext) -> IBlockDevice:
@@ -123,7 +154,8 @@ def with_filters(spec: ExportSpec, device: IBlockDevice, context: OpenContext) -
     from twisted_nbd.registry import registry
 
     context.read_only = spec.read_only
-    return registry.wrap(device, spec.filters, context)
+    _, per_export = registry.split(spec.filters)
+    return registry.wrap(device, per_export, context)
 
 
 def open_exports(
@@ -148,7 +180,7 @@ def open_exports(
             device = open_backend(spec, context)
             devices.append(device)
             device = devices[-1] = with_filters(spec, device, context)
-            exports.append(export_of(spec, device))
+            exports.append(export_of(spec, device, connection_layers(spec, context)))
         registry = ExportRegistry.of(exports, config.default)
     except BaseException:
         for device in devices:

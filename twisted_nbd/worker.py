@@ -37,6 +37,7 @@ from twisted_nbd.service import (
     IO_THREADS,
     BlockDeviceService,
     NBDService,
+    connection_layers,
     export_of,
     with_filters,
 )
@@ -152,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             spec, shared_device(spec, settings["shared"][spec.name], context), context
         )
         devices.append(device)
-        exports.append(export_of(spec, device))
+        exports.append(export_of(spec, device, connection_layers(spec, context)))
     registry = ExportRegistry.of(exports, config.default)
     counter = _Counter()
     factory = NBDServerFactory(

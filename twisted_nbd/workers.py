@@ -100,8 +100,11 @@ def check_workers(config: Config) -> None:
                 "by worker processes (only file and memory can)"
             )
         for ref in spec.filters:
-            plugin = registry.get("filter", ref.name)
-            if isinstance(plugin, FilterPlugin) and not plugin.per_process:
+            plugin, values = registry.resolve("filter", ref)
+            assert isinstance(plugin, FilterPlugin)
+            if plugin.per_connection is not None and plugin.per_connection(values):
+                continue  # one per connection: each process has its own anyway
+            if not plugin.per_process:
                 raise ConfigError(
                     f"export {spec.name!r}: the {ref.name!r} filter keeps one state per export, "
                     "which worker processes cannot share"

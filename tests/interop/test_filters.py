@@ -92,6 +92,9 @@ class RoundTripTests(SynchronousTestCase):
     def test_rate(self) -> None:
         self.filtered("rate:rate=256M")
 
+    def test_rate_per_connection(self) -> None:
+        self.filtered("rate:rate=256M,per=connection", "cow:overlay=memory")
+
     def test_blocksize(self) -> None:
         self.filtered("blocksize:min=4K,max=64K")
 

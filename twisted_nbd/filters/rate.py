@@ -4,7 +4,8 @@ The C{rate} filter: limit the bytes read and written per second, with a
 token bucket on the reactor's clock. Requests wait their turn in order; a
 request larger than the bucket is let through once it is full and leaves
 it in debt, so any size passes and the average rate holds. The limit is
-per export (all its connections share the bucket).
+per export (all its connections share the bucket), or with
+C{per=connection} one bucket per connection.
 """
 
 from __future__ import annotations
@@ -12,13 +13,13 @@ from __future__ import annotations
 from collections import deque
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from twisted_nbd.backends import OpenContext
 from twisted_nbd.base import BlockDeviceFilter
 from twisted_nbd.interfaces import IBlockDevice, Segment
-from twisted_nbd.registry import SIZE, FilterPlugin, Key, set_of
+from twisted_nbd.registry import SIZE, FilterPlugin, Key, choice, set_of
 
 __all__ = ["RateFilter", "plugin"]
 
@@ -35,8 +36,14 @@ class RateFilter(BlockDeviceFilter):
         rate: int,
         burst: int | None = None,
         ops: frozenset[str] = frozenset({"read", "write"}),
+        owns_inner: bool = True,
     ) -> None:
+        """
+        @param owns_inner: C{close} closes C{inner} too; false for a
+            per-connection layer, whose device outlives it.
+        """
         super().__init__(inner)
+        self._owns_inner = owns_inner
         self._clock = clock
         self._rate = float(rate)
         self._burst = float(burst if burst is not None else max(rate // 10, 64 * 1024))
@@ -98,11 +105,21 @@ class RateFilter(BlockDeviceFilter):
         queue, self._queue = self._queue, deque()
         for _, go in queue:
             go()
+        if not self._owns_inner:
+            return succeed(None)
         return super().close()
 
 
 def _wrap(inner: IBlockDevice, values: Mapping[str, Any], context: OpenContext) -> IBlockDevice:
-    return RateFilter(inner, context.reactor, values["rate"], values["burst"], values["ops"])
+    per_connection = values["per"] == "connection"
+    return RateFilter(
+        inner,
+        context.reactor,
+        values["rate"],
+        values["burst"],
+        values["ops"],
+        owns_inner=not per_connection,
+    )
 
 
 plugin = FilterPlugin(
@@ -112,7 +129,9 @@ plugin = FilterPlugin(
         Key("rate", SIZE, help="bytes per second: 10M is 10 MiB/s"),
         Key("burst", SIZE, None, "the bucket's size [default: a tenth of a second, 64K at least]"),
         Key("ops", set_of("read", "write"), frozenset({"read", "write"}), "which operations"),
+        Key("per", choice("export", "connection"), "export", "one bucket per export or connection"),
     ),
     wrap=_wrap,
     per_process=False,
+    per_connection=lambda values: values["per"] == "connection",
 )
