@@ -192,6 +192,15 @@ class CommandLineTests(TestCase):
             self.assertIn(fragment, str(caught.exception))
             self.assertNotIn("\n", str(caught.exception))
 
+    def test_misfit_at_build(self) -> None:
+        """A filter that does not fit its device stops twistd with one line."""
+        from twisted_nbd.tap import makeService
+
+        options = parse("--memory", "1M", "--filter", "offset:offset=2M")
+        with self.assertRaises(SystemExit) as caught:
+            makeService(options, MemoryReactorClock())
+        self.assertIn("filter 'offset': offset:", str(caught.exception.code))
+
     def test_workers(self) -> None:
         """Filters travel to workers; those with one state per export are refused."""
         (spec,) = parse("--memory", "1M", "--filter", "stats", "-w", "2").config.exports

@@ -201,7 +201,7 @@ def _parse_errno(text: str) -> Errno:
         raise ValueError(f"{text!r} is not an NBD error; one of {known}") from None
 
 
-def _nonnegative_int(value: int) -> int:
+def _same_int(value: int) -> int:
     return value
 
 
@@ -222,7 +222,7 @@ def _duration_check(value: float) -> float:
 #: A size in bytes with an optional K, M, G, T or P suffix (powers of 1024).
 SIZE: KeyType[int] = KeyType("SIZE", _parse_size, (int,), _size_check)
 #: A whole number (C{0x} and C{0o} prefixes allowed).
-INT: KeyType[int] = KeyType("INT", _parse_int, (int,), _nonnegative_int)
+INT: KeyType[int] = KeyType("INT", _parse_int, (int,), _same_int)
 #: A number.
 FLOAT: KeyType[float] = KeyType("NUMBER", _parse_float, (int, float), _float_check)
 #: true/false, yes/no, on/off, 1/0.

@@ -441,6 +441,12 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     @param reactor: the reactor to listen with and to deliver the thread
         pool's results to; the global reactor if C{None}.
     @raise OSError: an image could not be created or opened after all.
+    @raise SystemExit: a filter does not fit the device below it (an
+        offset past its end, say), which only shows once the device is
+        open: twistd prints the one-line reason instead of a traceback.
     """
     tune_allocator()
-    return service.build(options.config, reactor)
+    try:
+        return service.build(options.config, reactor)
+    except PluginError as e:
+        raise SystemExit(f"{os.path.basename(sys.argv[0]) or 'twistd'}: {e}") from None

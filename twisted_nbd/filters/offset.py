@@ -30,6 +30,10 @@ class OffsetFilter(BlockDeviceFilter):
         """
         super().__init__(inner)
         inner_size = int(inner.size)
+        if offset >= inner_size:
+            raise ValueError(
+                f"offset: {offset} is not before the end of the {inner_size} bytes below"
+            )
         if length is None:
             length = inner_size - offset
         if offset < 0 or length < 0 or offset + length > inner_size:
