@@ -9,7 +9,8 @@ it. C{--backend NAME:key=value,...} names any backend and C{--filter
 NAME:key=value,...} (repeatable, the first outermost) stacks filters, both
 looked up in L{twisted_nbd.registry}. Every mistake on the command line,
 including an image that cannot be opened, is found while parsing (by
-L{ExportSpec}, the one validator of exports) and raised as L{usage.UsageError}, which twistd prints as one line
+L{ExportSpec}, the one validator of exports) and raised as
+L{usage.UsageError}, which twistd prints as one line
 instead of a traceback.
 
 The reactor is never imported at module level: twistd installs the reactor
