@@ -47,7 +47,8 @@ setup(
     license="MIT",
     license_files=["LICENSE"],
     install_requires=[
-        "twisted>=23.10",
+        # pyOpenSSL and service_identity, for STARTTLS (twisted_nbd.tls).
+        "twisted[tls]>=23.10",
         "zope.interface>=5",
     ],
     extras_require={

@@ -31,11 +31,12 @@ import os
 import re
 import stat
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from twisted_nbd.exports import check_block_sizes, check_text
 from twisted_nbd.interfaces import Capabilities
+from twisted_nbd.tls import TLSError, TLSSettings
 
 __all__ = [
     "DEFAULT_LISTEN",
@@ -187,6 +188,9 @@ class ExportSpec:
     @ivar size: with C{image}, create a sparse image of this size if none
         exists; otherwise C{None}.
     @ivar memory: the size of a memory export, or C{None}.
+    @ivar tls_required: only clients that have switched to TLS see it.
+    @ivar tls_allow_dn: if not empty, only clients whose certificate's
+        subject DN matches one of these patterns see it.
     """
 
     name: str = ""
@@ -198,6 +202,14 @@ class ExportSpec:
     min_block: int | None = None
     preferred_block: int | None = None
     max_block: int | None = None
+    tls_required: bool = False
+    tls_allow_dn: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # JSON (the workers' settings) turns tuples into lists.
+        allow: Any = self.tls_allow_dn
+        if not isinstance(allow, tuple):
+            object.__setattr__(self, "tls_allow_dn", tuple(allow))
 
     @property
     def backend(self) -> str:
@@ -300,6 +312,7 @@ class Config:
     @ivar workers: how many processes serve the connections; with more
         than one, this process only accepts them and hands them out (see
         L{twisted_nbd.workers}).
+    @ivar tls: the server's TLS settings (off by default).
     """
 
     exports: list[ExportSpec]
@@ -310,6 +323,7 @@ class Config:
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
     workers: int = 1
     poll_max: float = DEFAULT_POLL_MAX
+    tls: TLSSettings = field(default_factory=TLSSettings)
 
 
 def check_config(config: Config) -> None:
@@ -341,6 +355,18 @@ def check_config(config: Config) -> None:
         raise ConfigError("the number of workers must be at least 1")
     if not 0 <= config.poll_max <= 0.01:
         raise ConfigError("the poll time must be from 0 to 10000 microseconds")
+    for spec in config.exports:
+        if (spec.tls_required or spec.tls_allow_dn) and config.tls.mode == "off":
+            raise ConfigError(f"export {spec.name!r} requires TLS, but TLS is off (--tls)")
+        if spec.tls_allow_dn and not config.tls.verify_peer:
+            raise ConfigError(
+                f"export {spec.name!r} allows clients by certificate DN, "
+                "which needs --tls-verify-peer"
+            )
+    try:
+        config.tls.check()
+    except TLSError as e:
+        raise ConfigError(str(e)) from None
 
 
 _EXPORT_KEYS = {
@@ -353,6 +379,8 @@ _EXPORT_KEYS = {
     "min-block",
     "preferred-block",
     "max-block",
+    "tls",
+    "tls-allow-dn",
 }
 _BLOCK_KEYS = ("min-block", "preferred-block", "max-block")
 _HEADER = re.compile(r"^\s*\[\[\s*export\s*\]\]")
@@ -486,6 +514,14 @@ def _spec(table: dict[str, Any], base: str) -> ExportSpec:
     read_only = table.get("read-only", False)
     if not isinstance(read_only, bool):
         raise _KeyError("read-only", "'read-only' must be true or false")
+    tls = table.get("tls", "inherit")
+    if tls not in ("inherit", "require"):
+        raise _KeyError("tls", '\'tls\' must be "require" (or "inherit", the default)')
+    allow = table.get("tls-allow-dn", [])
+    if isinstance(allow, str):
+        allow = [allow]
+    if not isinstance(allow, list) or not all(isinstance(a, str) and a for a in allow):
+        raise _KeyError("tls-allow-dn", "'tls-allow-dn' must be a list of DN patterns")
     image = table.get("image")
     if image is not None:
         if not isinstance(image, str) or not image:
@@ -501,4 +537,6 @@ def _spec(table: dict[str, Any], base: str) -> ExportSpec:
         min_block=size("min-block"),
         preferred_block=size("preferred-block"),
         max_block=size("max-block"),
+        tls_required=tls == "require",
+        tls_allow_dn=tuple(allow),
     )

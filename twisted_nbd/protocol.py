@@ -33,11 +33,18 @@ from __future__ import annotations
 
 import socket
 import time
+from fnmatch import fnmatchcase
 from typing import Any, Callable, ClassVar, Iterable, Sequence, cast
 
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred, DeferredList, FirstError, gatherResults, maybeDeferred
-from twisted.internet.interfaces import IConsumer, IPushProducer, IReactorTime, ITCPTransport
+from twisted.internet.interfaces import (
+    IConsumer,
+    IHandshakeListener,
+    IPushProducer,
+    IReactorTime,
+    ITCPTransport,
+)
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -57,6 +64,7 @@ from twisted_nbd._connection import (
     RequestRejected,
     ServerConfiguration,
     ServerConnection,
+    StartTLS,
     TrimRequest,
     WriteRequest,
     WriteZeroesRequest,
@@ -73,6 +81,7 @@ from twisted_nbd.errors import NBDError, ProtocolViolation
 from twisted_nbd.exports import ConnectionContext, ExportRegistry
 from twisted_nbd.interfaces import Extent, IBlockDevice, IBufferRead, ISparseRead, Segment
 from twisted_nbd.observers import ConnectionInfo, IServerObserver
+from twisted_nbd.tls import peer_subject
 
 __all__ = [
     "DEFAULT_MAX_BYTES_IN_FLIGHT",
@@ -150,6 +159,26 @@ def _check_segments(request: ReadRequest, segments: Sequence[Segment]) -> None:
         raise RuntimeError(f"sparse read segments end at {position}, not at the end of the read")
 
 
+def _tls_failure(reason: Failure) -> str:
+    """One line for why a TLS handshake ended."""
+    value = reason.value
+    args = getattr(value, "args", ())
+    if args and isinstance(args[0], list):
+        parts = [str(item[-1]) for item in args[0] if isinstance(item, tuple) and item]
+        if parts:
+            return "; ".join(parts)
+    return str(value) or type(value).__name__
+
+
+def _tls_version(transport: Any) -> str:
+    """The TLS version and cipher of a transport's session, for the log."""
+    try:
+        connection = transport.getHandle()
+        return f"{connection.get_protocol_version_name()}, {connection.get_cipher_name()}"
+    except Exception:
+        return "?"
+
+
 def describe_address(address: object) -> str:
     """
     An address as people write it: C{127.0.0.1:5000}, C{[::1]:5000},
@@ -166,7 +195,7 @@ def describe_address(address: object) -> str:
     return str(address)
 
 
-@implementer(IPushProducer)
+@implementer(IPushProducer, IHandshakeListener)
 class NBDServerProtocol(Protocol):
     """
     One NBD connection.
@@ -188,6 +217,8 @@ class NBDServerProtocol(Protocol):
         observers: Sequence[IServerObserver] = (),
         clock: Callable[[], float] = time.monotonic,
         poll_max: float = DEFAULT_POLL_MAX,
+        tls: Any = None,
+        tls_allow_dns: Sequence[str] = (),
     ) -> None:
         if max_queue_depth < 1 or max_bytes_in_flight < 1:
             raise ValueError("the queue depth and byte limits must be at least 1")
@@ -234,6 +265,12 @@ class NBDServerProtocol(Protocol):
         self._out_views = False
         self._out: list[Piece] = []
         self._out_bytes = 0
+        # What transport.startTLS takes (see twisted_nbd.tls), and the
+        # subject patterns a client certificate must match.
+        self._tls = tls
+        self._tls_allow_dns = tuple(tls_allow_dns)
+        self._tls_started = False
+        self._tls_done = False
 
     # ------------------------------------------------------------ IProtocol
 
@@ -340,6 +377,14 @@ class NBDServerProtocol(Protocol):
             deadline = now() + window
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._tls_started and not self._tls_done and self._lost_reason == "closed":
+            # The client went away or sent something that is not TLS.
+            self._lost_reason = f"TLS handshake failed: {_tls_failure(reason)}"
+            self.log.warn(
+                "TLS handshake with {peer} failed: {reason}",
+                peer=self.info.peer,
+                reason=_tls_failure(reason),
+            )
         # Late backend results are dropped from here on (see _send).
         self._closed = True
         if self._receiver is not None:
@@ -579,6 +624,54 @@ class NBDServerProtocol(Protocol):
             self._notify(
                 observer.option_refused, self.info, event.option, int(event.reply), event.reason
             )
+
+    def _start_tls(self, event: StartTLS) -> None:
+        """
+        STARTTLS was accepted and its ACK is queued: send it in plaintext,
+        then switch the transport to TLS (S-06). The direct socket paths
+        (sendmsg replies, recv_into payloads, polling) would bypass TLS, so
+        they end here.
+        """
+        transport = self.transport
+        assert transport is not None and self._tls is not None
+        self._flush_outbox()
+        self._flush_out()
+        if self._writer is not None:
+            self._writer.direct = False
+            self._writer._socket = None
+        if self._receiver is not None:
+            self._receiver.possible = False
+        self._socket = None
+        self._tls_started = True
+        self.info.tls = True
+        # Twisted sends what is already buffered before the handshake starts.
+        cast(Any, transport).startTLS(self._tls)
+
+    def handshakeCompleted(self) -> None:  # noqa: N802 - IHandshakeListener's name
+        """
+        The TLS handshake is done: authorise the client's certificate and
+        let the connection judge exports by it.
+        """
+        self._tls_done = True
+        dn = peer_subject(self.transport)
+        allowed = self._tls_allow_dns
+        if allowed and (dn is None or not any(fnmatchcase(dn, p) for p in allowed)):
+            self.log.warn(
+                "Dropping client {peer}: certificate {dn} is not allowed (--tls-allow-dn)",
+                peer=self.info.peer,
+                dn=dn or "(none)",
+            )
+            self._lost_reason = f"TLS client certificate {dn or '(none)'} not allowed"
+            self._abort()
+            return
+        self._conn.tls_established(dn)
+        self.info.tls_peer = dn or ""
+        self.log.info(
+            "Client {peer} switched to TLS ({version}){certificate}",
+            peer=self.info.peer,
+            version=_tls_version(self.transport),
+            certificate=f", certificate {dn}" if dn else "",
+        )
 
     def _disconnect(self, event: Aborted | DisconnectRequest) -> None:
         self._disconnecting = True
@@ -826,6 +919,7 @@ class NBDServerProtocol(Protocol):
         OptionRejected: _option_rejected,
         Aborted: _disconnect,
         DisconnectRequest: _disconnect,
+        StartTLS: _start_tls,
     }
 
     # How each kind of result becomes a reply.
@@ -993,6 +1087,11 @@ class NBDServerFactory(Factory):
     @param config: how connections behave (L{ServerConfiguration}).
     @param poll_max: the longest a connection busy-polls for its client's
         next request (see L{NBDServerProtocol._poll}), in seconds; 0 never.
+    @param tls: what C{transport.startTLS} takes when a client sends
+        STARTTLS (L{twisted_nbd.tls.TLSSettings.server_creator}); C{None}
+        when C{config.tls} is C{"off"}.
+    @param tls_allow_dns: patterns a client certificate's subject must
+        match (see L{twisted_nbd.tls.TLSSettings.allow_dns}).
     @ivar connections: the open connections.
     """
 
@@ -1008,8 +1107,12 @@ class NBDServerFactory(Factory):
         reactor: IReactorTime | None = None,
         config: ServerConfiguration | None = None,
         poll_max: float = DEFAULT_POLL_MAX,
+        tls: Any = None,
+        tls_allow_dns: Sequence[str] = (),
     ) -> None:
         self.registry = registry
+        self.tls = tls
+        self.tls_allow_dns = tuple(tls_allow_dns)
         self.poll_max = poll_max
         self.max_queue_depth = max_queue_depth
         self.max_bytes_in_flight = max_bytes_in_flight
@@ -1070,6 +1173,8 @@ class NBDServerFactory(Factory):
             observers=self.observers,
             clock=self._clock,
             poll_max=self.poll_max,
+            tls=self.tls,
+            tls_allow_dns=self.tls_allow_dns,
         )
         proto.factory = self
         return proto

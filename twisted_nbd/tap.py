@@ -37,6 +37,7 @@ from twisted_nbd.config import (
     load_config,
     parse_size,
 )
+from twisted_nbd.tls import TLS_MODES, TLSError, TLSSettings
 
 __all__ = [
     "DEFAULT_LISTEN",
@@ -133,6 +134,11 @@ class Options(usage.Options):
 
     optFlags = [
         ["read-only", "r", "Serve the device read-only: every write is refused with EPERM."],
+        [
+            "tls-verify-peer",
+            None,
+            "With TLS, require a client certificate signed by --tls-ca.",
+        ],
     ]
 
     optParameters = [
@@ -204,6 +210,31 @@ class Options(usage.Options):
             "MICROSECONDS when the client answers that fast (0: never).",
         ],
         [
+            "tls",
+            None,
+            None,
+            "TLS (STARTTLS): off; on (offered, plaintext allowed); require (nothing "
+            "but STARTTLS before TLS) [default: on when certificates or a PSK file "
+            "are given, else off].",
+        ],
+        [
+            "tls-certificates",
+            None,
+            None,
+            "DIR holding server-cert.pem, server-key.pem and ca-cert.pem (the layout "
+            "nbdkit, qemu and libnbd share).",
+        ],
+        ["tls-cert", None, None, "The server's certificate chain (PEM FILE)."],
+        ["tls-key", None, None, "The server's private key (PEM FILE)."],
+        ["tls-ca", None, None, "CA certificates (PEM FILE) that sign client certificates."],
+        [
+            "tls-psk",
+            None,
+            None,
+            "Use pre-shared keys from FILE (username:hexkey lines, as psktool writes) "
+            "instead of certificates.",
+        ],
+        [
             "workers",
             "w",
             "1",
@@ -217,6 +248,15 @@ class Options(usage.Options):
     def __init__(self) -> None:
         usage.Options.__init__(self)
         self["listen"] = []
+        self["tls-allow-dn"] = []
+
+    def opt_tls_allow_dn(self, pattern: str) -> None:
+        """
+        With --tls-verify-peer, allow only clients whose certificate's subject
+        DN (RFC 4514, e.g. CN=alice,O=Example) matches this shell-style
+        PATTERN; repeat for more.
+        """
+        self["tls-allow-dn"].append(pattern)
 
     def opt_listen(self, description: str) -> None:
         """Listen on this Twisted server endpoint; repeat for more. [default: tcp:10809]"""
@@ -272,6 +312,7 @@ class Options(usage.Options):
             _check_endpoint(description)
         self.config = replace(
             self.config,
+            tls=self._tls(),
             listen=tuple(self["listen"]),
             max_queue_depth=self["max-queue-depth"],
             max_bytes_in_flight=self["max-bytes-in-flight"],
@@ -286,6 +327,48 @@ class Options(usage.Options):
                 check_workers(self.config)
             except ConfigError as e:
                 raise usage.UsageError(f"--workers: {e}") from None
+
+    def _tls(self) -> TLSSettings:
+        """The TLS settings the --tls options describe, checked."""
+        given = [
+            o
+            for o in ("tls-cert", "tls-key", "tls-ca", "tls-certificates", "tls-psk")
+            if self[o] is not None
+        ]
+        mode = self["tls"]
+        if mode is None:
+            mode = "on" if given else "off"
+        if mode not in TLS_MODES:
+            raise usage.UsageError(f"--tls must be one of {', '.join(TLS_MODES)}, not {mode!r}")
+        if mode == "off":
+            stray = given + (["tls-verify-peer"] if self["tls-verify-peer"] else [])
+            stray += ["tls-allow-dn"] if self["tls-allow-dn"] else []
+            if stray:
+                raise usage.UsageError(f"--{stray[0]} needs --tls on or --tls require")
+            return TLSSettings()
+        directory = self["tls-certificates"]
+        if directory is not None:
+            if not os.path.isdir(directory):
+                raise usage.UsageError(f"--tls-certificates {directory!r} is not a directory")
+            settings = TLSSettings.from_directory(os.path.abspath(directory), mode)
+        else:
+            settings = TLSSettings(mode=mode)
+        settings = replace(
+            settings,
+            cert=self["tls-cert"] or settings.cert,
+            key=self["tls-key"] or settings.key,
+            ca=self["tls-ca"] or settings.ca,
+            psk_file=self["tls-psk"],
+            verify_peer=bool(self["tls-verify-peer"]),
+            allow_dns=tuple(self["tls-allow-dn"]),
+        )
+        if settings.psk_file is not None and directory is None and self["tls-cert"] is None:
+            settings = replace(settings, cert=None, key=None)
+        try:
+            settings.check()
+        except TLSError as e:
+            raise usage.UsageError(f"--tls: {e}") from None
+        return settings
 
     def _from_file(self, path: str) -> Config:
         """Load C{--config}, which describes every export by itself."""

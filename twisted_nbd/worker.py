@@ -33,7 +33,8 @@ from twisted_nbd.config import Config, ExportSpec
 from twisted_nbd.exports import ExportRegistry
 from twisted_nbd.observers import ConnectionInfo, ServerObserver
 from twisted_nbd.protocol import NBDServerFactory
-from twisted_nbd.service import IO_THREADS, BlockDeviceService, NBDService, export_of
+from twisted_nbd.service import IO_THREADS, BlockDeviceService, NBDService, export_of, make_factory
+from twisted_nbd.tls import TLSSettings
 from twisted_nbd.workers import CONTROL_FD, _OneProtocolFactory, shared_device
 
 __all__ = ["main"]
@@ -135,6 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_bytes_in_flight=settings["max_bytes_in_flight"],
         shutdown_timeout=settings["shutdown_timeout"],
         poll_max=settings["poll_max"],
+        tls=TLSSettings(**{**settings["tls"], "allow_dns": tuple(settings["tls"]["allow_dns"])}),
     )
     context = OpenContext(reactor, min(IO_THREADS, config.max_queue_depth))
     devices = []
@@ -145,14 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         exports.append(export_of(spec, device))
     registry = ExportRegistry.of(exports, config.default)
     counter = _Counter()
-    factory = NBDServerFactory(
-        registry,
-        max_queue_depth=config.max_queue_depth,
-        max_bytes_in_flight=config.max_bytes_in_flight,
-        observers=[counter],
-        reactor=reactor,
-        poll_max=config.poll_max,
-    )
+    factory = make_factory(config, registry, reactor, [counter])
     top = NBDService(factory, reactor, config.shutdown_timeout)
     device_service: Service = BlockDeviceService(devices, context.pool)
     device_service.setName("device")

@@ -300,6 +300,7 @@ class WorkerPool(Service):
             "max_bytes_in_flight": self.config.max_bytes_in_flight,
             "shutdown_timeout": self.config.shutdown_timeout,
             "poll_max": self.config.poll_max,
+            "tls": asdict(self.config.tls),
         }
         process.write(json.dumps(settings).encode("utf-8"))
         process.closeStdin()
