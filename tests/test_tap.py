@@ -324,11 +324,8 @@ class OptionsTests(TestCase):
         self.assertIn("[default: tcp:10809]", text)
 
 
-class BadUsageTests(TestCase):
-    """
-    Every mistake raises L{UsageError} with a clear one-line message while
-    parsing, so twistd reports it without a traceback.
-    """
+class UsageErrorMixin(_TrialTestCase):
+    """Checks that parsing fails with a one-line L{UsageError}."""
 
     def assert_usage_error(self, argv: list[str], *fragments: str) -> str:
         """
@@ -344,6 +341,13 @@ class BadUsageTests(TestCase):
         for fragment in fragments:
             self.assertIn(fragment, message, repr(argv))
         return message
+
+
+class BadUsageTests(UsageErrorMixin, TestCase):
+    """
+    Every mistake raises L{UsageError} with a clear one-line message while
+    parsing, so twistd reports it without a traceback.
+    """
 
     def test_nothing_to_serve(self) -> None:
         """
@@ -975,3 +979,82 @@ class PerformanceOptionsTests(TestCase):
         self.assertAlmostEqual(parse("--memory", "1M", "--poll-max", "250").config.poll_max, 250e-6)
         for text in ("-1", "20000", "soon"):
             self.assertRaises(UsageError, parse, "--memory", "1M", "--poll-max", text)
+
+
+class TLSOptionsTests(UsageErrorMixin, TestCase):
+    """The --tls options: what they build, and one-line usage errors."""
+
+    def setUp(self) -> None:
+        from tests.tlsfiles import make_certificates
+
+        self.pki = make_certificates(Path(tempfile.mkdtemp(prefix="nbd-tap-tls-")))
+        self.addCleanup(shutil.rmtree, self.pki, True)
+
+    def test_certificates_directory(self) -> None:
+        """--tls-certificates alone turns TLS on with the directory's three files."""
+        tls = parse("--memory", "1M", "--tls-certificates", str(self.pki)).config.tls
+        self.assertEqual(tls.mode, "on")
+        self.assertEqual(tls.cert, str(self.pki / "server-cert.pem"))
+        self.assertEqual(tls.key, str(self.pki / "server-key.pem"))
+        self.assertEqual(tls.ca, str(self.pki / "ca-cert.pem"))
+
+    def test_require_verify_allow(self) -> None:
+        """--tls require, --tls-verify-peer and --tls-allow-dn (repeated) are kept."""
+        tls = parse(
+            "--memory", "1M", "--tls", "require", "--tls-certificates", str(self.pki),
+            "--tls-verify-peer", "--tls-allow-dn", "CN=a,*", "--tls-allow-dn", "CN=b,*",
+        ).config.tls  # fmt: skip
+        self.assertEqual(tls.mode, "require")
+        self.assertTrue(tls.verify_peer)
+        self.assertEqual(tls.allow_dns, ("CN=a,*", "CN=b,*"))
+
+    def test_off_by_default(self) -> None:
+        """Without TLS options, TLS is off."""
+        self.assertEqual(parse("--memory", "1M").config.tls.mode, "off")
+
+    def test_bad_mode(self) -> None:
+        self.assert_usage_error(["--memory", "1M", "--tls", "maybe"], "--tls", "require")
+
+    def test_require_without_certificates(self) -> None:
+        self.assert_usage_error(["--memory", "1M", "--tls", "require"], "certificate")
+
+    def test_missing_certificate_file(self) -> None:
+        self.assert_usage_error(
+            ["--memory", "1M", "--tls-cert", "/nonexistent.pem", "--tls-key", "/none.pem"],
+            "/nonexistent.pem",
+        )
+
+    def test_not_a_certificate(self) -> None:
+        """A file that is not PEM fails at start-up, not at the first client."""
+        bad = self.pki / "bad.pem"
+        bad.write_text("not a certificate\n")
+        self.assert_usage_error(
+            [
+                "--memory",
+                "1M",
+                "--tls-cert",
+                str(bad),
+                "--tls-key",
+                str(self.pki / "server-key.pem"),
+            ],
+            "does not load",
+        )
+
+    def test_verify_without_ca(self) -> None:
+        cert, key = self.pki / "server-cert.pem", self.pki / "server-key.pem"
+        self.assert_usage_error(
+            ["--memory", "1M", "--tls-cert", str(cert), "--tls-key", str(key), "--tls-verify-peer"],
+            "--tls-ca",
+        )
+
+    def test_allow_dn_without_verify(self) -> None:
+        self.assert_usage_error(
+            ["--memory", "1M", "--tls-certificates", str(self.pki), "--tls-allow-dn", "CN=a"],
+            "--tls-verify-peer",
+        )
+
+    def test_tls_options_with_tls_off(self) -> None:
+        self.assert_usage_error(
+            ["--memory", "1M", "--tls", "off", "--tls-certificates", str(self.pki)],
+            "--tls-certificates",
+        )
