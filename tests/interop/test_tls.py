@@ -24,6 +24,7 @@ from tests.interop.helpers import (
     make_image,
     make_tempdir,
     require_tool,
+    run_libnbd,
     run_tool,
     start_server,
 )
@@ -256,6 +257,21 @@ class BadTLSClientTests(SynchronousTestCase):
         done = run_tool([require_tool("nbdinfo"), "--size", nbds(self.server, self.certs)])
         self.assertEqual(done.stdout.strip(), str(MiB))
 
+    def test_vanishing_mid_transfer(self) -> None:
+        """
+        A TLS client that pipelines 1 MiB READs and vanishes without reading
+        the replies costs nothing afterwards: the server does not spin
+        (nbd-server did, its issue 173) and goes on serving.
+        """
+        script = VANISH_SCRIPT
+        out = run_libnbd(script, nbds(self.server, self.certs))
+        self.assertEqual(out, "sent")
+        # Its CPU time must come to rest: a server spinning on the dead
+        # connection would use a whole core in every window.
+        self.assertTrue(_comes_to_rest(self.server.pid), "the server kept using CPU")
+        done = run_tool([require_tool("nbdinfo"), "--size", nbds(self.server, self.certs)])
+        self.assertEqual(done.stdout.strip(), str(MiB))
+
     def test_options_before_starttls(self) -> None:
         """S-03 from a raw client: LIST before STARTTLS gets ERR_TLS_REQD."""
         sock = socket.create_connection((LOOPBACK, self.server.port), timeout=15)
@@ -265,6 +281,39 @@ class BadTLSClientTests(SynchronousTestCase):
         sock.sendall(struct.pack(">QII", 0x49484156454F5054, 3, 0))
         _, option, reply, length = struct.unpack(">QIII", _recv(sock, 20))
         self.assertEqual((option, reply), (3, NBD_REP_ERR_TLS_REQD))
+
+
+#: Connects over TLS, queues 64 one-MiB READs (the export wraps around), and
+#: exits at once without reading a reply or closing TLS.
+VANISH_SCRIPT = """
+import json, os, sys
+import nbd
+h = nbd.NBD()
+h.set_uri_allow_local_file(True)
+h.connect_uri(sys.argv[1])
+size = h.get_size()
+for i in range(64):
+    h.aio_pread(nbd.Buffer(1 << 20), (i << 20) % size)
+print(json.dumps("sent"), flush=True)
+os._exit(0)
+"""
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _comes_to_rest(pid: int, window: float = 0.5, attempts: int = 20) -> bool:
+    """Whether process C{pid} has a window of C{window} s using under a fifth of a core."""
+    import time
+
+    for _ in range(attempts):
+        before = _cpu_seconds(pid)
+        time.sleep(window)
+        if _cpu_seconds(pid) - before < window / 5:
+            return True
+    return False
 
 
 def _recv(sock: socket.socket, count: int) -> bytes:
