@@ -47,10 +47,9 @@ setup(
     license="MIT",
     license_files=["LICENSE"],
     install_requires=[
-        # pyOpenSSL and service_identity, for STARTTLS (twisted_nbd.tls).
-        "twisted[tls]>=23.10",
         "zope.interface>=5",
-        # TLS is Twisted's, on pyOpenSSL. pyOpenSSL has no PSK API (not even
+        # TLS (STARTTLS, twisted_nbd/tls.py) is Twisted's, on pyOpenSSL and
+        # service_identity. pyOpenSSL has no PSK API (not even
         # 26.4); twisted_nbd/tls_psk.py reaches OpenSSL's PSK functions through
         # cryptography's binding, the one pyOpenSSL uses (every cryptography that
         # pyOpenSSL 25.2+ accepts has them). 25.2 added

@@ -1008,6 +1008,21 @@ class TLSOptionsTests(UsageErrorMixin, TestCase):
         self.assertTrue(tls.verify_peer)
         self.assertEqual(tls.allow_dns, ("CN=a,*", "CN=b,*"))
 
+    def test_psk_file(self) -> None:
+        """--tls-psk alone turns TLS on with pre-shared keys and no certificate."""
+        from tests.tlsfiles import make_psk_file
+
+        keys = self.pki / "keys.psk"
+        make_psk_file(keys)
+        tls = parse("--memory", "1M", "--tls-psk", str(keys)).config.tls
+        self.assertEqual((tls.mode, tls.psk_file, tls.cert), ("on", str(keys), None))
+
+    def test_bad_psk_file(self) -> None:
+        """A malformed PSK file is a usage error naming the file and line."""
+        keys = self.pki / "bad.psk"
+        keys.write_text("alice:nothex\n")
+        self.assert_usage_error(["--memory", "1M", "--tls-psk", str(keys)], "--tls-psk", "bad.psk")
+
     def test_off_by_default(self) -> None:
         """Without TLS options, TLS is off."""
         self.assertEqual(parse("--memory", "1M").config.tls.mode, "off")

@@ -1,8 +1,10 @@
 """
 Tests for L{twisted_nbd.tls_psk}: the C{psktool} key file, and TLS-PSK
 handshakes over loopback through Twisted's C{startTLS}, between our own
-server and client and against GnuTLS's C{gnutls-cli} and C{gnutls-serv}
-(Debian's gnutls-bin), the TLS library of nbdkit, qemu and libnbd.
+server and client and against GnuTLS's C{gnutls-cli} (Debian's gnutls-bin),
+the TLS library of nbdkit, qemu and libnbd. (Our PSK client against GnuTLS
+servers is tested through nbdkit and qemu-nbd in tests/interop/test_tls.py:
+gnutls-serv cannot listen on 127.0.0.1 alone.)
 
 Keys are made by the tests. A missing GnuTLS tool skips its tests, except
 with C{CI=true}, where it fails them. Every wait is bounded; only
@@ -38,7 +40,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
-from tests.interop.helpers import LOOPBACK, free_port, require_tool
+from tests.interop.helpers import LOOPBACK, require_tool
 from twisted_nbd.tls_psk import (
     MAX_KEY_LENGTH,
     PSKClientCreator,
@@ -52,8 +54,6 @@ from twisted_nbd.tls_psk import (
 
 #: How long one exchange (or one GnuTLS tool run) may take.
 EXCHANGE_TIMEOUT = 30.0
-#: How many times to pick another port for gnutls-serv when one got taken.
-PORT_ATTEMPTS = 5
 #: GnuTLS's priority string for PSK in nbdkit, qemu and libnbd.
 GNUTLS_PSK_PRIORITY = "NORMAL:+ECDHE-PSK:+DHE-PSK:+PSK"
 
@@ -568,74 +568,3 @@ class GnuTLSTests(TestCase):
         code, tool, factory = yield self.gnutls_cli(GNUTLS_PSK_PRIORITY, self.key, user="bob")
         self.assertNotEqual(code, 0, tool.output())
         self.assertEqual(factory.identities, [])
-
-    @inlineCallbacks
-    def start_gnutls_serv(self) -> Any:
-        """
-        C{gnutls-serv --echo} with our key file; its port. It has no option
-        to listen on 127.0.0.1 alone: it listens on a free port of every
-        address for as long as the test, with a key made for the test.
-        """
-        serv = require_tool("gnutls-serv")
-        for _ in range(PORT_ATTEMPTS):
-            port = free_port()
-            tool = _Tool()
-            argv = [
-                serv, "--echo", "--port", str(port), "--priority", GNUTLS_PSK_PRIORITY,
-                "--pskpasswd", str(self.key_file),
-            ]  # fmt: skip
-            self.spawn(argv, tool)
-            try:
-                yield _bounded(
-                    tool.wait_for(rb"listening on IPv4 .*? port \d+\.\.\.done"), "gnutls-serv"
-                )
-            except AssertionError:
-                if tool.running:
-                    raise
-                continue  # the port was taken meanwhile
-            return port, tool
-        self.fail(f"gnutls-serv found no free port in {PORT_ATTEMPTS} attempts")
-
-    @inlineCallbacks
-    def gnutls_serv(self, context: SSL.Context) -> Any:
-        port, tool = yield self.start_gnutls_serv()
-        creator = _Recording(context)
-        # gnutls-serv --echo answers whole lines.
-        ping = _PingClient(creator, b"ping\n")
-        yield _bounded(
-            connectProtocol(TCP4ClientEndpoint(_reactor, LOOPBACK, port), ping), "connecting"
-        )
-        received, reason = yield _bounded(ping.done, "the exchange with gnutls-serv")
-        return received, reason, creator.connections[0], tool
-
-    @inlineCallbacks
-    def test_gnutls_serv(self) -> Any:
-        received, _, connection, tool = yield self.gnutls_serv(
-            psk_client_context("alice", self.key)
-        )
-        self.assertEqual(received, b"ping\n", tool.output())
-        self.assertEqual(connection.get_protocol_version_name(), "TLSv1.3")
-
-    @inlineCallbacks
-    def test_gnutls_serv_tls12(self) -> Any:
-        """TLS 1.2: GnuTLS and OpenSSL agree on ECDHE-PSK with ChaCha20-Poly1305."""
-        received, _, connection, tool = yield self.gnutls_serv(
-            psk_client_context("alice", self.key, maximum_version=SSL.TLS1_2_VERSION)
-        )
-        self.assertEqual(received, b"ping\n", tool.output())
-        self.assertEqual(connection.get_protocol_version_name(), "TLSv1.2")
-        self.assertEqual(connection.get_cipher_name(), "ECDHE-PSK-CHACHA20-POLY1305")
-
-    @inlineCallbacks
-    def test_gnutls_serv_wrong_key(self) -> Any:
-        received, reason, _, tool = yield self.gnutls_serv(
-            psk_client_context("alice", os.urandom(32))
-        )
-        self.assertEqual(received, b"", tool.output())
-        self.assertIsInstance(reason.value, SSL.Error)
-
-    @inlineCallbacks
-    def test_gnutls_serv_unknown_user(self) -> Any:
-        received, reason, _, tool = yield self.gnutls_serv(psk_client_context("bob", self.key))
-        self.assertEqual(received, b"", tool.output())
-        self.assertIsInstance(reason.value, SSL.Error)

@@ -81,7 +81,7 @@ from twisted_nbd.errors import NBDError, ProtocolViolation
 from twisted_nbd.exports import ConnectionContext, ExportRegistry
 from twisted_nbd.interfaces import Extent, IBlockDevice, IBufferRead, ISparseRead, Segment
 from twisted_nbd.observers import ConnectionInfo, IServerObserver
-from twisted_nbd.tls import peer_subject
+from twisted_nbd.tls import peer_psk_identity, peer_subject
 
 __all__ = [
     "DEFAULT_MAX_BYTES_IN_FLIGHT",
@@ -665,12 +665,15 @@ class NBDServerProtocol(Protocol):
             self._abort()
             return
         self._conn.tls_established(dn)
-        self.info.tls_peer = dn or ""
+        identity = None if dn else peer_psk_identity(self.transport)
+        self.info.tls_peer = dn or (f"PSK {identity}" if identity else "")
         self.log.info(
             "Client {peer} switched to TLS ({version}){certificate}",
             peer=self.info.peer,
             version=_tls_version(self.transport),
-            certificate=f", certificate {dn}" if dn else "",
+            certificate=f", certificate {dn}"
+            if dn
+            else (f", PSK identity {identity}" if identity else ""),
         )
 
     def _disconnect(self, event: Aborted | DisconnectRequest) -> None:

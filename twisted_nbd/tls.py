@@ -18,7 +18,6 @@ files named one by one.
 
 from __future__ import annotations
 
-import importlib
 import os
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -124,14 +123,23 @@ class TLSSettings:
             raise TLSError("allowing clients by certificate DN needs --tls-verify-peer")
         self.server_creator()
 
-    def server_creator(self) -> ServerTLS:
+    def server_creator(self) -> Any:
         """
         What C{transport.startTLS} takes on the server's side: one
         pyOpenSSL context, made now (so that bad files fail at start-up),
-        shared by every connection.
+        shared by every connection. With a PSK file, pre-shared keys are
+        used instead of certificates (as nbdkit does when given both).
 
         @raise TLSError: a file is missing or does not load.
         """
+        if self.psk_file is not None:
+            from twisted_nbd import tls_psk
+
+            try:
+                keys = tls_psk.load_psk_file(self.psk_file)
+                return tls_psk.PSKServerCreator(tls_psk.psk_server_context(keys))
+            except (OSError, ValueError) as e:
+                raise TLSError(f"--tls-psk: {e}") from None
         return ServerTLS(self._context())
 
     def _context(self) -> Any:
@@ -153,14 +161,6 @@ class TLSSettings:
                 context.load_verify_locations(_readable("--tls-ca", self.ca))
         except SSL.Error as e:
             raise TLSError(f"the TLS certificate or key does not load: {_ssl_reason(e)}") from None
-        if self.psk_file is not None:
-            tls_psk: Any = importlib.import_module("twisted_nbd.tls_psk")
-
-            try:
-                keys = tls_psk.load_psk_file(self.psk_file)
-            except (OSError, ValueError) as e:
-                raise TLSError(f"--tls-psk: {e}") from None
-            tls_psk.enable_server_psk(context, keys)
         if self.verify_peer:
             context.set_verify(
                 SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT | SSL.VERIFY_CLIENT_ONCE,
@@ -184,6 +184,16 @@ def _ssl_reason(error: Exception) -> str:
     except (IndexError, TypeError):
         parts = []
     return "; ".join(p for p in parts if p) or str(error) or type(error).__name__
+
+
+def peer_psk_identity(transport: Any) -> str | None:
+    """The PSK identity the peer of a TLS C{transport} used, or C{None}."""
+    from twisted_nbd import tls_psk
+
+    try:
+        return tls_psk.psk_identity(transport.getHandle())
+    except Exception:
+        return None
 
 
 def peer_subject(transport: Any) -> str | None:
@@ -260,6 +270,24 @@ class TLSClientSettings:
             **kw,
         )
 
+    @classmethod
+    def from_psk_file(cls, path: str, identity: str, **kw: Any) -> TLSClientSettings:
+        """
+        Settings that use C{identity}'s key from a C{username:hexkey} file
+        (as libnbd's C{tls-psk-file} and qemu's C{tls-creds-psk} read).
+
+        @raise TLSError: the file cannot be read, or has no such user.
+        """
+        from twisted_nbd import tls_psk
+
+        try:
+            keys = tls_psk.load_psk_file(path)
+        except (OSError, ValueError) as e:
+            raise TLSError(str(e)) from None
+        if identity not in keys:
+            raise TLSError(f"{path} has no key for {identity!r}")
+        return cls(psk_identity=identity, psk_key=keys[identity], **kw)
+
     def client_creator(self) -> Any:
         """
         What C{transport.startTLS} takes on the client's side: Twisted's
@@ -272,13 +300,13 @@ class TLSClientSettings:
         from OpenSSL import SSL
 
         if self.psk_identity is not None and self.psk_key is not None:
-            tls_psk: Any = importlib.import_module("twisted_nbd.tls_psk")
+            from twisted_nbd import tls_psk
 
-            context = SSL.Context(SSL.TLS_METHOD)
-            context.set_min_proto_version(SSL.TLS1_2_VERSION)
-            context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION)
-            tls_psk.enable_client_psk(context, self.psk_identity, self.psk_key)
-            return ClientTLS(context)
+            try:
+                context = tls_psk.psk_client_context(self.psk_identity, self.psk_key)
+            except ValueError as e:
+                raise TLSError(str(e)) from None
+            return tls_psk.PSKClientCreator(context)
         try:
             if self.hostname is not None:
                 from twisted.internet import ssl

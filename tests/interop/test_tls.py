@@ -28,7 +28,7 @@ from tests.interop.helpers import (
     run_tool,
     start_server,
 )
-from tests.tlsfiles import make_certificates
+from tests.tlsfiles import make_certificates, make_psk_file
 from twisted_nbd.client import NBDHandshakeError, TLSClientSettings, connect, list_exports
 
 pytestmark = pytest.mark.interop
@@ -216,6 +216,62 @@ class X509Tests(SynchronousTestCase):
             self.assertEqual(done.stdout.strip(), str(16 * MiB))
 
 
+class PSKTests(SynchronousTestCase):
+    """TLS-PSK with a psktool-style key file, as libnbd and qemu use it."""
+
+    def setUp(self) -> None:
+        self.tmp = make_tempdir(self)
+        self.keys = self.tmp / "keys.psk"
+        make_psk_file(self.keys)
+        self.server = start_server(
+            self, "--memory", "16M", "--tls", "require", "--tls-psk", str(self.keys)
+        )
+
+    def uri(self, keys: Path, user: str = "alice") -> str:
+        return f"nbds://{user}@{LOOPBACK}:{self.server.port}/?tls-psk-file={keys}"
+
+    def test_nbdinfo(self) -> None:
+        """nbdinfo (GnuTLS) connects with the key; the log names the identity."""
+        done = run_tool([require_tool("nbdinfo"), "--size", self.uri(self.keys)])
+        self.assertEqual(done.stdout.strip(), str(16 * MiB))
+        self.server.wait_for_log("switched to TLS", "PSK identity alice")
+
+    def test_wrong_key(self) -> None:
+        """A wrong key fails the handshake, with a logged reason."""
+        wrong = self.tmp / "wrong.psk"
+        make_psk_file(wrong)
+        refused = run_tool([require_tool("nbdinfo"), self.uri(wrong)], check=False)
+        self.assertNotEqual(refused.returncode, 0)
+        self.server.wait_for_log("TLS handshake with", "failed")
+
+    def test_unknown_user(self) -> None:
+        """An identity the file does not know is refused like a wrong key."""
+        other = self.tmp / "bob.psk"
+        make_psk_file(other, {"bob": os.urandom(32)})
+        refused = run_tool([require_tool("nbdinfo"), self.uri(other, "bob")], check=False)
+        self.assertNotEqual(refused.returncode, 0)
+        self.server.wait_for_log("TLS handshake with", "failed")
+
+    def test_qemu_img(self) -> None:
+        """qemu-img with tls-creds-psk (which reads DIR/keys.psk) reads and writes."""
+        qemu_img = require_tool("qemu-img")
+        creds = f"tls-creds-psk,id=tls0,endpoint=client,dir={self.tmp},username=alice"
+        target = f"driver=nbd,host={LOOPBACK},port={self.server.port},tls-creds=tls0"
+        source = make_image(self.tmp / "source.img", 4 * MiB, os.urandom(4 * MiB))
+        run_tool(
+            [qemu_img, "convert", "-n", "--object", creds, "-f", "raw", str(source),
+             "--target-image-opts", target],
+            timeout=120,
+        )  # fmt: skip
+        back = self.tmp / "back.img"
+        run_tool(
+            [qemu_img, "convert", "--object", creds, "--image-opts", target, "-O", "raw",
+             str(back)],
+            timeout=120,
+        )  # fmt: skip
+        self.assertEqual(back.read_bytes()[: 4 * MiB], source.read_bytes())
+
+
 class BadTLSClientTests(SynchronousTestCase):
     """Clients that misbehave around STARTTLS (S-06, S-07)."""
 
@@ -353,11 +409,13 @@ class _PeerMixin:
         case.addCleanup(self.server.stop)
         self.server.start()
 
+    def settings(self) -> TLSClientSettings:
+        return TLSClientSettings.from_directory(str(self.certs), hostname=LOOPBACK)
+
     async def test_read_write(self) -> None:
         """The handshake goes through STARTTLS; I/O works over TLS."""
         case: Any = self
-        settings = TLSClientSettings.from_directory(str(self.certs), hostname=LOOPBACK)
-        client = await connect(reactor, self.server.endpoint, tls=settings)
+        client = await connect(reactor, self.server.endpoint, tls=self.settings())
         data = os.urandom(256 * 1024)
         await client.write(MiB, data)
         case.assertEqual(await client.read(MiB, len(data)), data)
@@ -376,8 +434,7 @@ class _PeerMixin:
     async def test_list_over_tls(self) -> None:
         """NBD_OPT_LIST works after STARTTLS."""
         case: Any = self
-        settings = TLSClientSettings.from_directory(str(self.certs), hostname=LOOPBACK)
-        exports = await list_exports(reactor, self.server.endpoint, tls=settings)
+        exports = await list_exports(reactor, self.server.endpoint, tls=self.settings())
         case.assertTrue(exports)
 
 
@@ -419,3 +476,59 @@ class OwnServerTLSTests(_PeerMixin, TestCase):
             ["--memory", "16M", "--tls", "require", "--tls-certificates", str(certs)], workdir
         )
         return server.command
+
+
+class _PSKPeerMixin(_PeerMixin):
+    """The twisted-nbd client with a pre-shared key against another server."""
+
+    def setUp(self) -> None:
+        case: Any = self
+        workdir = make_tempdir(case)
+        self.keys = workdir / "keys.psk"
+        make_psk_file(self.keys)
+        self.certs = workdir
+        self.server = NBDServer([], workdir, command=self.command(workdir, self.keys))
+        case.addCleanup(self.server.stop)
+        self.server.start()
+
+    def settings(self) -> TLSClientSettings:
+        return TLSClientSettings.from_psk_file(str(self.keys), "alice")
+
+
+class NbdkitPSKTests(_PSKPeerMixin, TestCase):
+    """nbdkit --tls=require --tls-psk=FILE."""
+
+    timeout = 120
+
+    def command(self, workdir: Path, keys: Path) -> Callable[[int], list[str]]:
+        nbdkit = require_tool("nbdkit")
+        return lambda port: [
+            nbdkit, "-f", "--exit-with-parent", "-p", str(port), "-i", LOOPBACK,
+            "--tls=require", f"--tls-psk={keys}", "memory", "16M",
+        ]  # fmt: skip
+
+
+class QemuNbdPSKTests(_PSKPeerMixin, TestCase):
+    """qemu-nbd with a tls-creds-psk object (it reads DIR/keys.psk)."""
+
+    timeout = 120
+
+    def command(self, workdir: Path, keys: Path) -> Callable[[int], list[str]]:
+        qemu_nbd = require_tool("qemu-nbd")
+        image = make_image(workdir / "disk.img", 16 * MiB)
+        return lambda port: [
+            qemu_nbd, "--persistent", "--shared=4", "-f", "raw", "-b", LOOPBACK, "-p", str(port),
+            "--object", f"tls-creds-psk,id=tls0,endpoint=server,dir={workdir}",
+            "--tls-creds", "tls0", "-x", "", str(image),
+        ]  # fmt: skip
+
+
+class OwnServerPSKTests(_PSKPeerMixin, TestCase):
+    """Our own server with --tls-psk."""
+
+    timeout = 120
+
+    def command(self, workdir: Path, keys: Path) -> Callable[[int], list[str]]:
+        return NBDServer(
+            ["--memory", "16M", "--tls", "require", "--tls-psk", str(keys)], workdir
+        ).command
