@@ -242,6 +242,7 @@ def build(
         observers=observers,
         reactor=reactor,
         poll_max=config.poll_max,
+        limits=config.limits,
     )
     top = NBDService(factory, reactor, config.shutdown_timeout)
     # Typed as a plain Service: mypy sees the inherited methods as Twisted's.
