@@ -15,9 +15,10 @@ from typing import Any
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import Logger, LogLevel, formatEvent, globalLogPublisher
+from twisted.logger import ILogObserver, Logger, LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 
 from tests import builders as b
 from twisted_nbd._wire import Cmd, Opt, Rep
@@ -46,6 +47,7 @@ def collect_log(case: SynchronousTestCase) -> list[dict[str, Any]]:
     """The project's log events from now on, for the rest of C{case}."""
     events: list[dict[str, Any]] = []
 
+    @implementer(ILogObserver)
     def observe(event: dict[str, Any]) -> None:
         if event.get("log_namespace", "").startswith("twisted_nbd."):
             events.append(event)
@@ -172,28 +174,45 @@ class LimitsSettingTests(SynchronousTestCase):
 
 
 class RateLimitedLogTests(SynchronousTestCase):
-    """A flood of one kind of warning is one line per interval, with a count."""
+    """A flood of one kind of warning is one line, then one line with its count."""
 
-    def test_rate_limited(self) -> None:
+    def test_summary_at_interval_end(self) -> None:
+        """
+        The first is logged at once; the rest of the interval are counted and
+        summed up when it ends; the next one after that is logged at once.
+        """
         clock = MemoryReactorClock()
         logger = Logger(namespace="twisted_nbd.test")
         events = collect_log(self)
-        log = RateLimitedLog(logger, clock.seconds, interval=10)
+        log = RateLimitedLog(logger, clock.seconds, interval=10, reactor=clock)
         for i in range(50):
-            log.warn("flood", "Refused {peer}", peer=f"client {i}")
-        self.assertEqual(texts(events), ["Refused client 0"])
-        log.warn("other", "Something else")
-        clock.advance(10)
-        log.warn("flood", "Refused {peer}", peer="client 50")
+            clock.advance(0.1)
+            log.warn("flood", "floods", "Refused {peer}", peer=f"client {i}")
+        log.warn("other", "others", "Something else")
+        self.assertEqual(texts(events), ["Refused client 0", "Something else"])
+        clock.advance(5.2)
+        self.assertEqual(
+            texts(events)[2:], ["49 more floods in the last 10s, not logged one by one"]
+        )
+        self.assertEqual(clock.getDelayedCalls(), [])
+        log.warn("flood", "floods", "Refused {peer}", peer="client 50")
+        self.assertEqual(texts(events)[3:], ["Refused client 50"])
+        self.assertEqual(log.counts, {"flood": 51, "other": 1})
+
+    def test_without_reactor(self) -> None:
+        """With no reactor to end the interval, the next line carries the count."""
+        now = [0.0]
+        logger = Logger(namespace="twisted_nbd.test")
+        events = collect_log(self)
+        log = RateLimitedLog(logger, lambda: now[0], interval=10)
+        for i in range(3):
+            log.warn("flood", "floods", "Refused {peer}", peer=f"client {i}")
+        now[0] = 10
+        log.warn("flood", "floods", "Refused {peer}", peer="client 3")
         self.assertEqual(
             texts(events),
-            [
-                "Refused client 0",
-                "Something else",
-                "Refused client 50 (49 more like this not logged in the last 10s)",
-            ],
+            ["Refused client 0", "Refused client 3 (2 more floods not logged in the last 10s)"],
         )
-        self.assertEqual(log.counts, {"flood": 51, "other": 1})
 
 
 class HandshakeDeadlineTests(SynchronousTestCase):
@@ -420,9 +439,15 @@ class CapTests(SynchronousTestCase):
             self.assertIsNone(server.factory.buildProtocol(LOOPBACK))
         self.assertEqual(len(texts(events)), 1)
         server.clock.advance(10)
+        self.assertEqual(
+            texts(events)[1:],
+            [
+                "499 more connections refused by --max-connections in the last 10s,"
+                " not logged one by one"
+            ],
+        )
         self.assertIsNone(server.factory.buildProtocol(ELSEWHERE))
-        self.assertEqual(len(texts(events)), 2)
-        self.assertIn("499 more like this", texts(events)[1])
+        self.assertEqual(len(texts(events)), 3)
         self.assertEqual(server.factory.slots.refused, {"max-connections": 501})
 
 

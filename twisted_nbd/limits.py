@@ -201,36 +201,71 @@ _REFUSALS = {
 
 class RateLimitedLog:
     """
-    Logs a warning of each kind at most once per C{interval} seconds; the
-    ones in between are counted and the count is given on the next line
-    of that kind, so a flood of refusals does not flood the log.
+    Logs a warning of each kind at most once per C{interval} seconds, so a
+    flood of refusals does not flood the log: the first is logged at once,
+    the others in the interval are counted, and at its end one line says how
+    many there were. (Without a reactor to end intervals, the count is given
+    on the next line of that kind instead.)
 
     @ivar counts: how many of each kind there were, logged or not.
     """
 
     def __init__(
-        self, log: Logger, clock: Callable[[], float], interval: float = LOG_INTERVAL
+        self,
+        log: Logger,
+        clock: Callable[[], float],
+        interval: float = LOG_INTERVAL,
+        reactor: IReactorTime | None = None,
     ) -> None:
         self._log = log
         self._clock = clock
+        self._reactor = reactor
         self.interval = interval
         self.counts: Counter[str] = Counter()
         self._last: dict[str, float] = {}
         self._unlogged: Counter[str] = Counter()
+        self._what: dict[str, str] = {}
 
-    def warn(self, kind: str, format: str, **fields: object) -> None:
-        """Count one C{kind}; log it with C{format} unless one was logged lately."""
+    def warn(self, kind: str, what: str, format: str, **fields: object) -> None:
+        """
+        Count one C{kind}; log it with C{format} unless one was logged
+        lately. C{what} names many of them in the summary line
+        (C{"connections refused by --allow"}).
+        """
         self.counts[kind] += 1
         now = self._clock()
         last = self._last.get(kind)
         if last is not None and now - last < self.interval:
+            if not self._unlogged[kind] and self._reactor is not None:
+                self._reactor.callLater(last + self.interval - now, self._summary, kind)
             self._unlogged[kind] += 1
+            self._what[kind] = what
             return
         self._last[kind] = now
         unlogged = self._unlogged.pop(kind, 0)
         if unlogged:
-            format += " ({unlogged} more like this not logged in the last {interval:.0f}s)"
-        self._log.warn(format, unlogged=unlogged, interval=self.interval, **fields)
+            format += " ({unlogged} more {what} not logged in the last {interval:.0f}s)"
+        self._log.warn(format, unlogged=unlogged, what=what, interval=self.interval, **fields)
+
+    def _summary(self, kind: str) -> None:
+        unlogged = self._unlogged.pop(kind, 0)
+        if unlogged:
+            self._log.warn(
+                "{unlogged} more {what} in the last {interval:.0f}s, not logged one by one",
+                unlogged=unlogged,
+                what=self._what[kind],
+                interval=self.interval,
+            )
+
+
+#: What many of each kind of refusal or drop are called in a summary line.
+_WHAT = {
+    "allow": "connections refused by --allow",
+    "max-connections": "connections refused by --max-connections",
+    "max-negotiating": "connections refused by --max-negotiating",
+    "handshake-timeout": "clients dropped by --handshake-timeout",
+    "idle-timeout": "clients closed by --idle-timeout",
+}
 
 
 class ConnectionSlots:
@@ -268,8 +303,8 @@ class ConnectionSlots:
             clock = reactor.seconds if reactor is not None else time.monotonic
         self.connections = 0
         self.negotiating = 0
-        self._refusals = RateLimitedLog(self.log, clock)
-        self._drops = RateLimitedLog(self.log, clock)
+        self._refusals = RateLimitedLog(self.log, clock, reactor=reactor)
+        self._drops = RateLimitedLog(self.log, clock, reactor=reactor)
 
     @property
     def refused(self) -> Counter[str]:
@@ -296,11 +331,11 @@ class ConnectionSlots:
             "max-connections": self.limits.max_connections,
             "max-negotiating": self.limits.max_negotiating,
         }.get(reason)
-        self._refusals.warn(reason, _REFUSALS[reason], peer=peer, limit=limit)
+        self._refusals.warn(reason, _WHAT[reason], _REFUSALS[reason], peer=peer, limit=limit)
 
     def drop(self, kind: str, format: str, **fields: object) -> None:
         """Count and log (rate-limited) a connection dropped by a timeout."""
-        self._drops.warn(kind, format, **fields)
+        self._drops.warn(kind, _WHAT[kind], format, **fields)
 
     def guard(self, expired: Callable[[str], None], busy: Callable[[], bool]) -> ConnectionGuard:
         """
