@@ -136,7 +136,9 @@ class Options(usage.Options):
         "empty export name get the default export. SIZE is a number of "
         "bytes with an optional K, M, G, T or P suffix (or KiB, MiB, ...), all powers of "
         "1024: 512, 64K, 512M, 1G, 2T. --listen takes a Twisted server endpoint string "
-        "and may be repeated."
+        "and may be repeated. --allow, --max-connections, --max-negotiating, "
+        "--handshake-timeout and --idle-timeout limit who may connect, how many at once and "
+        "for how long (Unix-socket clients are always allowed)."
     )
 
     optFlags = [
@@ -264,10 +266,7 @@ class Options(usage.Options):
     opt_l = opt_listen
 
     def opt_allow(self, network: str) -> None:
-        """
-        Accept clients only from this IPv4 or IPv6 network (CIDR) or address; repeat for
-        more. Clients of a Unix socket are always accepted. [default: everyone]
-        """
+        """Accept TCP clients only from this IPv4/IPv6 network (CIDR); repeatable. [default: all]"""
         try:
             parse_network(network)
         except ValueError as e:
