@@ -28,6 +28,7 @@ from twisted_nbd.backends.file import FileBlockDevice
 from twisted_nbd.backends.ram import MappedMemoryDevice
 from twisted_nbd.errors import NBDError
 from twisted_nbd.exports import MAX_STRING
+from twisted_nbd.limits import Limits
 from twisted_nbd.protocol import NBDServerFactory
 from twisted_nbd.service import BlockDeviceService, NBDService
 from twisted_nbd.tap import (
@@ -71,6 +72,11 @@ ALL_OPTIONS = [
     "--max-block",
     "--workers",
     "--poll-max",
+    "--handshake-timeout",
+    "--idle-timeout",
+    "--max-connections",
+    "--max-negotiating",
+    "--allow",
 ]
 
 GOOD_SIZES = [
@@ -940,6 +946,7 @@ class ShutdownOrderTests(TestCase):
         assert isinstance(service, NBDService)
         service.startService()
         proto = service.factory.buildProtocol(None)
+        assert proto is not None
         transport = StringTransport()
         proto.makeConnection(transport)
         stopped = service.stopService()
@@ -1073,3 +1080,77 @@ class TLSOptionsTests(UsageErrorMixin, TestCase):
             ["--memory", "1M", "--tls", "off", "--tls-certificates", str(self.pki)],
             "--tls-certificates",
         )
+
+
+class LimitOptionsTests(TestCase):
+    """--handshake-timeout, --idle-timeout, --max-connections, --max-negotiating, --allow."""
+
+    def test_defaults(self) -> None:
+        """Without options, the safe defaults of L{Limits}."""
+        self.assertEqual(parse("--memory", "1M").config.limits, Limits())
+
+    def test_values(self) -> None:
+        options = parse(
+            "--memory",
+            "1M",
+            "--handshake-timeout",
+            "2.5",
+            "--idle-timeout",
+            "60",
+            "--max-connections",
+            "5",
+            "--max-negotiating",
+            "0",
+            "--allow",
+            "10.0.0.0/8",
+            "--allow",
+            "2001:db8::/32",
+        )
+        self.assertEqual(
+            options.config.limits,
+            Limits(2.5, 60.0, 5, 0, ("10.0.0.0/8", "2001:db8::/32")),
+        )
+
+    def test_mistakes(self) -> None:
+        """Each mistake is a one-line usage error naming the option."""
+        for argv, fragment in [
+            (["--handshake-timeout", "soon"], "--handshake-timeout: 'soon' is not a number"),
+            (["--handshake-timeout", "-1"], "--handshake-timeout must be zero"),
+            (["--idle-timeout", "inf"], "--idle-timeout must be zero"),
+            (["--max-connections", "-1"], "--max-connections must be at least 0"),
+            (["--max-negotiating", "many"], "--max-negotiating: 'many' is not a whole number"),
+            (["--allow", "10.1.2.3/8"], "--allow: '10.1.2.3/8' has host bits set"),
+            (["--allow", "localhost"], "--allow: 'localhost' is not an address or network"),
+        ]:
+            with self.assertRaises(UsageError, msg=repr(argv)) as caught:
+                parse("--memory", "1M", *argv)
+            self.assertIn(fragment, str(caught.exception))
+            self.assertNotIn("\n", str(caught.exception))
+
+    def test_config_file_then_command_line(self) -> None:
+        """
+        A [limits] table in --config applies; an option given on the command
+        line wins over it, one setting at a time.
+        """
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        path = os.path.join(directory, "exports.toml")
+        with open(path, "w") as f:
+            f.write(
+                '[[export]]\nname = "a"\nmemory = "1M"\n'
+                '[limits]\nmax-connections = 7\nidle-timeout = 30\nallow = ["10.0.0.0/8"]\n'
+            )
+        limits = parse("--config", path).config.limits
+        self.assertEqual(
+            limits, Limits(idle_timeout=30.0, max_connections=7, allow=("10.0.0.0/8",))
+        )
+        limits = parse("--config", path, "--max-connections", "9", "--allow", "::1").config.limits
+        self.assertEqual(limits, Limits(idle_timeout=30.0, max_connections=9, allow=("::1/128",)))
+
+    def test_factory_gets_them(self) -> None:
+        """The service's factory applies the parsed limits."""
+        options = parse("--memory", "1M", "--max-connections", "3", "--listen", "tcp:0")
+        service = makeService(options, MemoryReactorClock())
+        [factory] = {s.factory for s in service if isinstance(s, StreamServerEndpointService)}
+        assert isinstance(factory, NBDServerFactory)
+        self.assertEqual(factory.limits, Limits(max_connections=3))

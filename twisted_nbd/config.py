@@ -21,6 +21,13 @@ A config file (C{twistd nbd --config exports.toml}) looks like this::
     preferred-block = 4096
     max-block = "32M"
 
+    [limits]                    # optional; the command line overrides each
+    handshake-timeout = 10      # seconds to choose an export; 0 never
+    idle-timeout = 0            # seconds idle in transmission before a close; 0 never
+    max-connections = 1000      # 0: no cap
+    max-negotiating = 100       # 0: no cap
+    allow = ["127.0.0.0/8", "::1", "10.0.0.0/8"]   # where clients may come from
+
 Every mistake is reported as L{ConfigError} naming the file, the line and
 the reason.
 """
@@ -36,6 +43,7 @@ from typing import Any
 
 from twisted_nbd.exports import check_block_sizes, check_text
 from twisted_nbd.interfaces import Capabilities
+from twisted_nbd.limits import Limits
 from twisted_nbd.tls import TLSError, TLSSettings
 
 __all__ = [
@@ -313,6 +321,8 @@ class Config:
         than one, this process only accepts them and hands them out (see
         L{twisted_nbd.workers}).
     @ivar tls: the server's TLS settings (off by default).
+    @ivar limits: who may connect, how many at once, and the handshake and
+        idle timeouts (see L{twisted_nbd.limits}).
     """
 
     exports: list[ExportSpec]
@@ -324,6 +334,7 @@ class Config:
     workers: int = 1
     poll_max: float = DEFAULT_POLL_MAX
     tls: TLSSettings = field(default_factory=TLSSettings)
+    limits: Limits = field(default_factory=Limits)
 
 
 def check_config(config: Config) -> None:
@@ -409,6 +420,27 @@ class _Lines:
                     return number + 1
         return start + 1
 
+    def of_table(self, table: str, key: str | None = None) -> int:
+        """The 1-based line of C{key} in the C{[table]} table (or of its header)."""
+        header = re.compile(rf"^\s*\[\s*{re.escape(table)}\s*\]")
+        start = next((i for i, line in enumerate(self.lines) if header.match(line)), None)
+        if start is None:
+            return 1
+        end = next(
+            (
+                i
+                for i in range(start + 1, len(self.lines))
+                if self.lines[i].lstrip().startswith("[")
+            ),
+            len(self.lines),
+        )
+        if key is not None:
+            pattern = re.compile(rf"^\s*[\"']?{re.escape(key)}[\"']?\s*=")
+            for number in range(start, end):
+                if pattern.match(self.lines[number]):
+                    return number + 1
+        return start + 1
+
 
 def load_config(path: str) -> Config:
     """
@@ -439,8 +471,10 @@ def load_config(path: str) -> Config:
         return ConfigError(f"{path}:{lines.of(index, key)}: {reason}")
 
     for key in data:
-        if key not in ("default", "export"):
-            raise fail(None, key, f"unknown setting {key!r} (expected 'default' or [[export]])")
+        if key not in ("default", "export", "limits"):
+            raise fail(
+                None, key, f"unknown setting {key!r} (expected 'default', [[export]] or [limits])"
+            )
     tables = data.get("export", [])
     if not isinstance(tables, list) or not tables:
         raise fail(None, "export", "no exports: add at least one [[export]] table")
@@ -479,7 +513,50 @@ def load_config(path: str) -> Config:
             raise fail(None, "default", "'default' must be the name of an export")
         if default not in names:
             raise fail(None, "default", f"the default export {default!r} is not defined")
-    return Config(specs, default)
+    limits = Limits()
+    if "limits" in data:
+        try:
+            limits = _limits(data["limits"])
+        except _KeyError as e:
+            raise ConfigError(f"{path}:{lines.of_table('limits', e.key)}: {e.reason}") from None
+    return Config(specs, default, limits=limits)
+
+
+#: The keys of the [limits] table, and the L{Limits} field each sets.
+_LIMIT_KEYS = {
+    "handshake-timeout": "handshake_timeout",
+    "idle-timeout": "idle_timeout",
+    "max-connections": "max_connections",
+    "max-negotiating": "max_negotiating",
+    "allow": "allow",
+}
+
+
+def _limits(table: object) -> Limits:
+    """Build L{Limits} from the [limits] table, converting types."""
+    if not isinstance(table, dict):
+        raise _KeyError("limits", "'limits' must be a [limits] table")
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in _LIMIT_KEYS:
+            raise _KeyError(key, f"unknown limits setting {key!r}")
+        if key.endswith("timeout"):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise _KeyError(key, f"{key!r} must be a number of seconds")
+            value = float(value)
+        elif key == "allow":
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise _KeyError(key, "'allow' must be a list of networks, e.g. [\"10.0.0.0/8\"]")
+            value = tuple(value)
+        elif isinstance(value, bool) or not isinstance(value, int):
+            raise _KeyError(key, f"{key!r} must be a whole number (0: no cap)")
+        try:
+            # One at a time, so a mistake points at its own line.
+            Limits(**{_LIMIT_KEYS[key]: value})
+        except ValueError as e:
+            raise _KeyError(key, f"[limits] {key}: {e}") from None
+        values[_LIMIT_KEYS[key]] = value
+    return Limits(**values)
 
 
 class _KeyError(Exception):

@@ -24,9 +24,10 @@ Each kind of event has one handler in L{NBDServerProtocol._DISPATCH}; a
 new command is one more entry. Observers
 (L{twisted_nbd.observers.IServerObserver}) see connections and requests
 come and go; with none, the per-request path does not even read the clock.
-A handshake deadline (L{twisted.protocols.policies.TimeoutMixin}) belongs
-in L{NBDServerProtocol.connectionMade}, next to where the transmission
-phase starts in L{NBDServerProtocol._export_chosen}.
+Connection limits (L{twisted_nbd.limits}) hook in at four points: the
+factory's C{buildProtocol} refuses a connection before the greeting, and a
+L{ConnectionGuard} is told of the connection being made, of data arriving,
+of the export being chosen and of the connection being lost.
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ from twisted_nbd.config import (
 from twisted_nbd.errors import NBDError, ProtocolViolation
 from twisted_nbd.exports import ConnectionContext, ExportRegistry
 from twisted_nbd.interfaces import Extent, IBlockDevice, IBufferRead, ISparseRead, Segment
+from twisted_nbd.limits import ConnectionGuard, ConnectionSlots, Limits
 from twisted_nbd.observers import ConnectionInfo, IServerObserver
 from twisted_nbd.tls import peer_psk_identity, peer_subject
 
@@ -271,6 +273,8 @@ class NBDServerProtocol(Protocol):
         self._tls_allow_dns = tuple(tls_allow_dns)
         self._tls_started = False
         self._tls_done = False
+        # The factory's limits for this connection (see twisted_nbd.limits).
+        self._guard: ConnectionGuard | None = None
 
     # ------------------------------------------------------------ IProtocol
 
@@ -290,10 +294,13 @@ class NBDServerProtocol(Protocol):
             # fewer system calls and dataReceived calls per request under load.
             cast(Any, transport).bufferSize = READ_SIZE
         self.info = ConnectionInfo(peer=self._peer(), started=self._clock())
+        factory = self.factory
+        if isinstance(factory, NBDServerFactory):
+            # Counted before observers hear of it (workers report the counts).
+            self._guard = factory.slots.guard(self._limit_expired, self._busy)
         for observer in self._observers:
             self._notify(observer.connection_made, self.info)
         self._flush_outbox()
-        factory = self.factory
         if isinstance(factory, NBDServerFactory):
             factory.connections.add(self)
             if factory.shutting_down:
@@ -302,6 +309,9 @@ class NBDServerProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._closed:
             return
+        guard = self._guard
+        if guard is not None:
+            guard.active = True
         poll_max = self.poll_max
         if poll_max:
             # How long the client took to send more after we went idle: a
@@ -398,6 +408,9 @@ class NBDServerProtocol(Protocol):
         factory = self.factory
         if isinstance(factory, NBDServerFactory):
             factory.connections.discard(self)
+        if self._guard is not None:
+            # Every slot goes back here, whatever closed the connection.
+            self._guard.lost()
         for observer in self._observers:
             self._notify(observer.connection_lost, self.info, self._lost_reason)
         waiting, self._lost = self._lost, []
@@ -431,6 +444,50 @@ class NBDServerProtocol(Protocol):
         if not self._closed:
             self._lost_reason = "aborted"
             self._abort()
+
+    # ------------------------------------------------------------ limits
+
+    def _busy(self) -> bool:
+        """Whether the connection has work under way (then it is not idle)."""
+        receiver = self._receiver
+        return bool(
+            self.in_flight
+            or self._transport_paused
+            or self._disconnecting
+            or (receiver is not None and receiver.active)
+        )
+
+    def _limit_expired(self, kind: str) -> None:
+        """
+        A deadline of L{twisted_nbd.limits} passed: a client still
+        negotiating is dropped (H-18 allows a hard close against a denial of
+        service); an idle one is closed gracefully, as after NBD_CMD_DISC.
+        """
+        if self._closed:
+            return
+        factory = self.factory
+        if not isinstance(factory, NBDServerFactory):
+            return
+        limits = factory.slots.limits
+        if kind == "handshake-timeout":
+            factory.slots.drop(
+                kind,
+                "Dropping client {peer}: no export chosen within {timeout}s (--handshake-timeout)",
+                peer=self.info.peer,
+                timeout=limits.handshake_timeout,
+            )
+            self._lost_reason = "handshake timeout"
+            self._abort()
+        else:
+            factory.slots.drop(
+                kind,
+                "Closing client {peer}: idle for {timeout}s (--idle-timeout)",
+                peer=self.info.peer,
+                timeout=limits.idle_timeout,
+            )
+            self._lost_reason = "idle timeout"
+            self._disconnecting = True
+            self._maybe_close()
 
     # ------------------------------------------------------------ IPushProducer
 
@@ -592,6 +649,8 @@ class NBDServerProtocol(Protocol):
         device = attachment.device
         self._read_buffer = device.read_buffer if IBufferRead.providedBy(device) else None
         self.info.export = export.name
+        if self._guard is not None:
+            self._guard.export_chosen()
         self.log.info("Client {peer} uses export {name!r}", peer=self.info.peer, name=export.name)
         for observer in self._observers:
             self._notify(observer.export_chosen, self.info, export.name)
@@ -1095,7 +1154,11 @@ class NBDServerFactory(Factory):
         when C{config.tls} is C{"off"}.
     @param tls_allow_dns: patterns a client certificate's subject must
         match (see L{twisted_nbd.tls.TLSSettings.allow_dns}).
+    @param limits: who may connect, how many at once, and the handshake
+        and idle timeouts (L{Limits}; the defaults if C{None}). The
+        timeouts need C{reactor}: without one there are none.
     @ivar connections: the open connections.
+    @ivar slots: the L{ConnectionSlots} that counts them.
     """
 
     protocol = NBDServerProtocol
@@ -1112,6 +1175,7 @@ class NBDServerFactory(Factory):
         poll_max: float = DEFAULT_POLL_MAX,
         tls: Any = None,
         tls_allow_dns: Sequence[str] = (),
+        limits: Limits | None = None,
     ) -> None:
         self.registry = registry
         self.tls = tls
@@ -1126,6 +1190,22 @@ class NBDServerFactory(Factory):
         )
         self.connections: set[NBDServerProtocol] = set()
         self.shutting_down = False
+        self.slots = ConnectionSlots(limits, reactor)
+
+    @property
+    def limits(self) -> Limits:
+        """The L{Limits} this factory applies."""
+        return self.slots.limits
+
+    @property
+    def connection_count(self) -> int:
+        """How many connections are open."""
+        return self.slots.connections
+
+    @property
+    def negotiating_count(self) -> int:
+        """How many open connections have not chosen an export yet."""
+        return self.slots.negotiating
 
     def add_observer(self, observer: IServerObserver) -> None:
         """Tell C{observer} of connections made from now on, and their requests."""
@@ -1167,7 +1247,11 @@ class NBDServerFactory(Factory):
 
         return closed.addCallback(done)
 
-    def buildProtocol(self, addr: object) -> NBDServerProtocol:
+    def buildProtocol(self, addr: object) -> NBDServerProtocol | None:
+        # Refused before the greeting: no protocol, so Twisted closes the
+        # socket at once and nothing is allocated for it.
+        if not self.slots.admit(addr, describe_address(addr)):
+            return None
         proto = NBDServerProtocol(
             self.registry,
             max_queue_depth=self.max_queue_depth,

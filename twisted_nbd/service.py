@@ -137,6 +137,7 @@ def make_factory(
         observers=observers,
         reactor=reactor,
         poll_max=config.poll_max,
+        limits=config.limits,
         config=ServerConfiguration(tls=tls.mode),
         tls=creator,
         tls_allow_dns=tls.allow_dns,

@@ -37,6 +37,13 @@ from twisted_nbd.config import (
     load_config,
     parse_size,
 )
+from twisted_nbd.limits import (
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_NEGOTIATING,
+    Limits,
+    parse_network,
+)
 from twisted_nbd.tls import TLS_MODES, TLSError, TLSSettings
 
 __all__ = [
@@ -59,6 +66,7 @@ Examples:
   twistd -n nbd --memory 1G
   twistd -n nbd --image disk.img --size 10G --name disk
   twistd -n nbd --image /dev/vg0/vm1 --read-only --listen tcp:10809:interface=127.0.0.1
+  twistd -n nbd --image disk.img --allow 192.0.2.0/24 --allow 2001:db8::/32 --idle-timeout 600
   nbdinfo nbd://127.0.0.1
   qemu-img info nbd://127.0.0.1:10809
 """
@@ -129,7 +137,9 @@ class Options(usage.Options):
         "empty export name get the default export. SIZE is a number of "
         "bytes with an optional K, M, G, T or P suffix (or KiB, MiB, ...), all powers of "
         "1024: 512, 64K, 512M, 1G, 2T. --listen takes a Twisted server endpoint string "
-        "and may be repeated."
+        "and may be repeated. --allow, --max-connections, --max-negotiating, "
+        "--handshake-timeout and --idle-timeout limit who may connect, how many at once and "
+        "for how long (Unix-socket clients are always allowed)."
     )
 
     optFlags = [
@@ -241,6 +251,36 @@ class Options(usage.Options):
             "Serve connections from N processes, each on its own core; this one then only "
             "accepts and hands them out.",
         ],
+        # The limits default to None here so that a [limits] table in --config
+        # applies unless the command line says otherwise.
+        [
+            "handshake-timeout",
+            None,
+            None,
+            "Drop a client that has not chosen an export (TLS included) this many SECONDS "
+            f"after connecting; 0: never [default: {DEFAULT_HANDSHAKE_TIMEOUT:g}].",
+        ],
+        [
+            "idle-timeout",
+            None,
+            None,
+            "Close a connection that has had no request in flight and sent nothing for "
+            "this many SECONDS; 0: never [default: 0].",
+        ],
+        [
+            "max-connections",
+            None,
+            None,
+            "Refuse new connections (closed before the greeting) while N are open; 0: no cap "
+            f"[default: {DEFAULT_MAX_CONNECTIONS}].",
+        ],
+        [
+            "max-negotiating",
+            None,
+            None,
+            "Refuse new connections while N are still negotiating; 0: no cap "
+            f"[default: {DEFAULT_MAX_NEGOTIATING}].",
+        ],
     ]
 
     compData = usage.Completions(optActions={"image": usage.CompleteFiles()})
@@ -249,6 +289,7 @@ class Options(usage.Options):
         usage.Options.__init__(self)
         self["listen"] = []
         self["tls-allow-dn"] = []
+        self["allow"] = []
 
     def opt_tls_allow_dn(self, pattern: str) -> None:
         """
@@ -263,6 +304,14 @@ class Options(usage.Options):
         self["listen"].append(description)
 
     opt_l = opt_listen
+
+    def opt_allow(self, network: str) -> None:
+        """Accept TCP clients only from this IPv4/IPv6 network (CIDR); repeatable. [default: all]"""
+        try:
+            parse_network(network)
+        except ValueError as e:
+            raise usage.UsageError(f"--allow: {e}") from None
+        self["allow"].append(network)
 
     def getUsage(self, width: int | None = None) -> str:
         """
@@ -319,6 +368,7 @@ class Options(usage.Options):
             shutdown_timeout=self["shutdown-timeout"],
             workers=self["workers"],
             poll_max=self["poll-max"],
+            limits=self._limits(self.config.limits),
         )
         if self.config.workers > 1:
             from twisted_nbd.workers import check_workers
@@ -369,6 +419,35 @@ class Options(usage.Options):
         except TLSError as e:
             raise usage.UsageError(f"--tls: {e}") from None
         return settings
+
+    def _limits(self, base: Limits) -> Limits:
+        """
+        C{base} (the config file's, or the defaults) with what the command
+        line says instead.
+
+        @raise usage.UsageError: a limit is not a number, or out of range.
+        """
+        changes: dict[str, object] = {}
+        for option in ("handshake-timeout", "idle-timeout"):
+            if self[option] is not None:
+                try:
+                    seconds = float(self[option])
+                except ValueError:
+                    raise usage.UsageError(
+                        f"--{option}: {self[option]!r} is not a number of seconds"
+                    ) from None
+                if not 0 <= seconds < float("inf"):
+                    raise usage.UsageError(f"--{option} must be zero (never) or more seconds")
+                changes[option.replace("-", "_")] = self[option] = seconds
+        for option in ("max-connections", "max-negotiating"):
+            if self[option] is not None:
+                changes[option.replace("-", "_")] = self[option] = self._count(option, minimum=0)
+        if self["allow"]:
+            changes["allow"] = tuple(self["allow"])
+        try:
+            return replace(base, **changes)  # type: ignore[arg-type]
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
 
     def _from_file(self, path: str) -> Config:
         """Load C{--config}, which describes every export by itself."""
@@ -435,9 +514,9 @@ class Options(usage.Options):
         except ValueError as e:
             raise usage.UsageError(f"--{option}: {e}") from None
 
-    def _count(self, option: str) -> int:
+    def _count(self, option: str, minimum: int = 1) -> int:
         """
-        Parse the positive whole number given for C{option}.
+        Parse the whole number (at least C{minimum}) given for C{option}.
 
         @raise usage.UsageError: it is not one.
         """
@@ -449,8 +528,8 @@ class Options(usage.Options):
                 number = int(value.strip())
             except ValueError:
                 raise usage.UsageError(f"--{option}: {value!r} is not a whole number") from None
-        if number < 1:
-            raise usage.UsageError(f"--{option} must be at least 1, not {number}")
+        if number < minimum:
+            raise usage.UsageError(f"--{option} must be at least {minimum}, not {number}")
         return number
 
 
