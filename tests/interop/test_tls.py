@@ -328,6 +328,24 @@ class BadTLSClientTests(SynchronousTestCase):
         done = run_tool([require_tool("nbdinfo"), "--size", nbds(self.server, self.certs)])
         self.assertEqual(done.stdout.strip(), str(MiB))
 
+    def test_tls_failures_free_their_slots(self) -> None:
+        """
+        Every failed TLS handshake gives its connection slot back (nbd-server
+        leaked them, its issue 126): behind --max-connections 2, five failed
+        handshakes in a row still leave room for a good client.
+        """
+        self.server = start_server(
+            self, "--memory", "1M", "--tls", "require", "--tls-certificates", str(self.certs),
+            "--max-connections", "2", "--max-negotiating", "2",
+        )  # fmt: skip
+        for _ in range(5):
+            sock = self.starttls()
+            sock.sendall(os.urandom(64))
+            _read_to_end(sock)
+            sock.close()
+        done = run_tool([require_tool("nbdinfo"), "--size", nbds(self.server, self.certs)])
+        self.assertEqual(done.stdout.strip(), str(MiB))
+
     def test_options_before_starttls(self) -> None:
         """S-03 from a raw client: LIST before STARTTLS gets ERR_TLS_REQD."""
         sock = socket.create_connection((LOOPBACK, self.server.port), timeout=15)
