@@ -186,28 +186,47 @@ def _ssl_reason(error: Exception) -> str:
     return "; ".join(p for p in parts if p) or str(error) or type(error).__name__
 
 
-def peer_psk_identity(transport: Any) -> str | None:
-    """The PSK identity the peer of a TLS C{transport} used, or C{None}."""
+def _ssl_connection(source: Any) -> Any:
+    """The pyOpenSSL C{Connection} of a TLS transport, or C{source} if it is one."""
+    from OpenSSL import SSL
+
+    return source if isinstance(source, SSL.Connection) else source.getHandle()
+
+
+def peer_psk_identity(source: Any) -> str | None:
+    """
+    The PSK identity the peer used, or C{None}; C{source} is a TLS
+    transport or a pyOpenSSL C{Connection}.
+    """
     from twisted_nbd import tls_psk
 
     try:
-        return tls_psk.psk_identity(transport.getHandle())
+        return tls_psk.psk_identity(_ssl_connection(source))
     except Exception:
         return None
 
 
-def peer_subject(transport: Any) -> str | None:
+def peer_subject(source: Any) -> str | None:
     """
-    The subject DN (RFC 4514) of the certificate the peer of a TLS
-    C{transport} presented, or C{None}.
+    The subject DN (RFC 4514) of the certificate the peer presented, or
+    C{None}; C{source} is a TLS transport or a pyOpenSSL C{Connection}.
     """
     try:
-        certificate = transport.getPeerCertificate()
+        certificate = _ssl_connection(source).get_peer_certificate(as_cryptography=True)
     except Exception:
         return None
     if certificate is None:
         return None
-    return str(certificate.to_cryptography().subject.rfc4514_string())
+    return str(certificate.subject.rfc4514_string())
+
+
+def session_description(source: Any) -> str:
+    """The TLS version and cipher of a session, for logs."""
+    try:
+        connection = _ssl_connection(source)
+        return f"{connection.get_protocol_version_name()}, {connection.get_cipher_name()}"
+    except Exception:
+        return "?"
 
 
 @implementer(IOpenSSLServerConnectionCreator)
