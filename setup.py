@@ -48,8 +48,15 @@ setup(
     license="MIT",
     license_files=["LICENSE"],
     install_requires=[
-        "twisted>=23.10",
         "zope.interface>=5",
+        # TLS (STARTTLS, twisted_nbd/tls.py) is Twisted's, on pyOpenSSL and
+        # service_identity. pyOpenSSL has no PSK API (not even
+        # 26.4); twisted_nbd/tls_psk.py reaches OpenSSL's PSK functions through
+        # cryptography's binding, the one pyOpenSSL uses (every cryptography that
+        # pyOpenSSL 25.2+ accepts has them). 25.2 added
+        # Context.set_tls13_ciphersuites, which PSK needs for its SHA-256 suites.
+        "twisted[tls]>=23.10",
+        "pyopenssl>=25.2",
     ],
     extras_require={
         "test": [

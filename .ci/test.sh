@@ -8,7 +8,8 @@
 #
 # Meant for a Debian machine, as root (or with sudo), with no terminal: CI runs
 # it through .ci/run. The Debian packages are the NBD tools the interop tests
-# and the benchmark (bench/run.py, smoke-tested by tests/test_bench.py) drive;
+# and the benchmark (bench/run.py, smoke-tested by tests/test_bench.py) drive,
+# and GnuTLS's gnutls-cli/gnutls-serv for the TLS-PSK tests;
 # apt is skipped when they are all installed already, so re-runs are fast. The
 # project is installed editable with its test extra into the Python that
 # "python3" finds (set PYTHON=... to choose another); if that Python is
@@ -20,7 +21,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 export PIP_ROOT_USER_ACTION=ignore
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-DEBIAN_PACKAGES=(qemu-utils libnbd-bin python3-libnbd fio nbdkit nbdkit-plugin-python nbd-server)
+DEBIAN_PACKAGES=(qemu-utils libnbd-bin python3-libnbd fio nbdkit nbdkit-plugin-python nbd-server gnutls-bin)
 PYTHON=${PYTHON:-python3}
 
 say() { printf '\n== %s\n' "$*"; }

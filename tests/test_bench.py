@@ -1,6 +1,7 @@
 """
-The benchmark (bench/run.py) still works: a --smoke run against twisted-nbd
-and a few peers writes JSON of the expected shape and a PNG chart.
+The benchmarks still work: a bench/run.py --smoke run against twisted-nbd
+and a few peers writes JSON of the expected shape and a PNG chart, and a
+bench/tls.py --smoke run measures every TLS server on every workload.
 
 Only the structure is checked, never a number: the test suite must not
 depend on how fast the machine is. Like the interop tests, a missing tool
@@ -10,6 +11,7 @@ is a skip on a developer's machine and a failure in CI (CI=true).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import unittest
@@ -25,12 +27,18 @@ pytestmark = pytest.mark.interop
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BENCH = REPO_ROOT / "bench" / "run.py"
+TLS_BENCH = REPO_ROOT / "bench" / "tls.py"
 #: A --smoke run takes about 20 to 30 s; this only bounds a hang.
 SMOKE_TIMEOUT = 240.0
 #: What --smoke runs (see SMOKE_SERVERS and SMOKE_WORKLOADS in bench/run.py).
 FILE_SERVERS = ["twisted-nbd", "nbdkit-file", "nbd-server"]
 RAM_SERVERS = ["twisted-nbd", "nbdkit-memory"]
 WORKLOADS = ["rand-rw-64K-qd16", "rand-read-4K-qd1"]
+#: What bench/tls.py --smoke runs (ALL_SERVERS and WORKLOAD_NAMES in bench/tls.py).
+TLS_SERVERS = ["twisted-nbd", "qemu-nbd", "nbdkit", "twisted-nbd-plaintext"]
+TLS_WORKLOADS = ["seq-read-1M-qd8", "seq-write-1M-qd8", "rand-read-4K-qd32"]
+#: A bench/tls.py --smoke run takes about 30 s; this only bounds a hang.
+TLS_SMOKE_TIMEOUT = 180.0
 
 
 def require_matplotlib() -> None:
@@ -44,6 +52,25 @@ def require_matplotlib() -> None:
         if in_ci():
             raise AssertionError("matplotlib is missing, and CI=true requires it")
         raise unittest.SkipTest("matplotlib is not installed (pip install -e '.[bench]')")
+
+
+def require_user_namespace() -> None:
+    """
+    As root, bench/tls.py runs fio under C{unshare --user} (so that libnbd
+    reads the CA from C{$HOME}): skip (fail in CI) if that cannot work here.
+    """
+    if os.geteuid() != 0:
+        return
+    require_tool("unshare")
+    done = subprocess.run(
+        ["unshare", "--user", "--", "true"], capture_output=True, timeout=60, check=False
+    )
+    if done.returncode != 0:
+        if in_ci():
+            raise AssertionError("'unshare --user' fails, and CI=true requires it (as root)")
+        raise unittest.SkipTest(
+            "'unshare --user' fails here (a container without user namespaces?)"
+        )
 
 
 class BenchSmokeTests(SynchronousTestCase):
@@ -186,3 +213,63 @@ class BenchSmokeTests(SynchronousTestCase):
         for target in targets:
             self.assertIn(target["status"], ("PASS", "FAIL", "N/A"))
         self.assertIn("TARGETS", self.output)
+
+
+class TLSBenchSmokeTests(SynchronousTestCase):
+    """
+    C{bench/tls.py --smoke}: twisted-nbd, qemu-nbd and nbdkit over TLS and
+    twisted-nbd without, each on every workload; nothing is timed.
+    """
+
+    def test_smoke(self) -> None:
+        """
+        The smoke run succeeds, and its JSON has every workload for every server.
+        """
+        for tool in ("fio", "qemu-nbd", "nbdkit"):
+            require_tool(tool)
+        require_user_namespace()
+        directory = make_tempdir(self)
+        path = directory / "tls.json"
+        argv = [
+            sys.executable,
+            str(TLS_BENCH),
+            "--smoke",
+            "--json",
+            str(path),
+            "--workdir",
+            str(directory),
+        ]
+        done = subprocess.run(
+            argv,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=TLS_SMOKE_TIMEOUT,
+            cwd=REPO_ROOT,
+            check=False,
+        )
+        output = done.stdout + done.stderr
+        self.assertEqual(done.returncode, 0, f"bench/tls.py --smoke failed:\n{output}")
+        document: dict[str, Any] = json.loads(path.read_text())
+        self.assertEqual(document["config"]["servers"], TLS_SERVERS)
+        self.assertEqual([w["name"] for w in document["config"]["workloads"]], TLS_WORKLOADS)
+        results = document["results"]
+        self.assertTrue(all(r["ok"] for r in results), results)
+        runs = {(r["workload"], r["server"]) for r in results}
+        self.assertEqual(runs, {(w, s) for w in TLS_WORKLOADS for s in TLS_SERVERS})
+        rows = document["summary"]
+        self.assertEqual([row["workload"] for row in rows], TLS_WORKLOADS)
+        for row in rows:
+            self.assertEqual(sorted(row["servers"]), sorted(TLS_SERVERS))
+            for numbers in row["servers"].values():
+                for key in ("mib_s", "iops", "server_cpu_pct", "clat_p99_us"):
+                    self.assertIn(key, numbers)
+            peers = {f"twisted-nbd/{s}" for s in TLS_SERVERS[1:]}
+            self.assertEqual(set(row["ratios"]), peers)
+        # TLS was really spoken: twisted-nbd logged its sessions.
+        self.assertTrue(document["tls_sessions"], output)
+        targets = document["targets"]
+        self.assertEqual(len(targets), len(TLS_WORKLOADS))
+        for target in targets:
+            self.assertIn(target["status"], ("PASS", "FAIL"))
+        self.assertIn("TARGETS", output)

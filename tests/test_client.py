@@ -1179,8 +1179,10 @@ class _TrackingFactory(NBDServerFactory):
         super().__init__(registry)
         self.closed: list[Deferred[None]] = []
 
-    def buildProtocol(self, addr: object) -> NBDServerProtocol:
+    def buildProtocol(self, addr: object) -> NBDServerProtocol | None:
         proto = super().buildProtocol(addr)
+        if proto is None:
+            return None
         done: Deferred[None] = Deferred()
         self.closed.append(done)
         lost = proto.connectionLost

@@ -15,6 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted_nbd.config import ConfigError, ExportSpec, load_config, parse_size
 from twisted_nbd.exports import Export, check_block_sizes
 from twisted_nbd.interfaces import Capabilities
+from twisted_nbd.limits import DEFAULT_MAX_NEGOTIATING, Limits
 from twisted_nbd.testing import ControllableBlockDevice
 
 
@@ -138,6 +139,47 @@ class ConfigFileTests(SynchronousTestCase):
         self.assert_config_error(
             '[[export]]\nname = "a"\nmemory = "1M"\nread-only = "yes"\n', 4, "true or false"
         )
+
+    def test_limits_table(self) -> None:
+        """A [limits] table sets the connection limits; what it leaves out keeps its default."""
+        path = self.write(
+            """\
+            [[export]]
+            name = "a"
+            memory = "1M"
+
+            [limits]
+            handshake-timeout = 2.5
+            idle-timeout = 600
+            max-connections = 50
+            allow = ["10.0.0.0/8", "::1"]
+            """
+        )
+        limits = load_config(path).limits
+        self.assertEqual(
+            limits,
+            Limits(
+                handshake_timeout=2.5,
+                idle_timeout=600.0,
+                max_connections=50,
+                allow=("10.0.0.0/8", "::1/128"),
+            ),
+        )
+        self.assertEqual(limits.max_negotiating, DEFAULT_MAX_NEGOTIATING)
+        self.assertEqual(
+            load_config(self.write('[[export]]\nname = "a"\nmemory = "1M"\n')).limits, Limits()
+        )
+
+    def test_limits_mistakes(self) -> None:
+        """Each mistake in [limits] names its line."""
+        head = '[[export]]\nname = "a"\nmemory = "1M"\n[limits]\nmax-connections = 5\n'
+        self.assert_config_error(head + "max-conections = 5\n", 6, "'max-conections'")
+        self.assert_config_error(head + 'handshake-timeout = "soon"\n', 6, "seconds")
+        self.assert_config_error(head + "idle-timeout = -1\n", 6, "zero (none) or more")
+        self.assert_config_error(head + "max-negotiating = 1.5\n", 6, "whole number")
+        self.assert_config_error(head + 'allow = "10.0.0.0/8"\n', 6, "list of networks")
+        self.assert_config_error(head + 'allow = ["10.1.2.3/8"]\n', 6, "did you mean 10.0.0.0/8")
+        self.assert_config_error('limits = 5\n[[export]]\nname = "a"\nmemory = "1M"\n', 1, "table")
 
     def test_unreadable_file(self) -> None:
         """A config file that cannot be read gives a clear error."""

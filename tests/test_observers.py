@@ -94,7 +94,9 @@ class ObserverUnitTests(SynchronousTestCase):
         self.recorder = Recorder()
         registry = ExportRegistry.of([Export("disk", self.device)])
         self.factory = NBDServerFactory(registry, observers=[self.recorder], reactor=self.clock)
-        self.proto = self.factory.buildProtocol(None)
+        proto = self.factory.buildProtocol(None)
+        assert proto is not None
+        self.proto = proto
         self.transport = StringTransport()
         self.proto.makeConnection(self.transport)
 
@@ -156,6 +158,7 @@ class ObserverUnitTests(SynchronousTestCase):
         """An observer that raises is logged; the request is answered anyway."""
         self.factory.add_observer(Broken())
         proto = self.factory.buildProtocol(None)
+        assert proto is not None
         transport = StringTransport()
         proto.makeConnection(transport)
         proto.dataReceived(b.client_flags() + b.go("disk"))
@@ -177,6 +180,7 @@ class ObserverUnitTests(SynchronousTestCase):
         factory = NBDServerFactory(registry)
         factory._clock = clock
         proto = factory.buildProtocol(None)
+        assert proto is not None
         proto.makeConnection(StringTransport())
         before = len(reads)
         proto.dataReceived(b.client_flags() + b.go("disk") + b.request(Cmd.FLUSH, 1))

@@ -192,7 +192,8 @@ class WheelTests(TestCase):
     def test_metadata(self) -> None:
         """
         The wheel is named twisted-nbd, has the package's version, needs
-        Python 3.11, and depends on Twisted and zope.interface.
+        Python 3.11, and depends on Twisted (with its TLS extra),
+        zope.interface and pyOpenSSL (a version with what TLS-PSK needs).
         """
         self.assertEqual(self.metadata["Name"], ["twisted-nbd"])
         self.assertEqual(self.metadata["Version"], [twisted_nbd.__version__])
@@ -202,4 +203,4 @@ class WheelTests(TestCase):
             for requirement in self.metadata["Requires-Dist"]
             if "extra ==" not in requirement
         }
-        self.assertEqual(requirements, {"twisted", "zope.interface"})
+        self.assertEqual(requirements, {"twisted", "zope.interface", "pyopenssl"})

@@ -52,7 +52,9 @@ class Harness:
             [Export("", served or self.device, read_only=read_only)]  # type: ignore[arg-type]
         )
         factory = NBDServerFactory(registry, max_queue_depth=depth, max_bytes_in_flight=cap)
-        self.proto = factory.buildProtocol(None)
+        proto = factory.buildProtocol(None)
+        assert proto is not None
+        self.proto = proto
         self.transport = StringTransport()
         self.proto.makeConnection(self.transport)
         hello = b.client_flags()
@@ -85,6 +87,7 @@ class ProducerTests(SynchronousTestCase):
     def test_greeting(self) -> None:
         """The greeting goes out as soon as the connection is made (H-01)."""
         proto = NBDServerFactory(ExportRegistry()).buildProtocol(None)
+        assert proto is not None
         transport = StringTransport()
         proto.makeConnection(transport)
         self.assertEqual(transport.value(), GREETING)
@@ -113,7 +116,9 @@ class ProducerTests(SynchronousTestCase):
                 self.loseConnection()
 
         transport = TCPTransport()
-        NBDServerFactory(ExportRegistry()).buildProtocol(None).makeConnection(transport)
+        proto = NBDServerFactory(ExportRegistry()).buildProtocol(None)
+        assert proto is not None
+        proto.makeConnection(transport)
         self.assertTrue(transport.nodelay)
 
     def test_pauses_exactly_at_queue_depth(self) -> None:
@@ -325,6 +330,7 @@ class DisconnectTests(SynchronousTestCase):
         proto = NBDServerFactory(
             ExportRegistry.of([Export("", ControllableBlockDevice(512))])
         ).buildProtocol(None)
+        assert proto is not None
         transport = StringTransport()
         proto.makeConnection(transport)
         transport.clear()
@@ -463,6 +469,7 @@ class ShutdownTests(SynchronousTestCase):
         assert isinstance(factory, NBDServerFactory)
         factory.shutdown()
         proto = factory.buildProtocol(None)
+        assert proto is not None
         transport = StringTransport()
         proto.makeConnection(transport)
         transport.clear()

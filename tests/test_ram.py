@@ -208,6 +208,7 @@ class ZeroCopyServingTests(SynchronousTestCase):
     def serve(self, device: IBlockDevice) -> tuple[object, StringTransport]:
         factory = NBDServerFactory(ExportRegistry.of([Export("", device)]))
         proto = factory.buildProtocol(None)
+        assert proto is not None
         transport = StringTransport()
         proto.makeConnection(transport)
         proto.dataReceived(b.client_flags() + b.go())
@@ -247,6 +248,7 @@ class ZeroCopyServingTests(SynchronousTestCase):
         self.successResultOf(device.write(2 * CHUNK, b"d" * CHUNK))
         factory = NBDServerFactory(ExportRegistry.of([Export("", device)]))
         proto = factory.buildProtocol(None)
+        assert proto is not None
         transport = StringTransport()
         proto.makeConnection(transport)
         proto.dataReceived(b.client_flags() + b.option(Opt.STRUCTURED_REPLY) + b.go())

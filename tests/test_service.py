@@ -61,6 +61,7 @@ class BuildTests(SynchronousTestCase):
             Config([ExportSpec(memory=MiB)]), MemoryReactorClock(), observers=[observer]
         )
         proto = service.factory.buildProtocol(None)
+        assert proto is not None
         self.assertEqual(proto._observers, (observer,))
 
     def test_listens_on_start(self) -> None:
@@ -208,6 +209,7 @@ class ConnectionLayerTests(SynchronousTestCase):
         protos = []
         for _ in range(2):
             proto = factory.buildProtocol(None)
+            assert proto is not None
             proto.makeConnection(StringTransport())
             proto.dataReceived(b.client_flags() + b.go("disk"))
             protos.append(proto)

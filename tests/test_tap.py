@@ -28,6 +28,7 @@ from twisted_nbd.backends.file import FileBlockDevice
 from twisted_nbd.backends.ram import MappedMemoryDevice
 from twisted_nbd.errors import NBDError
 from twisted_nbd.exports import MAX_STRING
+from twisted_nbd.limits import Limits
 from twisted_nbd.protocol import NBDServerFactory
 from twisted_nbd.service import BlockDeviceService, NBDService
 from twisted_nbd.tap import (
@@ -71,6 +72,11 @@ ALL_OPTIONS = [
     "--max-block",
     "--workers",
     "--poll-max",
+    "--handshake-timeout",
+    "--idle-timeout",
+    "--max-connections",
+    "--max-negotiating",
+    "--allow",
 ]
 
 GOOD_SIZES = [
@@ -324,11 +330,8 @@ class OptionsTests(TestCase):
         self.assertIn("[default: tcp:10809]", text)
 
 
-class BadUsageTests(TestCase):
-    """
-    Every mistake raises L{UsageError} with a clear one-line message while
-    parsing, so twistd reports it without a traceback.
-    """
+class UsageErrorMixin(_TrialTestCase):
+    """Checks that parsing fails with a one-line L{UsageError}."""
 
     def assert_usage_error(self, argv: list[str], *fragments: str) -> str:
         """
@@ -344,6 +347,13 @@ class BadUsageTests(TestCase):
         for fragment in fragments:
             self.assertIn(fragment, message, repr(argv))
         return message
+
+
+class BadUsageTests(UsageErrorMixin, TestCase):
+    """
+    Every mistake raises L{UsageError} with a clear one-line message while
+    parsing, so twistd reports it without a traceback.
+    """
 
     def test_nothing_to_serve(self) -> None:
         """
@@ -936,6 +946,7 @@ class ShutdownOrderTests(TestCase):
         assert isinstance(service, NBDService)
         service.startService()
         proto = service.factory.buildProtocol(None)
+        assert proto is not None
         transport = StringTransport()
         proto.makeConnection(transport)
         stopped = service.stopService()
@@ -975,3 +986,171 @@ class PerformanceOptionsTests(TestCase):
         self.assertAlmostEqual(parse("--memory", "1M", "--poll-max", "250").config.poll_max, 250e-6)
         for text in ("-1", "20000", "soon"):
             self.assertRaises(UsageError, parse, "--memory", "1M", "--poll-max", text)
+
+
+class TLSOptionsTests(UsageErrorMixin, TestCase):
+    """The --tls options: what they build, and one-line usage errors."""
+
+    def setUp(self) -> None:
+        from tests.tlsfiles import make_certificates
+
+        self.pki = make_certificates(Path(tempfile.mkdtemp(prefix="nbd-tap-tls-")))
+        self.addCleanup(shutil.rmtree, self.pki, True)
+
+    def test_certificates_directory(self) -> None:
+        """--tls-certificates alone turns TLS on with the directory's three files."""
+        tls = parse("--memory", "1M", "--tls-certificates", str(self.pki)).config.tls
+        self.assertEqual(tls.mode, "on")
+        self.assertEqual(tls.cert, str(self.pki / "server-cert.pem"))
+        self.assertEqual(tls.key, str(self.pki / "server-key.pem"))
+        self.assertEqual(tls.ca, str(self.pki / "ca-cert.pem"))
+
+    def test_require_verify_allow(self) -> None:
+        """--tls require, --tls-verify-peer and --tls-allow-dn (repeated) are kept."""
+        tls = parse(
+            "--memory", "1M", "--tls", "require", "--tls-certificates", str(self.pki),
+            "--tls-verify-peer", "--tls-allow-dn", "CN=a,*", "--tls-allow-dn", "CN=b,*",
+        ).config.tls  # fmt: skip
+        self.assertEqual(tls.mode, "require")
+        self.assertTrue(tls.verify_peer)
+        self.assertEqual(tls.allow_dns, ("CN=a,*", "CN=b,*"))
+
+    def test_psk_file(self) -> None:
+        """--tls-psk alone turns TLS on with pre-shared keys and no certificate."""
+        from tests.tlsfiles import make_psk_file
+
+        keys = self.pki / "keys.psk"
+        make_psk_file(keys)
+        tls = parse("--memory", "1M", "--tls-psk", str(keys)).config.tls
+        self.assertEqual((tls.mode, tls.psk_file, tls.cert), ("on", str(keys), None))
+
+    def test_bad_psk_file(self) -> None:
+        """A malformed PSK file is a usage error naming the file and line."""
+        keys = self.pki / "bad.psk"
+        keys.write_text("alice:nothex\n")
+        self.assert_usage_error(["--memory", "1M", "--tls-psk", str(keys)], "--tls-psk", "bad.psk")
+
+    def test_off_by_default(self) -> None:
+        """Without TLS options, TLS is off."""
+        self.assertEqual(parse("--memory", "1M").config.tls.mode, "off")
+
+    def test_bad_mode(self) -> None:
+        self.assert_usage_error(["--memory", "1M", "--tls", "maybe"], "--tls", "require")
+
+    def test_require_without_certificates(self) -> None:
+        self.assert_usage_error(["--memory", "1M", "--tls", "require"], "certificate")
+
+    def test_missing_certificate_file(self) -> None:
+        self.assert_usage_error(
+            ["--memory", "1M", "--tls-cert", "/nonexistent.pem", "--tls-key", "/none.pem"],
+            "/nonexistent.pem",
+        )
+
+    def test_not_a_certificate(self) -> None:
+        """A file that is not PEM fails at start-up, not at the first client."""
+        bad = self.pki / "bad.pem"
+        bad.write_text("not a certificate\n")
+        self.assert_usage_error(
+            [
+                "--memory",
+                "1M",
+                "--tls-cert",
+                str(bad),
+                "--tls-key",
+                str(self.pki / "server-key.pem"),
+            ],
+            "does not load",
+        )
+
+    def test_verify_without_ca(self) -> None:
+        cert, key = self.pki / "server-cert.pem", self.pki / "server-key.pem"
+        self.assert_usage_error(
+            ["--memory", "1M", "--tls-cert", str(cert), "--tls-key", str(key), "--tls-verify-peer"],
+            "--tls-ca",
+        )
+
+    def test_allow_dn_without_verify(self) -> None:
+        self.assert_usage_error(
+            ["--memory", "1M", "--tls-certificates", str(self.pki), "--tls-allow-dn", "CN=a"],
+            "--tls-verify-peer",
+        )
+
+    def test_tls_options_with_tls_off(self) -> None:
+        self.assert_usage_error(
+            ["--memory", "1M", "--tls", "off", "--tls-certificates", str(self.pki)],
+            "--tls-certificates",
+        )
+
+
+class LimitOptionsTests(TestCase):
+    """--handshake-timeout, --idle-timeout, --max-connections, --max-negotiating, --allow."""
+
+    def test_defaults(self) -> None:
+        """Without options, the safe defaults of L{Limits}."""
+        self.assertEqual(parse("--memory", "1M").config.limits, Limits())
+
+    def test_values(self) -> None:
+        options = parse(
+            "--memory",
+            "1M",
+            "--handshake-timeout",
+            "2.5",
+            "--idle-timeout",
+            "60",
+            "--max-connections",
+            "5",
+            "--max-negotiating",
+            "0",
+            "--allow",
+            "10.0.0.0/8",
+            "--allow",
+            "2001:db8::/32",
+        )
+        self.assertEqual(
+            options.config.limits,
+            Limits(2.5, 60.0, 5, 0, ("10.0.0.0/8", "2001:db8::/32")),
+        )
+
+    def test_mistakes(self) -> None:
+        """Each mistake is a one-line usage error naming the option."""
+        for argv, fragment in [
+            (["--handshake-timeout", "soon"], "--handshake-timeout: 'soon' is not a number"),
+            (["--handshake-timeout", "-1"], "--handshake-timeout must be zero"),
+            (["--idle-timeout", "inf"], "--idle-timeout must be zero"),
+            (["--max-connections", "-1"], "--max-connections must be at least 0"),
+            (["--max-negotiating", "many"], "--max-negotiating: 'many' is not a whole number"),
+            (["--allow", "10.1.2.3/8"], "--allow: '10.1.2.3/8' has host bits set"),
+            (["--allow", "localhost"], "--allow: 'localhost' is not an address or network"),
+        ]:
+            with self.assertRaises(UsageError, msg=repr(argv)) as caught:
+                parse("--memory", "1M", *argv)
+            self.assertIn(fragment, str(caught.exception))
+            self.assertNotIn("\n", str(caught.exception))
+
+    def test_config_file_then_command_line(self) -> None:
+        """
+        A [limits] table in --config applies; an option given on the command
+        line wins over it, one setting at a time.
+        """
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        path = os.path.join(directory, "exports.toml")
+        with open(path, "w") as f:
+            f.write(
+                '[[export]]\nname = "a"\nmemory = "1M"\n'
+                '[limits]\nmax-connections = 7\nidle-timeout = 30\nallow = ["10.0.0.0/8"]\n'
+            )
+        limits = parse("--config", path).config.limits
+        self.assertEqual(
+            limits, Limits(idle_timeout=30.0, max_connections=7, allow=("10.0.0.0/8",))
+        )
+        limits = parse("--config", path, "--max-connections", "9", "--allow", "::1").config.limits
+        self.assertEqual(limits, Limits(idle_timeout=30.0, max_connections=9, allow=("::1/128",)))
+
+    def test_factory_gets_them(self) -> None:
+        """The service's factory applies the parsed limits."""
+        options = parse("--memory", "1M", "--max-connections", "3", "--listen", "tcp:0")
+        service = makeService(options, MemoryReactorClock())
+        [factory] = {s.factory for s in service if isinstance(s, StreamServerEndpointService)}
+        assert isinstance(factory, NBDServerFactory)
+        self.assertEqual(factory.limits, Limits(max_connections=3))

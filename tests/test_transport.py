@@ -263,7 +263,9 @@ class PollingTests(SynchronousTestCase):
         self.device = MappedMemoryDevice(MiB)
         self.addCleanup(self.device.close)
         factory = NBDServerFactory(ExportRegistry.of([Export("", self.device)]), poll_max=1e-3)
-        self.proto = factory.buildProtocol(None)
+        proto = factory.buildProtocol(None)
+        assert proto is not None
+        self.proto = proto
         transport = PollingTransport(self.ours)
         self.proto.makeConnection(transport)
         self.clock = [0.0]

@@ -41,6 +41,7 @@ from twisted_nbd._client_events import (
     NBDHandshakeError,
     Reply,
     ReplyReceived,
+    TLSStarting,
 )
 from twisted_nbd._kernel import (
     NEED_DATA,
@@ -69,6 +70,7 @@ __all__ = [
     "Phase",
     "Reply",
     "ReplyReceived",
+    "TLSStarting",
 ]
 
 #: The block size constraints a server that says nothing is assumed to have
@@ -90,6 +92,10 @@ class ClientConfiguration:
         with structured replies, which they imply).
     @ivar list_exports: do not open an export: send NBD_OPT_LIST, then
         NBD_OPT_ABORT.
+    @ivar tls: C{"off"}: never ask for TLS; C{"require"}: send STARTTLS
+        first and give up if the server refuses; C{"allow"}: ask, and go on
+        in plaintext if refused (libnbd's C{tls=allow}). The caller does
+        the TLS itself when it sees L{TLSStarting}.
     """
 
     export_name: str = ""
@@ -97,11 +103,14 @@ class ClientConfiguration:
     meta_contexts: Sequence[str] = (w.BASE_ALLOCATION,)
     extended_headers: bool = True
     list_exports: bool = False
+    tls: str = "off"
 
     def __post_init__(self) -> None:
         if isinstance(self.meta_contexts, str):
             raise TypeError("meta_contexts is a sequence of names, not one string")
         object.__setattr__(self, "meta_contexts", tuple(str(c) for c in self.meta_contexts))
+        if self.tls not in ("off", "allow", "require"):
+            raise ValueError(f"tls must be 'off', 'allow' or 'require', not {self.tls!r}")
         w.encode_string(self.export_name, "the export name")
         for context in self.meta_contexts:
             w.encode_string(context, "a meta context name")
@@ -229,6 +238,10 @@ class ClientConnection(SansIOConnection[ClientEvent]):
             return self._option_reply()
         if self.phase is Phase.EXPORT_NAME:
             return self._export_name_reply()
+        if self.phase is Phase.STARTING_TLS:
+            if len(self._buffer):
+                raise ProtocolViolation("data before the TLS handshake (S-07)")
+            return NEED_DATA
         return self._greeting()
 
     # ------------------------------------------------------------ handshake
@@ -329,6 +342,35 @@ class ClientConnection(SansIOConnection[ClientEvent]):
             raise ProtocolViolation(f"reply type {reply} to {w.option_name(option)}")
         if data:
             raise ProtocolViolation("an NBD_REP_ACK with data")
+
+    def _want_tls(self) -> bool:
+        return self.config.tls != "off"
+
+    def _tls_reply(self, reply: int, data: bytes) -> ClientEvent | None:
+        self._ack(reply, data, Opt.STARTTLS)
+        if len(self._buffer):
+            # Bytes after the ACK are TLS, which the caller must decrypt (S-06).
+            raise ProtocolViolation("data after the NBD_OPT_STARTTLS reply before TLS (S-07)")
+        # S-06: what was negotiated before is forgotten (nothing, here).
+        self.negotiated = self.negotiated.after_starttls()
+        self.phase = Phase.STARTING_TLS
+        return TLSStarting()
+
+    def tls_started(self) -> None:
+        """
+        The caller has switched its transport to TLS (after L{TLSStarting}):
+        go on with the handshake; what is sent from now on goes through TLS.
+        """
+        if self.phase is not Phase.STARTING_TLS:
+            raise RuntimeError("no STARTTLS is waiting for TLS")
+        self.phase = Phase.OPTIONS
+        self._next_option()
+
+    def _tls_failed(self, reply: int, message: str) -> ClientEvent | None:
+        if self.config.tls == "require":
+            return self._give_up(reply, message)
+        self._next_option()
+        return None
 
     def _want_extended(self) -> bool:
         return self.config.extended_headers and self.config.structured_replies
@@ -443,6 +485,7 @@ class ClientConnection(SansIOConnection[ClientEvent]):
     #: sent if C{wanted} says so when its turn comes; error replies to the
     #: first three fall back to the next, GO falls back to EXPORT_NAME.
     _OPEN_PLAN: ClassVar[tuple[_Step, ...]] = (
+        _Step(Opt.STARTTLS, _want_tls, _no_data, _tls_reply, _tls_failed),
         _Step(Opt.EXTENDED_HEADERS, _want_extended, _no_data, _extended_reply, _fall_back),
         _Step(Opt.STRUCTURED_REPLY, _want_structured, _no_data, _structured_reply, _fall_back),
         _Step(Opt.SET_META_CONTEXT, _want_meta, _meta_data, _meta_reply, _meta_failed),
@@ -450,6 +493,7 @@ class ClientConnection(SansIOConnection[ClientEvent]):
     )
     #: Listing the exports.
     _LIST_PLAN: ClassVar[tuple[_Step, ...]] = (
+        _Step(Opt.STARTTLS, _want_tls, _no_data, _tls_reply, _tls_failed),
         _Step(Opt.LIST, _always, _no_data, _list_reply, _give_up),
     )
 

@@ -18,6 +18,7 @@ __all__ = [
     "AbortAcknowledged",
     "BlockSize",
     "ClientEvent",
+    "TLSStarting",
     "ExportInfo",
     "ExportsListed",
     "HandshakeComplete",
@@ -141,6 +142,19 @@ class ReplyReceived:
     reply: Reply
 
 
+@dataclass(frozen=True)
+class TLSStarting:
+    """
+    The server accepted NBD_OPT_STARTTLS: start the TLS handshake now, then
+    call L{ClientConnection.tls_started}; every byte from here on is TLS.
+    """
+
+
 ClientEvent = Union[
-    HandshakeComplete, ExportsListed, HandshakeRefused, AbortAcknowledged, ReplyReceived
+    HandshakeComplete,
+    ExportsListed,
+    HandshakeRefused,
+    AbortAcknowledged,
+    ReplyReceived,
+    TLSStarting,
 ]

@@ -53,6 +53,7 @@ from twisted_nbd.events import (
     ReadRequest,
     Request,
     RequestRejected,
+    StartTLS,
     TrimRequest,
     WriteRequest,
     WriteZeroesRequest,
@@ -60,6 +61,7 @@ from twisted_nbd.events import (
 from twisted_nbd.exports import Export
 from twisted_nbd.extents import plan_sparse_read
 from twisted_nbd.interfaces import Capabilities, Extent
+from twisted_nbd.tls import TLSMode
 
 __all__ = [
     "BASE_ALLOCATION_ID",
@@ -79,6 +81,8 @@ __all__ = [
     "RequestRejected",
     "ServerConfiguration",
     "ServerConnection",
+    "StartTLS",
+    "TLSMode",
     "TrimRequest",
     "WriteRequest",
     "WriteZeroesRequest",
@@ -111,12 +115,21 @@ class ServerConfiguration:
         unread and refused with ERR_TOO_BIG (H-06).
     @ivar structured_replies: offer structured replies (NBD_OPT_STRUCTURED_REPLY).
     @ivar extended_headers: offer extended headers (NBD_OPT_EXTENDED_HEADERS).
+    @ivar tls: whether STARTTLS is refused (C{"off"}), offered
+        (C{"on"}: plaintext is allowed, except for exports that require
+        TLS) or required before anything else (C{"require"}). The caller
+        does the TLS itself when it sees L{StartTLS}.
+    @ivar max_options: a client that sends more options than this in one
+        handshake is dropped (a client needs a handful; an endless stream
+        of them only ties up a slot).
     """
 
     handshake_flags: int = int(w.HandshakeFlags.FIXED_NEWSTYLE | w.HandshakeFlags.NO_ZEROES)
     max_option_data: int = w.MAX_OPTION_DATA
     structured_replies: bool = True
     extended_headers: bool = True
+    tls: TLSMode = "off"
+    max_options: int = 1000
 
 
 class _OptionError(Exception):
@@ -184,6 +197,8 @@ class ServerConnection(SansIOConnection[Event]):
     @ivar tx_flags: its transmission flags, once chosen.
     @ivar rules: its L{TransmissionRules}, once chosen.
     @ivar shutting_down: the server is shutting down (see L{shutdown}).
+    @ivar tls_peer_dn: the subject of the client's TLS certificate, once
+        TLS is up and if it sent one (see L{tls_established}).
     """
 
     def __init__(self, exports: ExportCatalog, config: ServerConfiguration | None = None) -> None:
@@ -192,6 +207,8 @@ class ServerConnection(SansIOConnection[Event]):
         self.config = config if config is not None else ServerConfiguration()
         self.export: Export | None = None
         self.shutting_down = False
+        self.tls_peer_dn: str | None = None
+        self._options_seen = 0
         self.tx_flags = 0
         self.rules: TransmissionRules | None = None
         # An option or write header waiting for its data.
@@ -255,6 +272,11 @@ class ServerConnection(SansIOConnection[Event]):
                 raise ProtocolViolation(
                     f"option {header.option} without fixed newstyle, which allows only EXPORT_NAME"
                 )
+            self._options_seen += 1
+            if self._options_seen > self.config.max_options:
+                raise ProtocolViolation(
+                    f"more than {self.config.max_options} options in one handshake"
+                )
             limit = self.config.max_option_data
             if header.length > limit:
                 # Never buffer it (H-06): throw it away as it arrives.
@@ -297,14 +319,61 @@ class ServerConnection(SansIOConnection[Event]):
             if option == Opt.EXPORT_NAME:
                 raise ProtocolViolation("NBD_OPT_EXPORT_NAME while the server shuts down")
             raise _OptionError(Rep.ERR_SHUTDOWN, "the server is shutting down (H-19)")
+        if (
+            self.config.tls == "require"
+            and not self.negotiated.tls
+            and option not in (Opt.STARTTLS, Opt.ABORT)
+        ):
+            if option == Opt.EXPORT_NAME:
+                raise ProtocolViolation("NBD_OPT_EXPORT_NAME before STARTTLS (S-03)")
+            raise _OptionError(
+                Rep.ERR_TLS_REQD, "TLS is required: send NBD_OPT_STARTTLS first (S-03)"
+            )
 
     def _lookup(self, name: str) -> Export | None:
         """The export C{name} means for this connection, or C{None}."""
-        return self._exports.lookup(name)
+        export = self._exports.lookup(name)
+        if export is not None and not self._visible(export):
+            return None
+        return export
+
+    def _visible(self, export: Export) -> bool:
+        """
+        Whether this connection may see C{export}: an export that requires
+        TLS is hidden from a plaintext connection, and one with a list of
+        allowed client certificates from a connection whose certificate's
+        subject matches none of them.
+        """
+        if export.tls_required and not self.negotiated.tls:
+            return False
+        return export.allows_peer(self.tls_peer_dn)
+
+    def _lookup_for_go(self, name: str) -> Export:
+        """
+        The export INFO and GO mean by C{name}.
+
+        @raise _OptionError: ERR_TLS_REQD for an export that requires TLS
+            before TLS is up (S-04), ERR_POLICY for one the client's
+            certificate is not allowed to use, ERR_UNKNOWN otherwise.
+        """
+        export = self._exports.lookup(name)
+        if export is not None:
+            if export.tls_required and not self.negotiated.tls:
+                raise _OptionError(
+                    Rep.ERR_TLS_REQD, f"export {name!r} requires TLS: send NBD_OPT_STARTTLS (S-04)"
+                )
+            if not export.allows_peer(self.tls_peer_dn):
+                raise _OptionError(
+                    Rep.ERR_POLICY,
+                    f"export {name!r} is not allowed for client certificate "
+                    f"{self.tls_peer_dn or '(none)'}",
+                )
+            return export
+        raise _OptionError(Rep.ERR_UNKNOWN, f"there is no export named {name!r}")
 
     def _listed(self) -> list[Export]:
         """The exports NBD_OPT_LIST shows this connection."""
-        return list(self._exports)
+        return [export for export in self._exports if self._visible(export)]
 
     def _reply(self, option: int, reply: Rep, data: bytes = b"") -> None:
         self._send(w.encode_option_reply(option, reply, data))
@@ -330,10 +399,11 @@ class ServerConnection(SansIOConnection[Event]):
             name = data.decode("utf-8")
         except UnicodeDecodeError:
             raise ProtocolViolation("NBD_OPT_EXPORT_NAME name is not UTF-8") from None
-        export = self._lookup(name)
-        if export is None:
-            # H-09: EXPORT_NAME cannot be answered with an error, only a close.
-            raise ProtocolViolation(f"unknown export {name!r} requested with NBD_OPT_EXPORT_NAME")
+        try:
+            export = self._lookup_for_go(name)
+        except _OptionError as e:
+            # H-09, S-04: EXPORT_NAME cannot be answered with an error, only a close.
+            raise ProtocolViolation(f"NBD_OPT_EXPORT_NAME refused: {e.reason}") from None
         self._enter_transmission(export)
         self._send(
             w.encode_export_name_reply(export.size, self.tx_flags, self.negotiated.no_zeroes)
@@ -355,14 +425,34 @@ class ServerConnection(SansIOConnection[Event]):
 
     def _opt_starttls(self, option: int, data: bytes) -> Event | None:
         self._no_data(option, data)
-        raise _OptionError(Rep.ERR_POLICY, "TLS is not configured on this server (S-02)")
+        if self.config.tls == "off":
+            raise _OptionError(Rep.ERR_POLICY, "TLS is not configured on this server (S-02)")
+        if self.negotiated.tls:
+            raise _OptionError(Rep.ERR_INVALID, "TLS is already on (S-05)")
+        if len(self._buffer):
+            # S-07: the client did not wait for our ACK. Whatever it sent is
+            # neither options (they would be plaintext after STARTTLS) nor
+            # TLS we could trust to be from the handshake: hard close.
+            raise ProtocolViolation(
+                "bytes sent after NBD_OPT_STARTTLS before its reply and the TLS handshake (S-07)"
+            )
+        self._reply(option, Rep.ACK)
+        # S-06: everything negotiated in plaintext is forgotten.
+        self.negotiated = self.negotiated.after_starttls()
+        return StartTLS()
+
+    def tls_established(self, peer_dn: str | None) -> None:
+        """
+        The caller's TLS handshake has finished; C{peer_dn} is the subject
+        of the client's certificate (RFC 4514), if it sent one. Exports
+        that allow only some certificates are judged by it.
+        """
+        self.tls_peer_dn = peer_dn
 
     def _opt_info_or_go(self, option: int, data: bytes) -> Event | None:
         request = w.decode_info_request(data)
-        export = self._lookup(request.name)
-        if export is None:
-            # H-13: no INFO replies before the error; the connection stays usable.
-            raise _OptionError(Rep.ERR_UNKNOWN, f"there is no export named {request.name!r}")
+        # H-13: no INFO replies before an error; the connection stays usable.
+        export = self._lookup_for_go(request.name)
         caps = export.capabilities
         tx_flags = transmission_flags(caps, self.negotiated.structured_replies)
         self._reply(option, Rep.INFO, w.encode_info_export(export.size, tx_flags))

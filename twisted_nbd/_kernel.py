@@ -54,6 +54,8 @@ class Phase(enum.Enum):
     EXPORT_NAME = "waiting for the NBD_OPT_EXPORT_NAME reply"
     #: Client: waiting for the reply to NBD_OPT_ABORT.
     ABORTING = "waiting for the NBD_OPT_ABORT reply"
+    #: Client: STARTTLS was accepted; waiting for the caller to start TLS.
+    STARTING_TLS = "starting TLS"
     TRANSMISSION = "transmission"
     CLOSED = "closed"
 

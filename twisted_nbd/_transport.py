@@ -64,6 +64,9 @@ class ReplyWriter:
             and hasattr(sock, "sendmsg")
         )
         self._socket: socket.socket | None = sock if self.direct else None
+        #: With TLS on the socket (L{twisted_nbd._tls_socket.SocketTLS}),
+        #: replies go through it instead.
+        self.tls: Any = None
 
     def _idle(self) -> bool:
         """Nothing is queued in the transport, and it is open for writing."""
@@ -82,6 +85,15 @@ class ReplyWriter:
         before.
         """
         if not pieces:
+            return
+        tls = self.tls
+        if tls is not None:
+            if not self._idle():
+                self.transport.writeSequence(_as_bytes(pieces))
+                return
+            sent = tls.send_now(pieces)
+            if sent < sum(len(p) for p in pieces):
+                self.transport.writeSequence(_unsent(pieces, sent))
             return
         sock = self._socket
         if sock is None or not self._idle():

@@ -54,10 +54,12 @@ from twisted_nbd._client_connection import (
     Phase,
     Reply,
     ReplyReceived,
+    TLSStarting,
 )
 from twisted_nbd._wire import BASE_ALLOCATION, MAX_U32, Cmd, CmdFlags, Errno, TxFlags
 from twisted_nbd.errors import NBDError, ProtocolViolation
 from twisted_nbd.interfaces import Extent
+from twisted_nbd.tls import TLSClientSettings
 
 __all__ = [
     "BlockSize",
@@ -69,6 +71,7 @@ __all__ = [
     "NBDHandshakeError",
     "ProtocolViolation",
     "Reply",
+    "TLSClientSettings",
     "connect",
     "list_exports",
 ]
@@ -87,8 +90,10 @@ class NBDClientProtocol(Protocol):
     @ivar info: the L{ExportInfo}, once known.
     """
 
-    def __init__(self, connection: ClientConnection) -> None:
+    def __init__(self, connection: ClientConnection, tls: Any = None) -> None:
         self._conn = connection
+        # What transport.startTLS takes (see twisted_nbd.tls.TLSClientSettings).
+        self._tls = tls
         self.handshake: Deferred[Any] = Deferred(self._cancel_handshake)
         self.info: ExportInfo | None = None
         self._requests: dict[int, Deferred[Reply]] = {}
@@ -161,6 +166,14 @@ class NBDClientProtocol(Protocol):
             self._handshake_error = event.error
             if self._conn.phase is Phase.CLOSED:
                 self._close()
+        elif isinstance(event, TLSStarting):
+            transport: Any = self.transport
+            if self._tls is None:
+                self._violation(ProtocolViolation("STARTTLS was accepted but no TLS is set up"))
+                return
+            transport.startTLS(self._tls)
+            self._conn.tls_started()
+            self._flush()
         else:
             assert isinstance(event, AbortAcknowledged)
             self._close()
@@ -594,6 +607,7 @@ def connect(
     structured_replies: bool = True,
     meta_contexts: Sequence[str] = (BASE_ALLOCATION,),
     extended_headers: bool = True,
+    tls: TLSClientSettings | None = None,
 ) -> Deferred[NBDClient]:
     """
     Connect to an NBD server and open an export.
@@ -609,6 +623,8 @@ def connect(
     @param endpoint: where the server is: an endpoint, or a client endpoint
         string such as C{"tcp:127.0.0.1:10809"} or C{"unix:/run/nbd.sock"}.
     @param export_name: the export to open; C{""} is the server's default.
+    @param tls: switch to TLS first with NBD_OPT_STARTTLS (x509 or PSK, see
+        L{TLSClientSettings}); plaintext if C{None}.
     @return: a Deferred that fires with an L{NBDClient}, or fails with
         L{NBDHandshakeError} if the server refuses the export,
         L{ProtocolViolation} if it breaks the protocol, L{ConnectionLost}
@@ -623,24 +639,29 @@ def connect(
             structured_replies=structured_replies,
             meta_contexts=meta_contexts,
             extended_headers=extended_headers,
+            tls="off" if tls is None else ("require" if tls.require else "allow"),
         )
+        creator = tls.client_creator() if tls is not None else None
     except ValueError as e:
         return fail(e)
-    return Deferred.fromCoroutine(_open(reactor, endpoint, config))
+    return Deferred.fromCoroutine(_open(reactor, endpoint, config, creator))
 
 
 async def _open(
-    reactor: Any, endpoint: IStreamClientEndpoint | str, config: ClientConfiguration
+    reactor: Any,
+    endpoint: IStreamClientEndpoint | str,
+    config: ClientConfiguration,
+    tls: Any = None,
 ) -> NBDClient:
     conn = ClientConnection(config)
-    proto = NBDClientProtocol(conn)
+    proto = NBDClientProtocol(conn, tls)
     await connectProtocol(_endpoint(reactor, endpoint), proto)
     await proto.handshake
     return NBDClient(proto, conn)
 
 
 def list_exports(
-    reactor: Any, endpoint: IStreamClientEndpoint | str
+    reactor: Any, endpoint: IStreamClientEndpoint | str, tls: TLSClientSettings | None = None
 ) -> Deferred[list[tuple[str, str]]]:
     """
     Ask a server for its exports with NBD_OPT_LIST, then end the session
@@ -653,11 +674,19 @@ def list_exports(
         if the server refuses to list, L{ProtocolViolation} or
         L{ConnectionLost}.
     """
-    return Deferred.fromCoroutine(_list(reactor, endpoint))
+    try:
+        creator = tls.client_creator() if tls is not None else None
+    except ValueError as e:
+        return fail(e)
+    mode = "off" if tls is None else ("require" if tls.require else "allow")
+    return Deferred.fromCoroutine(_list(reactor, endpoint, mode, creator))
 
 
-async def _list(reactor: Any, endpoint: IStreamClientEndpoint | str) -> list[tuple[str, str]]:
-    proto = NBDClientProtocol(ClientConnection(ClientConfiguration(list_exports=True)))
+async def _list(
+    reactor: Any, endpoint: IStreamClientEndpoint | str, mode: str, tls: Any
+) -> list[tuple[str, str]]:
+    config = ClientConfiguration(list_exports=True, tls=mode)
+    proto = NBDClientProtocol(ClientConnection(config), tls)
     await connectProtocol(_endpoint(reactor, endpoint), proto)
     exports: list[tuple[str, str]] = await proto.handshake
     return exports

@@ -26,6 +26,13 @@ A config file (C{twistd nbd --config exports.toml}) looks like this::
     backend = "pattern:size=1G" # any backend by name (or a table: {name = "pattern", size = "1G"})
     filters = ["cow", { name = "delay", delay = "10ms", ops = "read" }]   # outermost first
 
+    [limits]                    # optional; the command line overrides each
+    handshake-timeout = 10      # seconds to choose an export; 0 never
+    idle-timeout = 0            # seconds idle in transmission before a close; 0 never
+    max-connections = 1000      # 0: no cap
+    max-negotiating = 100       # 0: no cap
+    allow = ["127.0.0.0/8", "::1", "10.0.0.0/8"]   # where clients may come from
+
 Every mistake is reported as L{ConfigError} naming the file, the line and
 the reason.
 """
@@ -36,12 +43,14 @@ import os
 import re
 import stat
 import tomllib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from twisted_nbd.exports import check_block_sizes, check_text
 from twisted_nbd.interfaces import Capabilities
+from twisted_nbd.limits import Limits
 from twisted_nbd.registry import PATH, PluginError, PluginRef, parse_ref, registry
+from twisted_nbd.tls import TLSError, TLSSettings
 
 __all__ = [
     "DEFAULT_LISTEN",
@@ -200,6 +209,9 @@ class ExportSpec:
         L{with_backend}), which worker processes know how to share.
     @ivar filters: the filters around the backend, outermost (nearest the
         client) first, as nbdkit stacks them.
+    @ivar tls_required: only clients that have switched to TLS see it.
+    @ivar tls_allow_dn: if not empty, only clients whose certificate's
+        subject DN matches one of these patterns see it.
     """
 
     name: str = ""
@@ -213,6 +225,14 @@ class ExportSpec:
     max_block: int | None = None
     backend_ref: PluginRef | None = None
     filters: tuple[PluginRef, ...] = ()
+    tls_required: bool = False
+    tls_allow_dn: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # JSON (the workers' settings) turns tuples into lists.
+        allow: Any = self.tls_allow_dn
+        if not isinstance(allow, tuple):
+            object.__setattr__(self, "tls_allow_dn", tuple(allow))
 
     @property
     def backend(self) -> str:
@@ -336,6 +356,9 @@ class Config:
     @ivar workers: how many processes serve the connections; with more
         than one, this process only accepts them and hands them out (see
         L{twisted_nbd.workers}).
+    @ivar tls: the server's TLS settings (off by default).
+    @ivar limits: who may connect, how many at once, and the handshake and
+        idle timeouts (see L{twisted_nbd.limits}).
     """
 
     exports: list[ExportSpec]
@@ -346,6 +369,8 @@ class Config:
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
     workers: int = 1
     poll_max: float = DEFAULT_POLL_MAX
+    tls: TLSSettings = field(default_factory=TLSSettings)
+    limits: Limits = field(default_factory=Limits)
 
 
 def absolute_paths(kind: str, ref: PluginRef, base: str) -> PluginRef:
@@ -422,6 +447,18 @@ def check_config(config: Config) -> None:
         raise ConfigError("the number of workers must be at least 1")
     if not 0 <= config.poll_max <= 0.01:
         raise ConfigError("the poll time must be from 0 to 10000 microseconds")
+    for spec in config.exports:
+        if (spec.tls_required or spec.tls_allow_dn) and config.tls.mode == "off":
+            raise ConfigError(f"export {spec.name!r} requires TLS, but TLS is off (--tls)")
+        if spec.tls_allow_dn and not config.tls.verify_peer:
+            raise ConfigError(
+                f"export {spec.name!r} allows clients by certificate DN, "
+                "which needs --tls-verify-peer"
+            )
+    try:
+        config.tls.check()
+    except TLSError as e:
+        raise ConfigError(str(e)) from None
 
 
 _EXPORT_KEYS = {
@@ -436,6 +473,8 @@ _EXPORT_KEYS = {
     "max-block",
     "backend",
     "filters",
+    "tls",
+    "tls-allow-dn",
 }
 _BLOCK_KEYS = ("min-block", "preferred-block", "max-block")
 _HEADER = re.compile(r"^\s*\[\[\s*export\s*\]\]")
@@ -457,6 +496,27 @@ class _Lines:
             end = self.headers[index + 1] if index + 1 < len(self.headers) else len(self.lines)
         else:
             return 1
+        if key is not None:
+            pattern = re.compile(rf"^\s*[\"']?{re.escape(key)}[\"']?\s*=")
+            for number in range(start, end):
+                if pattern.match(self.lines[number]):
+                    return number + 1
+        return start + 1
+
+    def of_table(self, table: str, key: str | None = None) -> int:
+        """The 1-based line of C{key} in the C{[table]} table (or of its header)."""
+        header = re.compile(rf"^\s*\[\s*{re.escape(table)}\s*\]")
+        start = next((i for i, line in enumerate(self.lines) if header.match(line)), None)
+        if start is None:
+            return 1
+        end = next(
+            (
+                i
+                for i in range(start + 1, len(self.lines))
+                if self.lines[i].lstrip().startswith("[")
+            ),
+            len(self.lines),
+        )
         if key is not None:
             pattern = re.compile(rf"^\s*[\"']?{re.escape(key)}[\"']?\s*=")
             for number in range(start, end):
@@ -494,8 +554,10 @@ def load_config(path: str) -> Config:
         return ConfigError(f"{path}:{lines.of(index, key)}: {reason}")
 
     for key in data:
-        if key not in ("default", "export"):
-            raise fail(None, key, f"unknown setting {key!r} (expected 'default' or [[export]])")
+        if key not in ("default", "export", "limits"):
+            raise fail(
+                None, key, f"unknown setting {key!r} (expected 'default', [[export]] or [limits])"
+            )
     tables = data.get("export", [])
     if not isinstance(tables, list) or not tables:
         raise fail(None, "export", "no exports: add at least one [[export]] table")
@@ -536,7 +598,50 @@ def load_config(path: str) -> Config:
             raise fail(None, "default", "'default' must be the name of an export")
         if default not in names:
             raise fail(None, "default", f"the default export {default!r} is not defined")
-    return Config(specs, default)
+    limits = Limits()
+    if "limits" in data:
+        try:
+            limits = _limits(data["limits"])
+        except _KeyError as e:
+            raise ConfigError(f"{path}:{lines.of_table('limits', e.key)}: {e.reason}") from None
+    return Config(specs, default, limits=limits)
+
+
+#: The keys of the [limits] table, and the L{Limits} field each sets.
+_LIMIT_KEYS = {
+    "handshake-timeout": "handshake_timeout",
+    "idle-timeout": "idle_timeout",
+    "max-connections": "max_connections",
+    "max-negotiating": "max_negotiating",
+    "allow": "allow",
+}
+
+
+def _limits(table: object) -> Limits:
+    """Build L{Limits} from the [limits] table, converting types."""
+    if not isinstance(table, dict):
+        raise _KeyError("limits", "'limits' must be a [limits] table")
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in _LIMIT_KEYS:
+            raise _KeyError(key, f"unknown limits setting {key!r}")
+        if key.endswith("timeout"):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise _KeyError(key, f"{key!r} must be a number of seconds")
+            value = float(value)
+        elif key == "allow":
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise _KeyError(key, "'allow' must be a list of networks, e.g. [\"10.0.0.0/8\"]")
+            value = tuple(value)
+        elif isinstance(value, bool) or not isinstance(value, int):
+            raise _KeyError(key, f"{key!r} must be a whole number (0: no cap)")
+        try:
+            # One at a time, so a mistake points at its own line.
+            Limits(**{_LIMIT_KEYS[key]: value})
+        except ValueError as e:
+            raise _KeyError(key, f"[limits] {key}: {e}") from None
+        values[_LIMIT_KEYS[key]] = value
+    return Limits(**values)
 
 
 class _KeyError(Exception):
@@ -571,6 +676,14 @@ def _spec(table: dict[str, Any], base: str) -> ExportSpec:
     read_only = table.get("read-only", False)
     if not isinstance(read_only, bool):
         raise _KeyError("read-only", "'read-only' must be true or false")
+    tls = table.get("tls", "inherit")
+    if tls not in ("inherit", "require"):
+        raise _KeyError("tls", '\'tls\' must be "require" (or "inherit", the default)')
+    allow = table.get("tls-allow-dn", [])
+    if isinstance(allow, str):
+        allow = [allow]
+    if not isinstance(allow, list) or not all(isinstance(a, str) and a for a in allow):
+        raise _KeyError("tls-allow-dn", "'tls-allow-dn' must be a list of DN patterns")
     image = table.get("image")
     if image is not None:
         if not isinstance(image, str) or not image:
@@ -591,6 +704,8 @@ def _spec(table: dict[str, Any], base: str) -> ExportSpec:
         preferred_block=size("preferred-block"),
         max_block=size("max-block"),
         filters=refs,
+        tls_required=tls == "require",
+        tls_allow_dn=tuple(allow),
     )
     if "backend" in table:
         if image is not None or "memory" in table:

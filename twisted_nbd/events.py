@@ -29,6 +29,7 @@ __all__ = [
     "ReadRequest",
     "Request",
     "RequestRejected",
+    "StartTLS",
     "TrimRequest",
     "WriteRequest",
     "WriteZeroesRequest",
@@ -40,6 +41,14 @@ class ExportChosen:
     """The handshake is over: transmission on C{export} starts."""
 
     export: Export
+
+
+@dataclass(slots=True)
+class StartTLS:
+    """
+    The client sent NBD_OPT_STARTTLS and its ACK is queued: send it, then
+    start the TLS handshake; every byte after the ACK is TLS (S-06).
+    """
 
 
 @dataclass(slots=True)
@@ -164,6 +173,7 @@ Request = Union[
 
 Event = Union[
     ExportChosen,
+    StartTLS,
     Aborted,
     OptionRejected,
     RequestRejected,

@@ -21,6 +21,7 @@ L{Export} to what code builds.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from fnmatch import fnmatchcase
 from typing import Callable, Iterable, Iterator
 
 from twisted_nbd._wire import MAX_STRING
@@ -103,6 +104,11 @@ class Export:
     @ivar max_block: likewise the maximum payload.
     @ivar connection_layers: per-connection layers (see L{ConnectionLayer})
         that L{attach} wraps around C{device}, innermost first.
+    @ivar tls_required: only connections that have done STARTTLS may see
+        and use the export (nbd-server's C{force_tls}, the spec's
+        SELECTIVETLS).
+    @ivar allowed_dns: if not empty, only clients whose certificate's
+        subject DN matches one of these patterns may see and use it.
     """
 
     name: str
@@ -113,12 +119,25 @@ class Export:
     preferred_block: int | None = None
     max_block: int | None = None
     connection_layers: tuple[ConnectionLayer, ...] = ()
+    tls_required: bool = False
+    allowed_dns: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_text("the export name", self.name)
         check_text("the export description", self.description)
         caps = self.capabilities
         check_block_sizes(caps.min_block, caps.preferred_block, caps.max_block)
+
+    def allows_peer(self, dn: str | None) -> bool:
+        """
+        Whether a client whose TLS certificate has subject C{dn} (RFC 4514;
+        C{None}: no certificate) may use this export: always, unless
+        C{allowed_dns} lists patterns (shell-style, case-sensitive, as
+        qemu's C{authz-simple}), one of which must match.
+        """
+        if not self.allowed_dns:
+            return True
+        return dn is not None and any(fnmatchcase(dn, pattern) for pattern in self.allowed_dns)
 
     def attach(self, context: ConnectionContext) -> Attachment:
         """

@@ -52,6 +52,7 @@ class ConnectionInfo:
         seconds.
     @ivar export: the name of the export chosen, once the handshake is over.
     @ivar tls: whether the connection is encrypted.
+    @ivar tls_peer: the subject DN of the client's TLS certificate, if any.
     """
 
     peer: str
@@ -59,6 +60,7 @@ class ConnectionInfo:
     id: int = field(default_factory=lambda: next(_ids))
     export: str | None = None
     tls: bool = False
+    tls_peer: str = ""
 
 
 class IServerObserver(Interface):

@@ -24,25 +24,34 @@ Each kind of event has one handler in L{NBDServerProtocol._DISPATCH}; a
 new command is one more entry. Observers
 (L{twisted_nbd.observers.IServerObserver}) see connections and requests
 come and go; with none, the per-request path does not even read the clock.
-A handshake deadline (L{twisted.protocols.policies.TimeoutMixin}) belongs
-in L{NBDServerProtocol.connectionMade}, next to where the transmission
-phase starts in L{NBDServerProtocol._export_chosen}.
+Connection limits (L{twisted_nbd.limits}) hook in at four points: the
+factory's C{buildProtocol} refuses a connection before the greeting, and a
+L{ConnectionGuard} is told of the connection being made, of data arriving,
+of the export being chosen and of the connection being lost.
 """
 
 from __future__ import annotations
 
 import socket
 import time
+from fnmatch import fnmatchcase
 from typing import Any, Callable, ClassVar, Iterable, Sequence, cast
 
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred, DeferredList, FirstError, gatherResults, maybeDeferred
-from twisted.internet.interfaces import IConsumer, IPushProducer, IReactorTime, ITCPTransport
+from twisted.internet.interfaces import (
+    IConsumer,
+    IHandshakeListener,
+    IPushProducer,
+    IReactorTime,
+    ITCPTransport,
+)
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from twisted_nbd import _tls_socket
 from twisted_nbd._connection import (
     NEED_DATA,
     Aborted,
@@ -57,6 +66,7 @@ from twisted_nbd._connection import (
     RequestRejected,
     ServerConfiguration,
     ServerConnection,
+    StartTLS,
     TrimRequest,
     WriteRequest,
     WriteZeroesRequest,
@@ -72,7 +82,9 @@ from twisted_nbd.config import (
 from twisted_nbd.errors import NBDError, ProtocolViolation
 from twisted_nbd.exports import ConnectionContext, ExportRegistry
 from twisted_nbd.interfaces import Extent, IBlockDevice, IBufferRead, ISparseRead, Segment
+from twisted_nbd.limits import ConnectionGuard, ConnectionSlots, Limits
 from twisted_nbd.observers import ConnectionInfo, IServerObserver
+from twisted_nbd.tls import peer_psk_identity, peer_subject, session_description
 
 __all__ = [
     "DEFAULT_MAX_BYTES_IN_FLIGHT",
@@ -150,6 +162,17 @@ def _check_segments(request: ReadRequest, segments: Sequence[Segment]) -> None:
         raise RuntimeError(f"sparse read segments end at {position}, not at the end of the read")
 
 
+def _tls_failure(reason: Failure) -> str:
+    """One line for why a TLS handshake ended."""
+    value = reason.value
+    args = getattr(value, "args", ())
+    if args and isinstance(args[0], list):
+        parts = [str(item[-1]) for item in args[0] if isinstance(item, tuple) and item]
+        if parts:
+            return "; ".join(parts)
+    return str(value) or type(value).__name__
+
+
 def describe_address(address: object) -> str:
     """
     An address as people write it: C{127.0.0.1:5000}, C{[::1]:5000},
@@ -166,7 +189,7 @@ def describe_address(address: object) -> str:
     return str(address)
 
 
-@implementer(IPushProducer)
+@implementer(IPushProducer, IHandshakeListener)
 class NBDServerProtocol(Protocol):
     """
     One NBD connection.
@@ -188,6 +211,8 @@ class NBDServerProtocol(Protocol):
         observers: Sequence[IServerObserver] = (),
         clock: Callable[[], float] = time.monotonic,
         poll_max: float = DEFAULT_POLL_MAX,
+        tls: Any = None,
+        tls_allow_dns: Sequence[str] = (),
     ) -> None:
         if max_queue_depth < 1 or max_bytes_in_flight < 1:
             raise ValueError("the queue depth and byte limits must be at least 1")
@@ -234,6 +259,15 @@ class NBDServerProtocol(Protocol):
         self._out_views = False
         self._out: list[Piece] = []
         self._out_bytes = 0
+        # What transport.startTLS takes (see twisted_nbd.tls), and the
+        # subject patterns a client certificate must match.
+        self._tls = tls
+        self._tls_allow_dns = tuple(tls_allow_dns)
+        self._tls_started = False
+        self._tls_done = False
+        self._socket_tls: _tls_socket.SocketTLS | None = None
+        # The factory's limits for this connection (see twisted_nbd.limits).
+        self._guard: ConnectionGuard | None = None
 
     # ------------------------------------------------------------ IProtocol
 
@@ -253,10 +287,13 @@ class NBDServerProtocol(Protocol):
             # fewer system calls and dataReceived calls per request under load.
             cast(Any, transport).bufferSize = READ_SIZE
         self.info = ConnectionInfo(peer=self._peer(), started=self._clock())
+        factory = self.factory
+        if isinstance(factory, NBDServerFactory):
+            # Counted before observers hear of it (workers report the counts).
+            self._guard = factory.slots.guard(self._limit_expired, self._busy)
         for observer in self._observers:
             self._notify(observer.connection_made, self.info)
         self._flush_outbox()
-        factory = self.factory
         if isinstance(factory, NBDServerFactory):
             factory.connections.add(self)
             if factory.shutting_down:
@@ -265,6 +302,9 @@ class NBDServerProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._closed:
             return
+        guard = self._guard
+        if guard is not None:
+            guard.active = True
         poll_max = self.poll_max
         if poll_max:
             # How long the client took to send more after we went idle: a
@@ -340,6 +380,14 @@ class NBDServerProtocol(Protocol):
             deadline = now() + window
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._tls_started and not self._tls_done and self._lost_reason == "closed":
+            # The client went away or sent something that is not TLS.
+            self._lost_reason = f"TLS handshake failed: {_tls_failure(reason)}"
+            self.log.warn(
+                "TLS handshake with {peer} failed: {reason}",
+                peer=self.info.peer,
+                reason=_tls_failure(reason),
+            )
         # Late backend results are dropped from here on (see _send).
         self._closed = True
         if self._receiver is not None:
@@ -353,6 +401,9 @@ class NBDServerProtocol(Protocol):
         factory = self.factory
         if isinstance(factory, NBDServerFactory):
             factory.connections.discard(self)
+        if self._guard is not None:
+            # Every slot goes back here, whatever closed the connection.
+            self._guard.lost()
         for observer in self._observers:
             self._notify(observer.connection_lost, self.info, self._lost_reason)
         waiting, self._lost = self._lost, []
@@ -386,6 +437,50 @@ class NBDServerProtocol(Protocol):
         if not self._closed:
             self._lost_reason = "aborted"
             self._abort()
+
+    # ------------------------------------------------------------ limits
+
+    def _busy(self) -> bool:
+        """Whether the connection has work under way (then it is not idle)."""
+        receiver = self._receiver
+        return bool(
+            self.in_flight
+            or self._transport_paused
+            or self._disconnecting
+            or (receiver is not None and receiver.active)
+        )
+
+    def _limit_expired(self, kind: str) -> None:
+        """
+        A deadline of L{twisted_nbd.limits} passed: a client still
+        negotiating is dropped (H-18 allows a hard close against a denial of
+        service); an idle one is closed gracefully, as after NBD_CMD_DISC.
+        """
+        if self._closed:
+            return
+        factory = self.factory
+        if not isinstance(factory, NBDServerFactory):
+            return
+        limits = factory.slots.limits
+        if kind == "handshake-timeout":
+            factory.slots.drop(
+                kind,
+                "Dropping client {peer}: no export chosen within {timeout}s (--handshake-timeout)",
+                peer=self.info.peer,
+                timeout=limits.handshake_timeout,
+            )
+            self._lost_reason = "handshake timeout"
+            self._abort()
+        else:
+            factory.slots.drop(
+                kind,
+                "Closing client {peer}: idle for {timeout}s (--idle-timeout)",
+                peer=self.info.peer,
+                timeout=limits.idle_timeout,
+            )
+            self._lost_reason = "idle timeout"
+            self._disconnecting = True
+            self._maybe_close()
 
     # ------------------------------------------------------------ IPushProducer
 
@@ -483,6 +578,9 @@ class NBDServerProtocol(Protocol):
         elif not wait and self._reading_paused:
             self._reading_paused = False
             cast(IPushProducer, self.transport).resumeProducing()
+            if self._socket_tls is not None:
+                # OpenSSL may hold records the socket will not announce again.
+                self._socket_tls.resume_reading()
 
     def _flush_outbox(self) -> None:
         out = self._conn.data_to_send()
@@ -547,6 +645,8 @@ class NBDServerProtocol(Protocol):
         device = attachment.device
         self._read_buffer = device.read_buffer if IBufferRead.providedBy(device) else None
         self.info.export = export.name
+        if self._guard is not None:
+            self._guard.export_chosen()
         self.log.info("Client {peer} uses export {name!r}", peer=self.info.peer, name=export.name)
         for observer in self._observers:
             self._notify(observer.export_chosen, self.info, export.name)
@@ -579,6 +679,90 @@ class NBDServerProtocol(Protocol):
             self._notify(
                 observer.option_refused, self.info, event.option, int(event.reply), event.reason
             )
+
+    def _start_tls(self, event: StartTLS) -> None:
+        """
+        STARTTLS was accepted and its ACK is queued: send it in plaintext,
+        then switch the transport to TLS (S-06). The direct socket paths
+        (sendmsg replies, recv_into payloads, polling) would bypass TLS, so
+        they end here.
+        """
+        transport = self.transport
+        assert transport is not None and self._tls is not None
+        self._flush_outbox()
+        self._flush_out()
+        if self._writer is not None:
+            self._writer.direct = False
+            self._writer._socket = None
+        if self._receiver is not None:
+            self._receiver.possible = False
+        self._socket = None
+        self._tls_started = True
+        self.info.tls = True
+        context = getattr(self._tls, "context", None)
+        if (
+            context is not None
+            and self._writer is not None
+            and self._writer._idle()
+            and _tls_socket.possible(transport)
+        ):
+            # The ACK is in the kernel already: OpenSSL can take the socket
+            # over (see twisted_nbd._tls_socket: a third of the CPU per byte).
+            self._socket_tls = _tls_socket.SocketTLS(
+                transport,
+                context,
+                self.handshakeCompleted,
+                self._tls_failed,
+                lambda: not self._reading_paused,
+            )
+            self._writer.tls = self._socket_tls
+            return
+        # Twisted sends what is already buffered before the handshake starts.
+        cast(Any, transport).startTLS(self._tls)
+
+    def _tls_failed(self, reason: str) -> None:
+        """The TLS session on the socket failed (see L{_start_tls})."""
+        if self._lost_reason == "closed":
+            what = "TLS handshake" if not self._tls_done else "TLS session"
+            self._lost_reason = f"{what} failed: {reason}"
+            self.log.warn(
+                "{what} with {peer} failed: {reason}",
+                what=what,
+                peer=self.info.peer,
+                reason=reason,
+            )
+
+    def handshakeCompleted(self) -> None:  # noqa: N802 - IHandshakeListener's name
+        """
+        The TLS handshake is done: authorise the client's certificate and
+        let the connection judge exports by it.
+        """
+        self._tls_done = True
+        handle: Any = (
+            self._socket_tls.connection if self._socket_tls is not None else self.transport
+        )
+        dn = peer_subject(handle)
+        allowed = self._tls_allow_dns
+        if allowed and (dn is None or not any(fnmatchcase(dn, p) for p in allowed)):
+            self.log.warn(
+                "Dropping client {peer}: certificate {dn} is not allowed (--tls-allow-dn)",
+                peer=self.info.peer,
+                dn=dn or "(none)",
+            )
+            self._lost_reason = f"TLS client certificate {dn or '(none)'} not allowed"
+            self._abort()
+            return
+        self._conn.tls_established(dn)
+        identity = None if dn else peer_psk_identity(handle)
+        self.info.tls_peer = dn or (f"PSK {identity}" if identity else "")
+        self.log.info(
+            "Client {peer} switched to TLS ({version}){certificate}",
+            peer=self.info.peer,
+            version=session_description(handle),
+            certificate=f", certificate {dn}"
+            if dn
+            else (f", PSK identity {identity}" if identity else ""),
+        )
 
     def _disconnect(self, event: Aborted | DisconnectRequest) -> None:
         self._disconnecting = True
@@ -826,6 +1010,7 @@ class NBDServerProtocol(Protocol):
         OptionRejected: _option_rejected,
         Aborted: _disconnect,
         DisconnectRequest: _disconnect,
+        StartTLS: _start_tls,
     }
 
     # How each kind of result becomes a reply.
@@ -993,7 +1178,16 @@ class NBDServerFactory(Factory):
     @param config: how connections behave (L{ServerConfiguration}).
     @param poll_max: the longest a connection busy-polls for its client's
         next request (see L{NBDServerProtocol._poll}), in seconds; 0 never.
+    @param tls: what C{transport.startTLS} takes when a client sends
+        STARTTLS (L{twisted_nbd.tls.TLSSettings.server_creator}); C{None}
+        when C{config.tls} is C{"off"}.
+    @param tls_allow_dns: patterns a client certificate's subject must
+        match (see L{twisted_nbd.tls.TLSSettings.allow_dns}).
+    @param limits: who may connect, how many at once, and the handshake
+        and idle timeouts (L{Limits}; the defaults if C{None}). The
+        timeouts need C{reactor}: without one there are none.
     @ivar connections: the open connections.
+    @ivar slots: the L{ConnectionSlots} that counts them.
     """
 
     protocol = NBDServerProtocol
@@ -1008,8 +1202,13 @@ class NBDServerFactory(Factory):
         reactor: IReactorTime | None = None,
         config: ServerConfiguration | None = None,
         poll_max: float = DEFAULT_POLL_MAX,
+        tls: Any = None,
+        tls_allow_dns: Sequence[str] = (),
+        limits: Limits | None = None,
     ) -> None:
         self.registry = registry
+        self.tls = tls
+        self.tls_allow_dns = tuple(tls_allow_dns)
         self.poll_max = poll_max
         self.max_queue_depth = max_queue_depth
         self.max_bytes_in_flight = max_bytes_in_flight
@@ -1020,6 +1219,22 @@ class NBDServerFactory(Factory):
         )
         self.connections: set[NBDServerProtocol] = set()
         self.shutting_down = False
+        self.slots = ConnectionSlots(limits, reactor)
+
+    @property
+    def limits(self) -> Limits:
+        """The L{Limits} this factory applies."""
+        return self.slots.limits
+
+    @property
+    def connection_count(self) -> int:
+        """How many connections are open."""
+        return self.slots.connections
+
+    @property
+    def negotiating_count(self) -> int:
+        """How many open connections have not chosen an export yet."""
+        return self.slots.negotiating
 
     def add_observer(self, observer: IServerObserver) -> None:
         """Tell C{observer} of connections made from now on, and their requests."""
@@ -1061,7 +1276,11 @@ class NBDServerFactory(Factory):
 
         return closed.addCallback(done)
 
-    def buildProtocol(self, addr: object) -> NBDServerProtocol:
+    def buildProtocol(self, addr: object) -> NBDServerProtocol | None:
+        # Refused before the greeting: no protocol, so Twisted closes the
+        # socket at once and nothing is allocated for it.
+        if not self.slots.admit(addr, describe_address(addr)):
+            return None
         proto = NBDServerProtocol(
             self.registry,
             max_queue_depth=self.max_queue_depth,
@@ -1070,6 +1289,8 @@ class NBDServerFactory(Factory):
             observers=self.observers,
             clock=self._clock,
             poll_max=self.poll_max,
+            tls=self.tls,
+            tls_allow_dns=self.tls_allow_dns,
         )
         proto.factory = self
         return proto

@@ -28,6 +28,7 @@ from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
+from twisted_nbd._connection import ServerConfiguration
 from twisted_nbd.backends import OpenContext, open_backend
 from twisted_nbd.config import Config, ConfigError, ExportSpec, check_config
 from twisted_nbd.exports import ConnectionContext, ConnectionLayer, Export, ExportRegistry
@@ -35,6 +36,7 @@ from twisted_nbd.interfaces import IBlockDevice
 from twisted_nbd.observers import IServerObserver
 from twisted_nbd.protocol import NBDServerFactory
 from twisted_nbd.registry import FilterPlugin
+from twisted_nbd.tls import TLSError
 
 __all__ = [
     "IO_THREADS",
@@ -42,6 +44,7 @@ __all__ = [
     "NBDService",
     "build",
     "connection_layers",
+    "make_factory",
     "open_exports",
     "with_filters",
 ]
@@ -112,6 +115,39 @@ def export_of(
         preferred_block=spec.preferred_block,
         max_block=spec.max_block,
         connection_layers=layers,
+        tls_required=spec.tls_required,
+        allowed_dns=spec.tls_allow_dn,
+    )
+
+
+def make_factory(
+    config: Config,
+    registry: ExportRegistry,
+    reactor: Any,
+    observers: Iterable[IServerObserver] = (),
+) -> NBDServerFactory:
+    """
+    The factory that serves C{registry} as C{config} says (its limits and
+    TLS); a worker process makes its own the same way.
+
+    @raise ConfigError: the TLS files do not load.
+    """
+    tls = config.tls
+    try:
+        creator = tls.server_creator() if tls.mode != "off" else None
+    except TLSError as e:
+        raise ConfigError(str(e)) from None
+    return NBDServerFactory(
+        registry,
+        max_queue_depth=config.max_queue_depth,
+        max_bytes_in_flight=config.max_bytes_in_flight,
+        observers=observers,
+        reactor=reactor,
+        poll_max=config.poll_max,
+        limits=config.limits,
+        config=ServerConfiguration(tls=tls.mode),
+        tls=creator,
+        tls_allow_dns=tls.allow_dns,
     )
 
 
@@ -287,14 +323,7 @@ def build(
     registry, device_service = open_exports(
         config, reactor, min(IO_THREADS, config.max_queue_depth)
     )
-    factory = NBDServerFactory(
-        registry,
-        max_queue_depth=config.max_queue_depth,
-        max_bytes_in_flight=config.max_bytes_in_flight,
-        observers=observers,
-        reactor=reactor,
-        poll_max=config.poll_max,
-    )
+    factory = make_factory(config, registry, reactor, observers)
     top = NBDService(factory, reactor, config.shutdown_timeout)
     # Typed as a plain Service: mypy sees the inherited methods as Twisted's.
     owner: Service = device_service

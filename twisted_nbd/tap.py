@@ -43,7 +43,15 @@ from twisted_nbd.config import (
     parse_size,
     with_backend,
 )
+from twisted_nbd.limits import (
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_NEGOTIATING,
+    Limits,
+    parse_network,
+)
 from twisted_nbd.registry import PluginError, PluginRef, describe, parse_ref, registry
+from twisted_nbd.tls import TLS_MODES, TLSError, TLSSettings
 
 __all__ = [
     "DEFAULT_LISTEN",
@@ -69,6 +77,7 @@ Examples:
   twistd nbd --filter cow:help
   twistd -n nbd --image disk.img --size 10G --name disk
   twistd -n nbd --image /dev/vg0/vm1 --read-only --listen tcp:10809:interface=127.0.0.1
+  twistd -n nbd --image disk.img --allow 192.0.2.0/24 --allow 2001:db8::/32 --idle-timeout 600
   nbdinfo nbd://127.0.0.1
   qemu-img info nbd://127.0.0.1:10809
 """
@@ -143,11 +152,18 @@ class Options(usage.Options):
         "empty export name get the default export. SIZE is a number of "
         "bytes with an optional K, M, G, T or P suffix (or KiB, MiB, ...), all powers of "
         "1024: 512, 64K, 512M, 1G, 2T. --listen takes a Twisted server endpoint string "
-        "and may be repeated."
+        "and may be repeated. --allow, --max-connections, --max-negotiating, "
+        "--handshake-timeout and --idle-timeout limit who may connect, how many at once and "
+        "for how long (Unix-socket clients are always allowed)."
     )
 
     optFlags = [
         ["read-only", "r", "Serve the device read-only: every write is refused with EPERM."],
+        [
+            "tls-verify-peer",
+            None,
+            "With TLS, require a client certificate signed by --tls-ca.",
+        ],
     ]
 
     optParameters = [
@@ -219,11 +235,66 @@ class Options(usage.Options):
             "MICROSECONDS when the client answers that fast (0: never).",
         ],
         [
+            "tls",
+            None,
+            None,
+            "TLS (STARTTLS): off; on (offered, plaintext allowed); require (nothing "
+            "but STARTTLS before TLS) [default: on when certificates or a PSK file "
+            "are given, else off].",
+        ],
+        [
+            "tls-certificates",
+            None,
+            None,
+            "DIR holding server-cert.pem, server-key.pem and ca-cert.pem (the layout "
+            "nbdkit, qemu and libnbd share).",
+        ],
+        ["tls-cert", None, None, "The server's certificate chain (PEM FILE)."],
+        ["tls-key", None, None, "The server's private key (PEM FILE)."],
+        ["tls-ca", None, None, "CA certificates (PEM FILE) that sign client certificates."],
+        [
+            "tls-psk",
+            None,
+            None,
+            "Use pre-shared keys from FILE (username:hexkey lines, as psktool writes) "
+            "instead of certificates.",
+        ],
+        [
             "workers",
             "w",
             "1",
             "Serve connections from N processes, each on its own core; this one then only "
             "accepts and hands them out.",
+        ],
+        # The limits default to None here so that a [limits] table in --config
+        # applies unless the command line says otherwise.
+        [
+            "handshake-timeout",
+            None,
+            None,
+            "Drop a client that has not chosen an export (TLS included) this many SECONDS "
+            f"after connecting; 0: never [default: {DEFAULT_HANDSHAKE_TIMEOUT:g}].",
+        ],
+        [
+            "idle-timeout",
+            None,
+            None,
+            "Close a connection that has had no request in flight and sent nothing for "
+            "this many SECONDS; 0: never [default: 0].",
+        ],
+        [
+            "max-connections",
+            None,
+            None,
+            "Refuse new connections (closed before the greeting) while N are open; 0: no cap "
+            f"[default: {DEFAULT_MAX_CONNECTIONS}].",
+        ],
+        [
+            "max-negotiating",
+            None,
+            None,
+            "Refuse new connections while N are still negotiating; 0: no cap "
+            f"[default: {DEFAULT_MAX_NEGOTIATING}].",
         ],
     ]
 
@@ -232,8 +303,18 @@ class Options(usage.Options):
     def __init__(self) -> None:
         usage.Options.__init__(self)
         self["listen"] = []
+        self["tls-allow-dn"] = []
+        self["allow"] = []
         self["backend"] = None
         self["filter"] = []
+
+    def opt_tls_allow_dn(self, pattern: str) -> None:
+        """
+        With --tls-verify-peer, allow only clients whose certificate's subject
+        DN (RFC 4514, e.g. CN=alice,O=Example) matches this shell-style
+        PATTERN; repeat for more.
+        """
+        self["tls-allow-dn"].append(pattern)
 
     def _ref(self, text: str, kind: str) -> PluginRef:
         """
@@ -269,6 +350,14 @@ class Options(usage.Options):
         self["listen"].append(description)
 
     opt_l = opt_listen
+
+    def opt_allow(self, network: str) -> None:
+        """Accept TCP clients only from this IPv4/IPv6 network (CIDR); repeatable. [default: all]"""
+        try:
+            parse_network(network)
+        except ValueError as e:
+            raise usage.UsageError(f"--allow: {e}") from None
+        self["allow"].append(network)
 
     def getUsage(self, width: int | None = None) -> str:
         """
@@ -318,12 +407,14 @@ class Options(usage.Options):
             _check_endpoint(description)
         self.config = replace(
             self.config,
+            tls=self._tls(),
             listen=tuple(self["listen"]),
             max_queue_depth=self["max-queue-depth"],
             max_bytes_in_flight=self["max-bytes-in-flight"],
             shutdown_timeout=self["shutdown-timeout"],
             workers=self["workers"],
             poll_max=self["poll-max"],
+            limits=self._limits(self.config.limits),
         )
         if self.config.workers > 1:
             from twisted_nbd.workers import check_workers
@@ -332,6 +423,77 @@ class Options(usage.Options):
                 check_workers(self.config)
             except ConfigError as e:
                 raise usage.UsageError(f"--workers: {e}") from None
+
+    def _tls(self) -> TLSSettings:
+        """The TLS settings the --tls options describe, checked."""
+        given = [
+            o
+            for o in ("tls-cert", "tls-key", "tls-ca", "tls-certificates", "tls-psk")
+            if self[o] is not None
+        ]
+        mode = self["tls"]
+        if mode is None:
+            mode = "on" if given else "off"
+        if mode not in TLS_MODES:
+            raise usage.UsageError(f"--tls must be one of {', '.join(TLS_MODES)}, not {mode!r}")
+        if mode == "off":
+            stray = given + (["tls-verify-peer"] if self["tls-verify-peer"] else [])
+            stray += ["tls-allow-dn"] if self["tls-allow-dn"] else []
+            if stray:
+                raise usage.UsageError(f"--{stray[0]} needs --tls on or --tls require")
+            return TLSSettings()
+        directory = self["tls-certificates"]
+        if directory is not None:
+            if not os.path.isdir(directory):
+                raise usage.UsageError(f"--tls-certificates {directory!r} is not a directory")
+            settings = TLSSettings.from_directory(os.path.abspath(directory), mode)
+        else:
+            settings = TLSSettings(mode=mode)
+        settings = replace(
+            settings,
+            cert=self["tls-cert"] or settings.cert,
+            key=self["tls-key"] or settings.key,
+            ca=self["tls-ca"] or settings.ca,
+            psk_file=self["tls-psk"],
+            verify_peer=bool(self["tls-verify-peer"]),
+            allow_dns=tuple(self["tls-allow-dn"]),
+        )
+        if settings.psk_file is not None and directory is None and self["tls-cert"] is None:
+            settings = replace(settings, cert=None, key=None)
+        try:
+            settings.check()
+        except TLSError as e:
+            raise usage.UsageError(f"--tls: {e}") from None
+        return settings
+
+    def _limits(self, base: Limits) -> Limits:
+        """
+        C{base} (the config file's, or the defaults) with what the command
+        line says instead.
+
+        @raise usage.UsageError: a limit is not a number, or out of range.
+        """
+        changes: dict[str, object] = {}
+        for option in ("handshake-timeout", "idle-timeout"):
+            if self[option] is not None:
+                try:
+                    seconds = float(self[option])
+                except ValueError:
+                    raise usage.UsageError(
+                        f"--{option}: {self[option]!r} is not a number of seconds"
+                    ) from None
+                if not 0 <= seconds < float("inf"):
+                    raise usage.UsageError(f"--{option} must be zero (never) or more seconds")
+                changes[option.replace("-", "_")] = self[option] = seconds
+        for option in ("max-connections", "max-negotiating"):
+            if self[option] is not None:
+                changes[option.replace("-", "_")] = self[option] = self._count(option, minimum=0)
+        if self["allow"]:
+            changes["allow"] = tuple(self["allow"])
+        try:
+            return replace(base, **changes)  # type: ignore[arg-type]
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
 
     def _from_file(self, path: str) -> Config:
         """Load C{--config}, which describes every export by itself."""
@@ -406,9 +568,9 @@ class Options(usage.Options):
         except ValueError as e:
             raise usage.UsageError(f"--{option}: {e}") from None
 
-    def _count(self, option: str) -> int:
+    def _count(self, option: str, minimum: int = 1) -> int:
         """
-        Parse the positive whole number given for C{option}.
+        Parse the whole number (at least C{minimum}) given for C{option}.
 
         @raise usage.UsageError: it is not one.
         """
@@ -420,8 +582,8 @@ class Options(usage.Options):
                 number = int(value.strip())
             except ValueError:
                 raise usage.UsageError(f"--{option}: {value!r} is not a whole number") from None
-        if number < 1:
-            raise usage.UsageError(f"--{option} must be at least 1, not {number}")
+        if number < minimum:
+            raise usage.UsageError(f"--{option} must be at least {minimum}, not {number}")
         return number
 
 

@@ -31,6 +31,7 @@ from twisted_nbd._process import tune_allocator
 from twisted_nbd.backends import OpenContext
 from twisted_nbd.config import Config, ExportSpec
 from twisted_nbd.exports import ExportRegistry
+from twisted_nbd.limits import Limits
 from twisted_nbd.observers import ConnectionInfo, ServerObserver
 from twisted_nbd.protocol import NBDServerFactory
 from twisted_nbd.service import (
@@ -39,8 +40,10 @@ from twisted_nbd.service import (
     NBDService,
     connection_layers,
     export_of,
+    make_factory,
     with_filters,
 )
+from twisted_nbd.tls import TLSSettings
 from twisted_nbd.workers import CONTROL_FD, _OneProtocolFactory, shared_device
 
 __all__ = ["main"]
@@ -95,22 +98,32 @@ class WorkerControl(LineReceiver):
 
 
 class _Counter(ServerObserver):
-    """Tells the supervisor how many connections this worker has."""
+    """
+    Tells the supervisor how many connections this worker has, and how many
+    of them are still negotiating (the factory counts them before telling
+    its observers).
+    """
 
     def __init__(self) -> None:
-        self.count = 0
+        self.factory: NBDServerFactory | None = None
         self.control: WorkerControl | None = None
 
     def _tell(self) -> None:
-        if self.control is not None:
-            self.control.send({"connections": self.count})
+        if self.control is not None and self.factory is not None:
+            self.control.send(
+                {
+                    "connections": self.factory.connection_count,
+                    "negotiating": self.factory.negotiating_count,
+                }
+            )
 
     def connection_made(self, connection: ConnectionInfo) -> None:
-        self.count += 1
+        self._tell()
+
+    def export_chosen(self, connection: ConnectionInfo, name: str) -> None:
         self._tell()
 
     def connection_lost(self, connection: ConnectionInfo, reason: str) -> None:
-        self.count -= 1
         self._tell()
 
 
@@ -142,6 +155,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_bytes_in_flight=settings["max_bytes_in_flight"],
         shutdown_timeout=settings["shutdown_timeout"],
         poll_max=settings["poll_max"],
+        tls=TLSSettings(**{**settings["tls"], "allow_dns": tuple(settings["tls"]["allow_dns"])}),
+        limits=Limits.from_json(settings["limits"]),
     )
     context = OpenContext(reactor, min(IO_THREADS, config.max_queue_depth))
     devices = []
@@ -156,14 +171,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         exports.append(export_of(spec, device, connection_layers(spec, context)))
     registry = ExportRegistry.of(exports, config.default)
     counter = _Counter()
-    factory = NBDServerFactory(
-        registry,
-        max_queue_depth=config.max_queue_depth,
-        max_bytes_in_flight=config.max_bytes_in_flight,
-        observers=[counter],
-        reactor=reactor,
-        poll_max=config.poll_max,
-    )
+    factory = make_factory(config, registry, reactor, [counter])
+    counter.factory = factory
     top = NBDService(factory, reactor, config.shutdown_timeout)
     device_service: Service = BlockDeviceService(devices, context.pool)
     device_service.setName("device")

@@ -23,10 +23,19 @@ closes. On stop the supervisor stops listening, asks every worker to drain
 (SIGTERM: requests in flight finish, new ones get ESHUTDOWN, at most
 C{shutdown_timeout} seconds) and waits for them, then closes the devices.
 
+Connection limits (L{twisted_nbd.limits}) hold for the server as a whole:
+the supervisor checks C{--allow}, C{--max-connections} and
+C{--max-negotiating} before it hands a connection out (a refused one is
+closed before the greeting, as without workers), counting the connections
+each worker reports plus those handed to it and not yet reported. Workers
+get the same limits and run the handshake and idle timeouts; their own
+check of the caps is a second line that the supervisor's makes redundant.
+
 The control channel is newline-separated JSON. Supervisor to worker:
 C{{"connection": ID, "family": FAMILY}} with the socket's descriptor.
 Worker to supervisor: C{{"ready": true}} once serving, C{{"adopted": ID}},
-and C{{"connections": N}} when its number of connections changes.
+and C{{"connections": N, "negotiating": M}} when either of its counts
+changes.
 """
 
 from __future__ import annotations
@@ -56,6 +65,7 @@ from twisted_nbd.backends.file import FileBlockDevice, create_image
 from twisted_nbd.backends.ram import MAPPED_MAX, MappedMemoryDevice
 from twisted_nbd.config import Config, ConfigError, ExportSpec
 from twisted_nbd.interfaces import IBlockDevice
+from twisted_nbd.limits import ConnectionSlots
 
 __all__ = ["WORKER_MODULE", "SupervisorService", "WorkerPool", "build_supervisor", "shared_device"]
 
@@ -166,10 +176,22 @@ class _Worker:
     control: _Control | None = None
     pid: int | None = None
     ready: bool = False
-    connections: int = 0
+    #: The counts the worker last reported.
+    reported_connections: int = 0
+    reported_negotiating: int = 0
     #: Connections sent and not yet adopted, by id: their transports.
     handed: dict[int, Any] = field(default_factory=dict)
     ended: Deferred[None] = field(default_factory=Deferred)
+
+    @property
+    def connections(self) -> int:
+        """Its connections, counting those on their way to it."""
+        return self.reported_connections + len(self.handed)
+
+    @property
+    def negotiating(self) -> int:
+        """Its connections still negotiating (those on their way to it are)."""
+        return self.reported_negotiating + len(self.handed)
 
 
 class _Control(LineReceiver):
@@ -241,6 +263,14 @@ class _HandoffFactory(Factory):
     def __init__(self, pool: WorkerPool) -> None:
         self.pool = pool
 
+    def buildProtocol(self, addr: Any) -> Protocol | None:
+        # The limits of the whole server, before the greeting (see the module docstring).
+        if not self.pool.admit(addr):
+            return None
+        proto = _Handoff()
+        proto.factory = self
+        return proto
+
 
 class WorkerPool(Service):
     """
@@ -265,6 +295,28 @@ class WorkerPool(Service):
         self._next_id = 1
         self._waiting: list[Any] = []
         self._stopping = False
+        # Counts nothing itself: admit() fills in the workers' sums.
+        self.slots = ConnectionSlots(config.limits, reactor)
+
+    @property
+    def connection_count(self) -> int:
+        """The server's connections: in the workers, or waiting for one."""
+        return sum(w.connections for w in self.workers if w is not None) + len(self._waiting)
+
+    @property
+    def negotiating_count(self) -> int:
+        """The server's connections still negotiating."""
+        return sum(w.negotiating for w in self.workers if w is not None) + len(self._waiting)
+
+    def admit(self, address: Any) -> bool:
+        """Whether a new connection from C{address} may come in (logged if not)."""
+        from twisted_nbd.protocol import describe_address
+
+        reason = self.config.limits.refusal(address, self.connection_count, self.negotiating_count)
+        if reason is None:
+            return True
+        self.slots.refuse(reason, describe_address(address))
+        return False
 
     # Processes.
 
@@ -317,6 +369,8 @@ class WorkerPool(Service):
             "max_bytes_in_flight": self.config.max_bytes_in_flight,
             "shutdown_timeout": self.config.shutdown_timeout,
             "poll_max": self.config.poll_max,
+            "tls": asdict(self.config.tls),
+            "limits": self.config.limits.to_json(),
         }
         process.write(json.dumps(settings).encode("utf-8"))
         process.closeStdin()
@@ -373,7 +427,9 @@ class WorkerPool(Service):
                 transport._shouldShutdown = False
                 transport.loseConnection()
         if "connections" in message:
-            worker.connections = int(message["connections"]) + len(worker.handed)
+            worker.reported_connections = int(message["connections"])
+        if "negotiating" in message:
+            worker.reported_negotiating = int(message["negotiating"])
 
     # Connections.
 
@@ -390,7 +446,6 @@ class WorkerPool(Service):
         connection_id = self._next_id
         self._next_id += 1
         worker.handed[connection_id] = transport
-        worker.connections += 1
         control = worker.control
         assert control is not None and control.transport is not None
         family = transport.socket.family

@@ -32,6 +32,7 @@ __all__ = [
     "RawClient",
     "SYSTEM_PYTHON",
     "assert_file_content",
+    "cpu_seconds",
     "first_difference",
     "in_ci",
     "make_image",
@@ -40,7 +41,10 @@ __all__ = [
     "require_tool",
     "run_libnbd",
     "run_tool",
+    "server_connections",
+    "socket_fds",
     "start_server",
+    "wait_until",
 ]
 
 #: The only address these tests use.
@@ -168,6 +172,74 @@ def free_port() -> int:
         return port
 
 
+def wait_until(
+    condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.02
+) -> float:
+    """
+    Poll C{condition} until it holds; how long that took.
+
+    @raise AssertionError: it still does not hold after C{timeout} seconds.
+    """
+    start = time.monotonic()
+    while not condition():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"not {what} after {timeout} s")
+        time.sleep(interval)
+    return time.monotonic() - start
+
+
+#: The TCP states of a socket the server has not closed yet (see
+#: include/net/tcp_states.h): SYN_RECV, ESTABLISHED, CLOSE_WAIT.
+_OPEN_STATES = {"01", "03", "08"}
+
+
+def server_connections(port: int) -> int:
+    """
+    How many connections to local port C{port} the server side still holds
+    open, from the kernel's table (C{/proc/net/tcp}): accepted or waiting
+    to be, and not yet closed by the server. It counts every process, so it
+    sees workers too.
+    """
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table, encoding="ascii") as f:
+                lines = f.readlines()[1:]
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            fields = line.split()
+            local_port = int(fields[1].rsplit(":", 1)[1], 16)
+            if local_port == port and fields[3] in _OPEN_STATES:
+                count += 1
+    return count
+
+
+def socket_fds(pid: int) -> int:
+    """
+    How many sockets process C{pid} holds open. Unlike L{server_connections}
+    this sees a connection the client reset until the server closes it
+    (the kernel's table forgets it at once).
+    """
+    count = 0
+    for entry in os.scandir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(entry.path).startswith("socket:"):
+                count += 1
+        except FileNotFoundError:
+            pass  # closed meanwhile
+    return count
+
+
+def cpu_seconds(pid: int) -> float:
+    """The CPU time (user and system, every thread) process C{pid} has used."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+        # The command name may hold spaces; the fields after it do not.
+        fields = f.read().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks
+
+
 # ------------------------------------------------------------------ running clients
 
 
@@ -253,13 +325,25 @@ class NBDServer:
         args: Sequence[str],
         workdir: Path,
         command: Callable[[int], list[str]] | None = None,
+        *,
+        twistd_args: Sequence[str] = (),
+        port: int | None = None,
+        greets: bool = True,
     ) -> None:
         """
         @param args: the options after C{twistd -n nbd}.
         @param command: instead, the whole command line of another NBD
             server (nbdkit, qemu-nbd) for a given port.
+        @param twistd_args: twistd's own options (before C{nbd}).
+        @param port: listen on this port rather than on a free one.
+        @param greets: whether a client from 127.0.0.1 gets the greeting
+            (it does not when C{--allow} leaves it out); if not, the server
+            is ready once its log says it listens.
         """
         self.args = list(args)
+        self.twistd_args = list(twistd_args)
+        self._fixed_port = port
+        self._greets = greets
         self._command = command
         self.workdir = workdir
         self.log_path = workdir / "twistd.log"
@@ -290,6 +374,7 @@ class NBDServer:
             "-n",
             "--pidfile=",
             f"--logfile={self.log_path}",
+            *self.twistd_args,
             "nbd",
             *self.args,
             "--listen",
@@ -307,7 +392,7 @@ class NBDServer:
             p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p
         )
         for _ in range(PORT_ATTEMPTS):
-            port = free_port()
+            port = self._fixed_port or free_port()
             with open(self.output_path, "ab") as output:
                 self.process = subprocess.Popen(
                     self.command(port),
@@ -338,6 +423,11 @@ class NBDServer:
                 raise AssertionError(
                     f"the server exited with {self.process.returncode} while starting:\n{text}"
                 )
+            if not self._greets:
+                if f"starting on {self.port}" in self.log_text():
+                    return True
+                time.sleep(0.05)
+                continue
             try:
                 with socket.create_connection((LOOPBACK, self.port), timeout=2) as s:
                     greeting = _recv_exactly(s, _GREETING.size)
@@ -428,12 +518,16 @@ class NBDServer:
         self.check_log()
 
 
-def start_server(case: SynchronousTestCase, *args: str, workdir: Path | None = None) -> NBDServer:
+def start_server(
+    case: SynchronousTestCase, *args: str, workdir: Path | None = None, **options: Any
+) -> NBDServer:
     """
     Start C{twistd -n nbd ARGS --listen tcp:PORT:interface=127.0.0.1} for
     C{case}; it is stopped, and its log checked, when the test ends.
+
+    @param options: passed on to L{NBDServer}.
     """
-    server = NBDServer(args, workdir if workdir is not None else make_tempdir(case))
+    server = NBDServer(args, workdir if workdir is not None else make_tempdir(case), **options)
     case.addCleanup(server.finish)
     server.start()
     return server
@@ -459,11 +553,24 @@ class RawClient:
     sending what well-behaved clients never send.
     """
 
-    def __init__(self, port: int, *, rcvbuf: int | None = None, timeout: float = 15.0) -> None:
+    def __init__(
+        self,
+        port: int,
+        *,
+        rcvbuf: int | None = None,
+        timeout: float = 15.0,
+        source: str | None = None,
+    ) -> None:
+        """
+        @param source: connect from this local address (any of 127.0.0.0/8
+            works on Linux's loopback).
+        """
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         if rcvbuf is not None:
             # Before connect, so the window is small from the start.
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        if source is not None:
+            self.sock.bind((source, 0))
         self.sock.settimeout(timeout)
         self.sock.connect((LOOPBACK, port))
         self.size = 0
@@ -476,6 +583,11 @@ class RawClient:
         self.close()
 
     def close(self) -> None:
+        self.sock.close()
+
+    def reset(self) -> None:
+        """Vanish: close with a TCP reset, as a crashed client's host would answer."""
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.sock.close()
 
     def recv_exactly(self, count: int) -> bytes:
