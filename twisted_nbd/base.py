@@ -39,6 +39,7 @@ from twisted_nbd.interfaces import (
 __all__ = [
     "BlockDevice",
     "BlockDeviceFilter",
+    "OperationFilter",
     "ThreadedBlockDevice",
     "as_deferred",
     "derive_capabilities",
@@ -435,3 +436,57 @@ class BlockDeviceFilter:
     def close(self) -> Deferred[None]:
         d: Deferred[None] = self.inner.close()
         return d
+
+
+class OperationFilter(BlockDeviceFilter):
+    """
+    A filter that treats every operation alike: each call reaches
+    L{around} with the operation's name (C{"read"}, C{"write"}, C{"flush"},
+    C{"trim"}, C{"zero"}, C{"cache"}, C{"extents"}) and a function that
+    makes the call on the device below. A fault injector or a delay is
+    then one method (see the C{error} and C{delay} filters).
+    """
+
+    def around(self, op: str, call: Callable[[], Deferred[_T]]) -> Deferred[_T]:
+        """
+        Run C{call} (the operation C{op} on the device below) as this
+        filter sees fit; the default just runs it.
+
+        @return: a Deferred that fires with what C{call}'s fires with, or
+            fails as this filter decides.
+        """
+        return call()
+
+    def read(self, offset: int, length: int) -> Deferred[bytes]:
+        return self.around("read", lambda: self.inner.read(offset, length))
+
+    def read_sparse(self, offset: int, length: int) -> Deferred[Sequence[Segment]]:
+        forward = super().read_sparse
+        return self.around("read", lambda: forward(offset, length))
+
+    def write(self, offset: int, data: bytes, fua: bool = False) -> Deferred[None]:
+        return self.around("write", lambda: self.inner.write(offset, data, fua))
+
+    def flush(self) -> Deferred[None]:
+        return self.around("flush", lambda: self.inner.flush())
+
+    def trim(self, offset: int, length: int, fua: bool = False) -> Deferred[None]:
+        return self.around("trim", lambda: self.inner.trim(offset, length, fua))
+
+    def write_zeroes(
+        self,
+        offset: int,
+        length: int,
+        fua: bool = False,
+        may_trim: bool = True,
+        fast: bool = False,
+    ) -> Deferred[None]:
+        return self.around(
+            "zero", lambda: self.inner.write_zeroes(offset, length, fua, may_trim, fast)
+        )
+
+    def cache(self, offset: int, length: int) -> Deferred[None]:
+        return self.around("cache", lambda: self.inner.cache(offset, length))
+
+    def block_status(self, offset: int, length: int) -> Deferred[Sequence[Extent]]:
+        return self.around("extents", lambda: self.inner.block_status(offset, length))

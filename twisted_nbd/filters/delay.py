@@ -12,16 +12,16 @@ random part from 0 to 5 ms (C{seed=N} makes it repeatable).
 from __future__ import annotations
 
 import random
-from typing import Any, Callable, Mapping, Sequence, TypeVar, cast
+from typing import Any, Callable, Mapping, TypeVar, cast
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 
 from twisted_nbd.backends import OpenContext
-from twisted_nbd.base import BlockDeviceFilter
+from twisted_nbd.base import OperationFilter
 from twisted_nbd.filters.error import OPERATIONS
-from twisted_nbd.interfaces import Extent, IBlockDevice, Segment
+from twisted_nbd.interfaces import IBlockDevice
 from twisted_nbd.registry import DURATION, INT, FilterPlugin, Key, set_of
 
 __all__ = ["DelayFilter", "plugin"]
@@ -29,7 +29,7 @@ __all__ = ["DelayFilter", "plugin"]
 _T = TypeVar("_T")
 
 
-class DelayFilter(BlockDeviceFilter):
+class DelayFilter(OperationFilter):
     """
     Delays the chosen operations by C{delay} seconds plus a random part
     up to C{jitter}.
@@ -51,46 +51,13 @@ class DelayFilter(BlockDeviceFilter):
         self._ops = ops
         self._random = random.Random(seed).random
 
-    def _later(self, op: str, call: Callable[[], Deferred[_T]]) -> Deferred[_T]:
+    def around(self, op: str, call: Callable[[], Deferred[_T]]) -> Deferred[_T]:
         if op not in self._ops:
             return call()
         wait = self._delay + (self._jitter * self._random() if self._jitter else 0.0)
         if wait <= 0:
             return call()
         return deferLater(self._clock, wait, cast("Callable[[], _T]", call))
-
-    def read(self, offset: int, length: int) -> Deferred[bytes]:
-        return self._later("read", lambda: self.inner.read(offset, length))
-
-    def read_sparse(self, offset: int, length: int) -> Deferred[Sequence[Segment]]:
-        return self._later("read", lambda: super(DelayFilter, self).read_sparse(offset, length))
-
-    def write(self, offset: int, data: bytes, fua: bool = False) -> Deferred[None]:
-        return self._later("write", lambda: self.inner.write(offset, data, fua))
-
-    def flush(self) -> Deferred[None]:
-        return self._later("flush", lambda: self.inner.flush())
-
-    def trim(self, offset: int, length: int, fua: bool = False) -> Deferred[None]:
-        return self._later("trim", lambda: self.inner.trim(offset, length, fua))
-
-    def write_zeroes(
-        self,
-        offset: int,
-        length: int,
-        fua: bool = False,
-        may_trim: bool = True,
-        fast: bool = False,
-    ) -> Deferred[None]:
-        return self._later(
-            "zero", lambda: self.inner.write_zeroes(offset, length, fua, may_trim, fast)
-        )
-
-    def cache(self, offset: int, length: int) -> Deferred[None]:
-        return self._later("cache", lambda: self.inner.cache(offset, length))
-
-    def block_status(self, offset: int, length: int) -> Deferred[Sequence[Extent]]:
-        return self._later("extents", lambda: self.inner.block_status(offset, length))
 
 
 def _wrap(inner: IBlockDevice, values: Mapping[str, Any], context: OpenContext) -> IBlockDevice:

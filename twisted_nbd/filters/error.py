@@ -11,15 +11,15 @@ with EIO; C{seed=N} makes the choice repeatable, for tests.
 from __future__ import annotations
 
 import random
-from typing import Any, Callable, Mapping, Sequence, TypeVar
+from typing import Any, Callable, Mapping, TypeVar
 
 from twisted.internet.defer import Deferred, fail
 
 from twisted_nbd._wire import Errno
 from twisted_nbd.backends import OpenContext
-from twisted_nbd.base import BlockDeviceFilter
+from twisted_nbd.base import OperationFilter
 from twisted_nbd.errors import NBDError
-from twisted_nbd.interfaces import Extent, IBlockDevice, Segment
+from twisted_nbd.interfaces import IBlockDevice
 from twisted_nbd.registry import ERRNO, INT, FilterPlugin, Key, KeyType, set_of
 
 __all__ = ["ErrorFilter", "OPERATIONS", "RATE", "plugin"]
@@ -49,7 +49,7 @@ def _check_rate(value: float) -> float:
 RATE: KeyType[float] = KeyType("RATE", _parse_rate, (int, float), _check_rate)
 
 
-class ErrorFilter(BlockDeviceFilter):
+class ErrorFilter(OperationFilter):
     """
     Fails each of the chosen operations with probability C{rate}.
 
@@ -71,44 +71,11 @@ class ErrorFilter(BlockDeviceFilter):
         self._random = random.Random(seed).random
         self.injected = 0
 
-    def _maybe(self, op: str, call: Callable[[], Deferred[_T]]) -> Deferred[_T]:
+    def around(self, op: str, call: Callable[[], Deferred[_T]]) -> Deferred[_T]:
         if op in self._ops and self._random() < self._rate:
             self.injected += 1
             return fail(NBDError(self._errno, f"{op} failed by the error filter"))
         return call()
-
-    def read(self, offset: int, length: int) -> Deferred[bytes]:
-        return self._maybe("read", lambda: self.inner.read(offset, length))
-
-    def read_sparse(self, offset: int, length: int) -> Deferred[Sequence[Segment]]:
-        return self._maybe("read", lambda: super(ErrorFilter, self).read_sparse(offset, length))
-
-    def write(self, offset: int, data: bytes, fua: bool = False) -> Deferred[None]:
-        return self._maybe("write", lambda: self.inner.write(offset, data, fua))
-
-    def flush(self) -> Deferred[None]:
-        return self._maybe("flush", lambda: self.inner.flush())
-
-    def trim(self, offset: int, length: int, fua: bool = False) -> Deferred[None]:
-        return self._maybe("trim", lambda: self.inner.trim(offset, length, fua))
-
-    def write_zeroes(
-        self,
-        offset: int,
-        length: int,
-        fua: bool = False,
-        may_trim: bool = True,
-        fast: bool = False,
-    ) -> Deferred[None]:
-        return self._maybe(
-            "zero", lambda: self.inner.write_zeroes(offset, length, fua, may_trim, fast)
-        )
-
-    def cache(self, offset: int, length: int) -> Deferred[None]:
-        return self._maybe("cache", lambda: self.inner.cache(offset, length))
-
-    def block_status(self, offset: int, length: int) -> Deferred[Sequence[Extent]]:
-        return self._maybe("extents", lambda: self.inner.block_status(offset, length))
 
 
 def _wrap(inner: IBlockDevice, values: Mapping[str, Any], context: OpenContext) -> IBlockDevice:
