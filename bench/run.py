@@ -2398,6 +2398,63 @@ def workers_bars(ax: Any, workers: dict[str, Any], counts: Sequence[int]) -> Non
 # -- Options ----------------------------------------------------------------------------------
 
 
+def add_common_options(parser: argparse.ArgumentParser, smoke_help: str, keep_help: str) -> None:
+    """
+    The options every benchmark script here shares: how long and how big
+    (--quick, --smoke, --size, --runtime, --ramp, --repeat), --markdown,
+    --wait-idle, --workdir and --keep. L{finish_common_options} fills in
+    their defaults.
+    """
+    speed = parser.add_mutually_exclusive_group()
+    speed.add_argument(
+        "--quick", action="store_true", help="3 s per fio run and a 256M image unless given"
+    )
+    speed.add_argument("--smoke", action="store_true", help=smoke_help)
+    parser.add_argument("--size", type=parse_size, help="image size (default 1G; --quick 256M)")
+    parser.add_argument("--runtime", type=int, help="seconds measured per fio run (default 10)")
+    parser.add_argument(
+        "--ramp", type=int, help="seconds of warm-up before each fio run (default 1)"
+    )
+    parser.add_argument("--repeat", type=int, help="passes over everything; medians are reported")
+    parser.add_argument("--markdown", action="store_true", help="print the tables as Markdown too")
+    parser.add_argument(
+        "--wait-idle",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="first wait up to S seconds for the CPUs to be idle (default 0)",
+    )
+    parser.add_argument("--workdir", type=Path, help="where the images and logs go (default: /tmp)")
+    parser.add_argument("--keep", action="store_true", help=keep_help)
+
+
+def finish_common_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """
+    Fill in the defaults --quick and --smoke imply for the options of
+    L{add_common_options}, and check their ranges (C{parser.error} if not).
+    """
+
+    def pick(value: Any, full: Any, quick: Any, smoke: Any) -> Any:
+        if value is not None:
+            return value
+        return smoke if args.smoke else quick if args.quick else full
+
+    args.runtime = pick(args.runtime, 10, 3, 1)
+    args.size = pick(args.size, GiB, 256 * MiB, 32 * MiB)
+    args.ramp = pick(args.ramp, 1, 1, 0)
+    args.repeat = pick(args.repeat, 1, 1, 1)
+    if not 1 <= args.runtime <= 600:
+        parser.error("--runtime must be 1..600 seconds")
+    if not 0 <= args.ramp <= 60:
+        parser.error("--ramp must be 0..60 seconds")
+    if not 0 <= args.wait_idle <= 3600:
+        parser.error("--wait-idle must be 0..3600 seconds")
+    if not 1 <= args.repeat <= 20:
+        parser.error("--repeat must be 1..20")
+    if args.size < 16 * MiB or args.size % MiB:
+        parser.error("--size must be a whole number of MiB, at least 16M")
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """
     The command line, with the defaults --quick and --smoke imply filled in.
@@ -2413,23 +2470,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             f"{', '.join(FAMILY_SERVERS[FILE])}; ram family {', '.join(FAMILY_SERVERS[RAM])}."
         ),
     )
-    speed = parser.add_mutually_exclusive_group()
-    speed.add_argument(
-        "--quick", action="store_true", help="3 s per fio run and a 256M image unless given"
+    add_common_options(
+        parser,
+        smoke_help="check that the benchmark works (not for numbers): a 32M image, 1 s runs, "
+        f"no ramp, one pass, workloads {','.join(SMOKE_WORKLOADS)}, servers "
+        f"{','.join(SMOKE_SERVERS)}, --workers 1; each unless given",
+        keep_help="keep the work directory (images, logs, fio JSON)",
     )
-    speed.add_argument(
-        "--smoke",
-        action="store_true",
-        help="check that the benchmark works (not for numbers): a 32M image, 1 s runs, no ramp, "
-        f"one pass, workloads {','.join(SMOKE_WORKLOADS)}, servers {','.join(SMOKE_SERVERS)}, "
-        "--workers 1; each unless given",
-    )
-    parser.add_argument("--size", type=parse_size, help="image size (default 1G; --quick 256M)")
-    parser.add_argument("--runtime", type=int, help="seconds measured per fio run (default 10)")
-    parser.add_argument(
-        "--ramp", type=int, help="seconds of warm-up before each fio run (default 1)"
-    )
-    parser.add_argument("--repeat", type=int, help="passes over everything; medians are reported")
     parser.add_argument(
         "--servers",
         help=f"comma-separated subset of {','.join(ALL_SERVERS)} (a server named here must run)",
@@ -2454,7 +2501,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--chart", type=Path, help="where the PNG chart goes (default: the JSON's path, .png)"
     )
     parser.add_argument("--no-chart", action="store_true", help="draw no chart")
-    parser.add_argument("--markdown", action="store_true", help="print the tables as Markdown too")
     parser.add_argument(
         "--pin",
         action="store_true",
@@ -2475,28 +2521,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="record twisted-nbd's fio runs with py-spy into DIR and print its hot spots "
         "(this slows twisted-nbd down: use for profiling, not for numbers)",
     )
-    parser.add_argument(
-        "--wait-idle",
-        type=float,
-        default=0.0,
-        metavar="S",
-        help="first wait up to S seconds for the CPUs to be idle (default 0)",
-    )
-    parser.add_argument("--workdir", type=Path, help="where the images and logs go (default: /tmp)")
-    parser.add_argument(
-        "--keep", action="store_true", help="keep the work directory (images, logs, fio JSON)"
-    )
     args = parser.parse_args(argv)
-
-    def pick(value: Any, full: Any, quick: Any, smoke: Any) -> Any:
-        if value is not None:
-            return value
-        return smoke if args.smoke else quick if args.quick else full
-
-    args.runtime = pick(args.runtime, 10, 3, 1)
-    args.size = pick(args.size, GiB, 256 * MiB, 32 * MiB)
-    args.ramp = pick(args.ramp, 1, 1, 0)
-    args.repeat = pick(args.repeat, 1, 1, 1)
+    finish_common_options(parser, args)
     args.explicit_servers = args.servers is not None
     servers = split_list(args.servers or ",".join(SMOKE_SERVERS if args.smoke else ALL_SERVERS))
     servers = [SERVER_ALIASES.get(s, s) for s in servers]
@@ -2526,16 +2552,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if not workers or not all(1 <= n <= 64 for n in workers):
         parser.error("--workers: numbers from 1 to 64")
     args.workers = sorted(set(workers))
-    if not 1 <= args.runtime <= 600:
-        parser.error("--runtime must be 1..600 seconds")
-    if not 0 <= args.ramp <= 60:
-        parser.error("--ramp must be 0..60 seconds")
-    if not 0 <= args.wait_idle <= 3600:
-        parser.error("--wait-idle must be 0..3600 seconds")
-    if not 1 <= args.repeat <= 20:
-        parser.error("--repeat must be 1..20")
-    if args.size < 16 * MiB or args.size % MiB:
-        parser.error("--size must be a whole number of MiB, at least 16M")
     if args.no_chart and args.chart is not None:
         parser.error("--chart and --no-chart contradict each other")
     return args

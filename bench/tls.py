@@ -473,19 +473,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         ),
         epilog=f"Workloads: {', '.join(WORKLOAD_NAMES)}. Servers: {', '.join(ALL_SERVERS)}.",
     )
-    speed = parser.add_mutually_exclusive_group()
-    speed.add_argument(
-        "--quick", action="store_true", help="3 s per fio run and a 256M image unless given"
+    run.add_common_options(
+        parser,
+        smoke_help="check that it works (not for numbers): a 32M image, 1 s runs, no ramp, "
+        "one pass",
+        keep_help="keep the work directory (images, certificates, logs)",
     )
-    speed.add_argument(
-        "--smoke",
-        action="store_true",
-        help="check that it works (not for numbers): a 32M image, 1 s runs, no ramp, one pass",
-    )
-    parser.add_argument("--size", type=run.parse_size, help="image size (default 1G; --quick 256M)")
-    parser.add_argument("--runtime", type=int, help="seconds measured per fio run (default 10)")
-    parser.add_argument("--ramp", type=int, help="seconds of warm-up before each run (default 1)")
-    parser.add_argument("--repeat", type=int, help="passes over everything; medians are reported")
     parser.add_argument(
         "--servers",
         help=f"comma-separated subset of {','.join(ALL_SERVERS)} (a server named here must run)",
@@ -496,7 +489,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=Path,
         help="where the JSON goes (default bench/results/DATE-HOST-tls.json, DATE in UTC)",
     )
-    parser.add_argument("--markdown", action="store_true", help="print the tables as Markdown too")
     parser.add_argument(
         "--py-spy",
         type=Path,
@@ -504,28 +496,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="record twisted-nbd's TLS runs with py-spy into DIR and print where the time goes "
         "(this slows twisted-nbd down: use for profiling, not for numbers)",
     )
-    parser.add_argument(
-        "--wait-idle",
-        type=float,
-        default=0.0,
-        metavar="S",
-        help="first wait up to S seconds for the CPUs to be idle (default 0)",
-    )
-    parser.add_argument("--workdir", type=Path, help="where the images and logs go (default: /tmp)")
-    parser.add_argument(
-        "--keep", action="store_true", help="keep the work directory (images, certificates, logs)"
-    )
     args = parser.parse_args(argv)
-
-    def pick(value: Any, full: Any, quick: Any, smoke: Any) -> Any:
-        if value is not None:
-            return value
-        return smoke if args.smoke else quick if args.quick else full
-
-    args.runtime = pick(args.runtime, 10, 3, 1)
-    args.size = pick(args.size, GiB, 256 * MiB, 32 * MiB)
-    args.ramp = pick(args.ramp, 1, 1, 0)
-    args.repeat = pick(args.repeat, 1, 1, 1)
+    run.finish_common_options(parser, args)
     args.explicit_servers = args.servers is not None
     servers = run.split_list(args.servers or ",".join(ALL_SERVERS))
     if set(servers) - set(ALL_SERVERS) or not servers:
@@ -535,16 +507,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if set(chosen) - set(WORKLOAD_NAMES) or not chosen:
         parser.error(f"--workloads: choose from {', '.join(WORKLOAD_NAMES)}")
     args.workloads = [w for w in WORKLOADS if w.name in chosen]
-    if not 1 <= args.runtime <= 600:
-        parser.error("--runtime must be 1..600 seconds")
-    if not 0 <= args.ramp <= 60:
-        parser.error("--ramp must be 0..60 seconds")
-    if not 0 <= args.wait_idle <= 3600:
-        parser.error("--wait-idle must be 0..3600 seconds")
-    if not 1 <= args.repeat <= 20:
-        parser.error("--repeat must be 1..20")
-    if args.size < 16 * MiB or args.size % MiB:
-        parser.error("--size must be a whole number of MiB, at least 16M")
     return args
 
 
