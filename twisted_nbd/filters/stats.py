@@ -115,6 +115,8 @@ class StatsFilter(BlockDeviceFilter):
         self._read, self._write, self._flush = ops["read"], ops["write"], ops["flush"]
         self._trim, self._zero, self._cache = ops["trim"], ops["zero"], ops["cache"]
         self._extents = ops["extents"]
+        # Looked up once: reads are the filter's hot path.
+        self._inner_read = inner.read
 
     def _count(
         self, d: Deferred[Any], op: OperationStats, length: int, started: float
@@ -136,18 +138,17 @@ class StatsFilter(BlockDeviceFilter):
     def read(self, offset: int, length: int) -> Deferred[bytes]:
         clock = self._clock
         started = clock()
-        d = self.inner.read(offset, length)
+        d = self._inner_read(offset, length)
         if d.called and not d.paused and type(d.result) is not Failure:
             # The common case (a page cache hit, a memory device) counted
             # inline: this is most of a small read's cost of the filter.
-            op = self._read
             seconds = clock() - started
+            op = self._read
             op.count += 1
             op.bytes += length
             op.latency += seconds
             micros = int(seconds * 1e6)
-            index = (micros - 1).bit_length() if micros > 1 else 0
-            op.histogram[index if index < _LAST else _LAST] += 1
+            op.histogram[min((micros - 1).bit_length(), _LAST) if micros > 1 else 0] += 1
             return d
         return self._count(d, self._read, length, started)
 
