@@ -36,7 +36,7 @@ BUCKETS: tuple[float, ...] = tuple(1e-6 * 2**i for i in range(26))
 _LAST = len(BUCKETS)
 
 
-@dataclass
+@dataclass(slots=True)
 class OperationStats:
     """
     The counts of one operation.
