@@ -36,6 +36,8 @@ from OpenSSL import SSL
 from twisted.internet import main
 from twisted.python.failure import Failure
 
+from twisted_nbd.tls import describe_tls_error
+
 __all__ = ["SocketTLS", "possible"]
 
 #: At most this much plaintext is asked of OpenSSL at once (a record holds
@@ -240,7 +242,7 @@ class SocketTLS:
         self._close_socket(orderly)
 
     def _failed(self, error: BaseException) -> Any:
-        self._on_failure(_reason(error))
+        self._on_failure(describe_tls_error(error))
         return main.CONNECTION_LOST
 
 
@@ -274,15 +276,3 @@ def _records(pieces: Any) -> list[Any]:
     if gather:
         out.append(gather)
     return out
-
-
-def _reason(error: BaseException) -> str:
-    """One line for an OpenSSL error (its list of (library, function, reason))."""
-    args = getattr(error, "args", ())
-    if args and isinstance(args[0], list):
-        parts = [str(item[-1]) for item in args[0] if isinstance(item, tuple) and item]
-        if parts:
-            return "; ".join(parts)
-    if args and isinstance(args[0], int) and len(args) > 1:
-        return f"{args[1]}"
-    return str(error) or type(error).__name__

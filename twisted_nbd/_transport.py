@@ -68,6 +68,14 @@ class ReplyWriter:
         #: replies go through it instead.
         self.tls: Any = None
 
+    def stop_direct(self) -> None:
+        """
+        Write through the transport from now on (it is switching to TLS,
+        whose bytes must not bypass it).
+        """
+        self.direct = False
+        self._socket = None
+
     def _idle(self) -> bool:
         """Nothing is queued in the transport, and it is open for writing."""
         t = self.transport

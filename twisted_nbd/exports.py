@@ -21,11 +21,11 @@ L{Export} to what code builds.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from fnmatch import fnmatchcase
 from typing import Callable, Iterable, Iterator
 
 from twisted_nbd._wire import MAX_STRING
 from twisted_nbd.interfaces import Capabilities, IBlockDevice
+from twisted_nbd.tls import dn_allowed
 
 __all__ = [
     "Attachment",
@@ -135,9 +135,7 @@ class Export:
         C{allowed_dns} lists patterns (shell-style, case-sensitive, as
         qemu's C{authz-simple}), one of which must match.
         """
-        if not self.allowed_dns:
-            return True
-        return dn is not None and any(fnmatchcase(dn, pattern) for pattern in self.allowed_dns)
+        return dn_allowed(dn, self.allowed_dns)
 
     def attach(self, context: ConnectionContext) -> Attachment:
         """

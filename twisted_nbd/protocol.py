@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import socket
 import time
-from fnmatch import fnmatchcase
 from typing import Any, Callable, ClassVar, Iterable, Sequence, cast
 
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
@@ -84,7 +83,13 @@ from twisted_nbd.exports import ConnectionContext, ExportRegistry
 from twisted_nbd.interfaces import Extent, IBlockDevice, IBufferRead, ISparseRead, Segment
 from twisted_nbd.limits import ConnectionGuard, ConnectionSlots, Limits
 from twisted_nbd.observers import ConnectionInfo, IServerObserver
-from twisted_nbd.tls import peer_psk_identity, peer_subject, session_description
+from twisted_nbd.tls import (
+    describe_tls_error,
+    dn_allowed,
+    peer_psk_identity,
+    peer_subject,
+    session_description,
+)
 
 __all__ = [
     "DEFAULT_MAX_BYTES_IN_FLIGHT",
@@ -160,17 +165,6 @@ def _check_segments(request: ReadRequest, segments: Sequence[Segment]) -> None:
         position += size
     if position != request.offset + request.length:
         raise RuntimeError(f"sparse read segments end at {position}, not at the end of the read")
-
-
-def _tls_failure(reason: Failure) -> str:
-    """One line for why a TLS handshake ended."""
-    value = reason.value
-    args = getattr(value, "args", ())
-    if args and isinstance(args[0], list):
-        parts = [str(item[-1]) for item in args[0] if isinstance(item, tuple) and item]
-        if parts:
-            return "; ".join(parts)
-    return str(value) or type(value).__name__
 
 
 def describe_address(address: object) -> str:
@@ -380,14 +374,10 @@ class NBDServerProtocol(Protocol):
             deadline = now() + window
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self._tls_started and not self._tls_done and self._lost_reason == "closed":
+        if self._tls_started and not self._tls_done:
             # The client went away or sent something that is not TLS.
-            self._lost_reason = f"TLS handshake failed: {_tls_failure(reason)}"
-            self.log.warn(
-                "TLS handshake with {peer} failed: {reason}",
-                peer=self.info.peer,
-                reason=_tls_failure(reason),
-            )
+            value = reason.value
+            self._tls_failed(describe_tls_error(value) if value is not None else "lost")
         # Late backend results are dropped from here on (see _send).
         self._closed = True
         if self._receiver is not None:
@@ -692,8 +682,7 @@ class NBDServerProtocol(Protocol):
         self._flush_outbox()
         self._flush_out()
         if self._writer is not None:
-            self._writer.direct = False
-            self._writer._socket = None
+            self._writer.stop_direct()
         if self._receiver is not None:
             self._receiver.possible = False
         self._socket = None
@@ -742,8 +731,7 @@ class NBDServerProtocol(Protocol):
             self._socket_tls.connection if self._socket_tls is not None else self.transport
         )
         dn = peer_subject(handle)
-        allowed = self._tls_allow_dns
-        if allowed and (dn is None or not any(fnmatchcase(dn, p) for p in allowed)):
+        if not dn_allowed(dn, self._tls_allow_dns):
             self.log.warn(
                 "Dropping client {peer}: certificate {dn} is not allowed (--tls-allow-dn)",
                 peer=self.info.peer,

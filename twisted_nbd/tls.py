@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from typing import Any, Literal
 
 from twisted.internet.interfaces import (
@@ -34,6 +35,8 @@ __all__ = [
     "TLSError",
     "TLSMode",
     "TLSSettings",
+    "describe_tls_error",
+    "dn_allowed",
     "peer_subject",
 ]
 
@@ -160,7 +163,9 @@ class TLSSettings:
             if self.ca is not None:
                 context.load_verify_locations(_readable("--tls-ca", self.ca))
         except SSL.Error as e:
-            raise TLSError(f"the TLS certificate or key does not load: {_ssl_reason(e)}") from None
+            raise TLSError(
+                f"the TLS certificate or key does not load: {describe_tls_error(e)}"
+            ) from None
         if self.verify_peer:
             context.set_verify(
                 SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT | SSL.VERIFY_CLIENT_ONCE,
@@ -177,13 +182,30 @@ def _verified(connection: Any, x509: Any, errno: int, depth: int, ok: int) -> bo
     return bool(ok)
 
 
-def _ssl_reason(error: Exception) -> str:
-    """One line from a pyOpenSSL error's list of (library, function, reason)."""
-    try:
-        parts = [str(item[-1]) for item in error.args[0]]
-    except (IndexError, TypeError):
-        parts = []
-    return "; ".join(p for p in parts if p) or str(error) or type(error).__name__
+def describe_tls_error(error: BaseException) -> str:
+    """
+    One line for an OpenSSL error: the reasons in a pyOpenSSL error's list
+    of (library, function, reason), or a system call error's message.
+    """
+    args = getattr(error, "args", ())
+    if args and isinstance(args[0], list):
+        parts = [str(item[-1]) for item in args[0] if isinstance(item, tuple) and item]
+        if parts:
+            return "; ".join(parts)
+    if args and isinstance(args[0], int) and len(args) > 1:
+        return f"{args[1]}"
+    return str(error) or type(error).__name__
+
+
+def dn_allowed(dn: str | None, patterns: tuple[str, ...]) -> bool:
+    """
+    Whether a client whose certificate has subject C{dn} (RFC 4514; C{None}:
+    no certificate) passes an allow-list of shell-style, case-sensitive
+    C{patterns} (as qemu's C{authz-simple}): always when the list is empty.
+    """
+    if not patterns:
+        return True
+    return dn is not None and any(fnmatchcase(dn, pattern) for pattern in patterns)
 
 
 def _ssl_connection(source: Any) -> Any:
@@ -361,7 +383,7 @@ class TLSClientSettings:
             context.set_verify(SSL.VERIFY_PEER, _verified)
             return ClientTLS(context)
         except SSL.Error as e:
-            raise TLSError(f"the TLS files do not load: {_ssl_reason(e)}") from None
+            raise TLSError(f"the TLS files do not load: {describe_tls_error(e)}") from None
 
 
 def _load_certificates(path: str) -> list[Any]:
