@@ -148,18 +148,9 @@ class TLSSettings:
     def _context(self) -> Any:
         from OpenSSL import SSL
 
-        context = SSL.Context(SSL.TLS_METHOD)
-        context.set_min_proto_version(SSL.TLS1_2_VERSION)
-        # No renegotiation (a client could otherwise make us redo handshakes
-        # at will) and no compression (CRIME).
-        context.set_options(
-            SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE | SSL.OP_NO_RENEGOTIATION
-        )
+        context = _new_context(SSL.OP_CIPHER_SERVER_PREFERENCE)
         try:
-            if self.cert is not None and self.key is not None:
-                context.use_certificate_chain_file(_readable("--tls-cert", self.cert))
-                context.use_privatekey_file(_readable("--tls-key", self.key))
-                context.check_privatekey()
+            _load_pair(context, self.cert, self.key, "--tls-cert", "--tls-key")
             if self.ca is not None:
                 context.load_verify_locations(_readable("--tls-ca", self.ca))
         except SSL.Error as e:
@@ -175,6 +166,37 @@ class TLSSettings:
         # server must be able to tell apart) work at all.
         context.set_session_id(b"twisted-nbd")
         return context
+
+
+def _new_context(options: int = 0) -> Any:
+    """
+    A pyOpenSSL context for TLS 1.2 and later, without renegotiation (a
+    peer could otherwise make us redo handshakes at will) or compression
+    (CRIME), with C{options} besides.
+    """
+    from OpenSSL import SSL
+
+    context = SSL.Context(SSL.TLS_METHOD)
+    context.set_min_proto_version(SSL.TLS1_2_VERSION)
+    context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION | options)
+    return context
+
+
+def _load_pair(
+    context: Any, cert: str | None, key: str | None, cert_name: str, key_name: str
+) -> None:
+    """
+    Load a certificate chain and its private key into C{context}, if both
+    are given; the names say which option or file is at fault in errors.
+
+    @raise TLSError: a file cannot be read.
+    @raise OpenSSL.SSL.Error: it does not load, or the key does not match.
+    """
+    if cert is None or key is None:
+        return
+    context.use_certificate_chain_file(_readable(cert_name, cert))
+    context.use_privatekey_file(_readable(key_name, key))
+    context.check_privatekey()
 
 
 def _verified(connection: Any, x509: Any, errno: int, depth: int, ok: int) -> bool:
@@ -369,17 +391,12 @@ class TLSClientSettings:
                 return ssl.optionsForClientTLS(
                     self.hostname, trustRoot=trust, clientCertificate=client
                 )
-            context = SSL.Context(SSL.TLS_METHOD)
-            context.set_min_proto_version(SSL.TLS1_2_VERSION)
-            context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION)
+            context = _new_context()
             if self.ca is not None:
                 context.load_verify_locations(_readable("the CA file", self.ca))
             else:
                 context.set_default_verify_paths()
-            if self.cert is not None and self.key is not None:
-                context.use_certificate_chain_file(_readable("the client certificate", self.cert))
-                context.use_privatekey_file(_readable("the client key", self.key))
-                context.check_privatekey()
+            _load_pair(context, self.cert, self.key, "the client certificate", "the client key")
             context.set_verify(SSL.VERIFY_PEER, _verified)
             return ClientTLS(context)
         except SSL.Error as e:
