@@ -456,17 +456,32 @@ class _PeerMixin:
         case.assertTrue(exports)
 
 
+def nbdkit_tls(tls_option: str) -> Callable[[int], list[str]]:
+    """nbdkit's memory plugin requiring TLS with C{tls_option} (certificates or PSK)."""
+    nbdkit = require_tool("nbdkit")
+    return lambda port: [
+        nbdkit, "-f", "--exit-with-parent", "-p", str(port), "-i", LOOPBACK,
+        "--tls=require", tls_option, "memory", "16M",
+    ]  # fmt: skip
+
+
+def qemu_nbd_tls(workdir: Path, creds: str) -> Callable[[int], list[str]]:
+    """qemu-nbd serving a 16 MiB image with the tls-creds object C{creds} (id tls0)."""
+    qemu_nbd = require_tool("qemu-nbd")
+    image = make_image(workdir / "disk.img", 16 * MiB)
+    return lambda port: [
+        qemu_nbd, "--persistent", "--shared=4", "-f", "raw", "-b", LOOPBACK, "-p", str(port),
+        "--object", creds, "--tls-creds", "tls0", "-x", "", str(image),
+    ]  # fmt: skip
+
+
 class NbdkitTLSTests(_PeerMixin, TestCase):
     """nbdkit --tls=require with the same certificates directory."""
 
     timeout = 120
 
     def command(self, workdir: Path, certs: Path) -> Callable[[int], list[str]]:
-        nbdkit = require_tool("nbdkit")
-        return lambda port: [
-            nbdkit, "-f", "--exit-with-parent", "-p", str(port), "-i", LOOPBACK,
-            "--tls=require", f"--tls-certificates={certs}", "memory", "16M",
-        ]  # fmt: skip
+        return nbdkit_tls(f"--tls-certificates={certs}")
 
 
 class QemuNbdTLSTests(_PeerMixin, TestCase):
@@ -475,13 +490,9 @@ class QemuNbdTLSTests(_PeerMixin, TestCase):
     timeout = 120
 
     def command(self, workdir: Path, certs: Path) -> Callable[[int], list[str]]:
-        qemu_nbd = require_tool("qemu-nbd")
-        image = make_image(workdir / "disk.img", 16 * MiB)
-        return lambda port: [
-            qemu_nbd, "--persistent", "--shared=4", "-f", "raw", "-b", LOOPBACK, "-p", str(port),
-            "--object", f"tls-creds-x509,id=tls0,endpoint=server,dir={certs},verify-peer=no",
-            "--tls-creds", "tls0", "-x", "", str(image),
-        ]  # fmt: skip
+        return qemu_nbd_tls(
+            workdir, f"tls-creds-x509,id=tls0,endpoint=server,dir={certs},verify-peer=no"
+        )
 
 
 class OwnServerTLSTests(_PeerMixin, TestCase):
@@ -519,11 +530,7 @@ class NbdkitPSKTests(_PSKPeerMixin, TestCase):
     timeout = 120
 
     def command(self, workdir: Path, keys: Path) -> Callable[[int], list[str]]:
-        nbdkit = require_tool("nbdkit")
-        return lambda port: [
-            nbdkit, "-f", "--exit-with-parent", "-p", str(port), "-i", LOOPBACK,
-            "--tls=require", f"--tls-psk={keys}", "memory", "16M",
-        ]  # fmt: skip
+        return nbdkit_tls(f"--tls-psk={keys}")
 
 
 class QemuNbdPSKTests(_PSKPeerMixin, TestCase):
@@ -532,13 +539,7 @@ class QemuNbdPSKTests(_PSKPeerMixin, TestCase):
     timeout = 120
 
     def command(self, workdir: Path, keys: Path) -> Callable[[int], list[str]]:
-        qemu_nbd = require_tool("qemu-nbd")
-        image = make_image(workdir / "disk.img", 16 * MiB)
-        return lambda port: [
-            qemu_nbd, "--persistent", "--shared=4", "-f", "raw", "-b", LOOPBACK, "-p", str(port),
-            "--object", f"tls-creds-psk,id=tls0,endpoint=server,dir={workdir}",
-            "--tls-creds", "tls0", "-x", "", str(image),
-        ]  # fmt: skip
+        return qemu_nbd_tls(workdir, f"tls-creds-psk,id=tls0,endpoint=server,dir={workdir}")
 
 
 class OwnServerPSKTests(_PSKPeerMixin, TestCase):
