@@ -156,6 +156,8 @@ class PayloadReceiver:
     lost. Pausing the transport pauses this too, as usual.
 
     @ivar possible: whether this transport allows it at all.
+    @ivar received: how many bytes it has received, ever (data arriving here
+        never reaches C{dataReceived}, so the idle timeout watches this).
     """
 
     def __init__(self, transport: Any) -> None:
@@ -170,6 +172,7 @@ class PayloadReceiver:
         self._view: memoryview | None = None
         self._position = 0
         self._done: Callable[[], None] | None = None
+        self.received = 0
 
     @property
     def active(self) -> bool:
@@ -214,6 +217,7 @@ class PayloadReceiver:
                 self.stop()
                 return _main.CONNECTION_DONE
             self._position += count
+            self.received += count
         if self._position == size:
             done = self._done
             self._view = None

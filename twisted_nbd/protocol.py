@@ -234,6 +234,7 @@ class NBDServerProtocol(Protocol):
         # (one sendmsg); see _emit.
         self._writer: ReplyWriter | None = None
         self._receiver: PayloadReceiver | None = None
+        self._payload_seen = 0  # the receiver's count when _busy last looked
         # Busy-polling for the next request (see _poll).
         self.poll_max = poll_max
         self._poll_window = 0.0
@@ -432,13 +433,16 @@ class NBDServerProtocol(Protocol):
 
     def _busy(self) -> bool:
         """Whether the connection has work under way (then it is not idle)."""
+        if self.in_flight or self._transport_paused or self._disconnecting:
+            return True
+        # A WRITE payload received straight into its buffer bypasses
+        # dataReceived: it is work under way only while bytes keep coming
+        # (a client stalled halfway through one is as idle as any other).
         receiver = self._receiver
-        return bool(
-            self.in_flight
-            or self._transport_paused
-            or self._disconnecting
-            or (receiver is not None and receiver.active)
-        )
+        if receiver is not None and receiver.active and receiver.received != self._payload_seen:
+            self._payload_seen = receiver.received
+            return True
+        return False
 
     def _limit_expired(self, kind: str) -> None:
         """
