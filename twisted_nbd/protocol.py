@@ -218,7 +218,8 @@ class NBDServerProtocol(Protocol):
         self._layers: tuple[IBlockDevice, ...] = ()
         self._observers = tuple(observers)
         self._clock = clock
-        self.info = ConnectionInfo(peer="?", started=0.0)
+        # A placeholder until connectionMade (id 0: numbers are for connections).
+        self.info = ConnectionInfo(peer="?", started=0.0, id=0)
         self.in_flight = 0
         self.bytes_in_flight = 0
         # Writes (and trims, zeroes) not yet finished: FLUSH waits for them.
