@@ -178,3 +178,50 @@ class OptionsDocumentedTests(SynchronousTestCase):
         self.assertEqual(
             sorted(options - documented), [], "options missing from the table of docs/usage.md"
         )
+
+
+class APIReferenceTests(SynchronousTestCase):
+    """The hook that turns epytext docstrings into the API reference's Markdown."""
+
+    def test_epytext(self) -> None:
+        from docs._hooks.api_reference import epytext_to_markdown
+
+        doc = (
+            "Serve L{the exports <twisted_nbd.exports.Export>} with C{build}.\n"
+            "\n"
+            "For example::\n"
+            "\n"
+            "    build(config)\n"
+            "\n"
+            "Then I{stop} it.\n"
+            "\n"
+            "@param config: what to serve,\n"
+            "    checked first.\n"
+            "@return: a Deferred that fires with C{None}.\n"
+            "@raise ConfigError: C{config} is wrong."
+        )
+        self.assertEqual(
+            epytext_to_markdown(doc),
+            "Serve the exports with `build`.\n"
+            "\n"
+            "For example:\n"
+            "\n"
+            "```python\n"
+            "build(config)\n"
+            "```\n"
+            "\n"
+            "Then *stop* it.\n"
+            "\n"
+            "\n"
+            "**Parameters**\n"
+            "\n"
+            "- `config`: what to serve, checked first.\n"
+            "\n"
+            "**Returns**\n"
+            "\n"
+            "- a Deferred that fires with `None`.\n"
+            "\n"
+            "**Raises**\n"
+            "\n"
+            "- `ConfigError`: `config` is wrong.",
+        )
