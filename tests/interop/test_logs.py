@@ -16,6 +16,7 @@ import pytest
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.interop.helpers import NBDServer, make_tempdir, require_tool, run_tool, start_server
+from tests.tlsfiles import make_psk_file
 
 pytestmark = pytest.mark.interop
 
@@ -43,19 +44,30 @@ def json_events(server: NBDServer) -> list[dict[str, Any]]:
 class JSONLogTests(SynchronousTestCase):
     """Real clients against a server logging JSON."""
 
-    def copy_and_inspect(self, *args: str) -> list[dict[str, Any]]:
+    psk = False
+
+    def copy_and_inspect(self, *args: str, psk: bool = False) -> list[dict[str, Any]]:
         """
         Start a server with C{args}, copy 1 MiB into it with nbdcopy, run
         nbdinfo, stop it: the events of the nbdcopy connection (those of its
         process and number: each worker numbers its own).
+
+        @param psk: require TLS with a pre-shared key for user C{alice}.
         """
         nbdcopy, nbdinfo = require_tool("nbdcopy"), require_tool("nbdinfo")
-        workdir = make_tempdir(self)
-        source = Path(workdir) / "source.img"
+        workdir = Path(make_tempdir(self))
+        source = workdir / "source.img"
         source.write_bytes(os.urandom(MiB))
+        if psk:
+            keys = workdir / "keys.psk"
+            make_psk_file(keys)
+            args += ("--tls", "require", "--tls-psk", str(keys))
         server = start_server(self, "--memory", "8M", *args, twistd_args=JSON_LOGGER)
-        run_tool([nbdcopy, "--connections=1", "--no-extents", str(source), server.uri])
-        run_tool([nbdinfo, server.uri])
+        uri = server.uri
+        if psk:
+            uri = f"nbds://alice@127.0.0.1:{server.port}/?tls-psk-file={keys}"
+        run_tool([nbdcopy, "--connections=1", "--no-extents", str(source), uri])
+        run_tool([nbdinfo, uri])
         server.stop()
         events = json_events(server)
         closes = [e for e in events if e.get("nbd_event") == "connection-close"]
@@ -74,6 +86,7 @@ class JSONLogTests(SynchronousTestCase):
         self.assertEqual(close["errors"], 0)
         self.assertEqual(close["reason"], "closed")
         self.assertEqual(close["export"], "")
+        self.assertEqual(close["tls_peer"], "PSK alice" if self.psk else "")
         self.assertTrue(close["peer"].startswith("127.0.0.1:"), close["peer"])
         self.assertGreaterEqual(close["requests"], 2)  # the writes and a flush
         self.assertGreaterEqual(close["duration"], 0)
@@ -82,11 +95,12 @@ class JSONLogTests(SynchronousTestCase):
 
     def test_json_lines(self) -> None:
         """
-        Each line is JSON; nbdcopy's connection is opened, chooses the
-        default export, and closes with 1 MiB written; nbdinfo's reads
-        nothing; there is no per-request event without --verbose.
+        Each line is JSON; nbdcopy's connection (over TLS-PSK) is opened,
+        chooses the default export, and closes with 1 MiB written and its
+        PSK identity; there is no per-request event without --verbose.
         """
-        mine = self.copy_and_inspect()
+        self.psk = True
+        mine = self.copy_and_inspect(psk=True)
         self.check_copy(mine)
         self.assertFalse([e for e in mine if e["nbd_event"] == "request"])
 
