@@ -740,7 +740,9 @@ class ServerConnection(SansIOConnection[Event]):
     def _reject(self, header: w.RequestHeader, errno: Errno, reason: str) -> RequestRejected:
         is_read = header.type == _READ
         self._outbox.extend(self._error(header.cookie, header.offset, errno, reason, is_read))
-        return RequestRejected(header.cookie, header.type, errno, reason)
+        return RequestRejected(
+            header.cookie, header.type, errno, reason, header.offset, header.length
+        )
 
     def _validate(self, h: w.RequestHeader) -> RequestRejected | None:
         """

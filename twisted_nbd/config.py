@@ -359,6 +359,7 @@ class Config:
     @ivar tls: the server's TLS settings (off by default).
     @ivar limits: who may connect, how many at once, and the handshake and
         idle timeouts (see L{twisted_nbd.limits}).
+    @ivar verbose: log every request (L{twisted_nbd.logs.RequestLog}).
     """
 
     exports: list[ExportSpec]
@@ -371,6 +372,7 @@ class Config:
     poll_max: float = DEFAULT_POLL_MAX
     tls: TLSSettings = field(default_factory=TLSSettings)
     limits: Limits = field(default_factory=Limits)
+    verbose: bool = False
 
 
 def absolute_paths(kind: str, ref: PluginRef, base: str) -> PluginRef:

@@ -73,6 +73,8 @@ class RequestRejected:
     command: int
     errno: Errno
     reason: str
+    offset: int = 0
+    length: int = 0
 
 
 @dataclass(slots=True)

@@ -52,7 +52,13 @@ class ConnectionInfo:
         seconds.
     @ivar export: the name of the export chosen, once the handshake is over.
     @ivar tls: whether the connection is encrypted.
-    @ivar tls_peer: the subject DN of the client's TLS certificate, if any.
+    @ivar tls_peer: the subject DN of the client's TLS certificate, if any
+        (C{"PSK name"} for a TLS-PSK identity).
+    @ivar requests: the requests handed to the backend so far.
+    @ivar errors: the requests answered with an error so far (refused ones
+        included).
+    @ivar bytes_read: the bytes asked for by those that were READs.
+    @ivar bytes_written: the bytes carried by those that were WRITEs.
     """
 
     peer: str
@@ -61,6 +67,10 @@ class ConnectionInfo:
     export: str | None = None
     tls: bool = False
     tls_peer: str = ""
+    requests: int = 0
+    errors: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
 
 
 class IServerObserver(Interface):

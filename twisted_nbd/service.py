@@ -133,6 +133,10 @@ def make_factory(
     @raise ConfigError: the TLS files do not load.
     """
     tls = config.tls
+    if config.verbose:
+        from twisted_nbd.logs import RequestLog
+
+        observers = [*observers, RequestLog()]
     try:
         creator = tls.server_creator() if tls.mode != "off" else None
     except TLSError as e:

@@ -160,6 +160,12 @@ class Options(usage.Options):
     optFlags = [
         ["read-only", "r", "Serve the device read-only: every write is refused with EPERM."],
         [
+            "verbose",
+            "v",
+            "Log every request (command, offset, length, errno, time): for debugging, it slows"
+            " the server down.",
+        ],
+        [
             "tls-verify-peer",
             None,
             "With TLS, require a client certificate signed by --tls-ca.",
@@ -415,6 +421,7 @@ class Options(usage.Options):
             workers=self["workers"],
             poll_max=self["poll-max"],
             limits=self._limits(self.config.limits),
+            verbose=bool(self["verbose"]),
         )
         if self.config.workers > 1:
             from twisted_nbd.workers import check_workers

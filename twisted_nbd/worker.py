@@ -22,7 +22,7 @@ from typing import Any, Sequence, cast
 from twisted.application.service import Service
 from twisted.internet.interfaces import IFileDescriptorReceiver
 from twisted.internet.protocol import connectionDone
-from twisted.logger import FileLogObserver, Logger, eventAsText, globalLogBeginner
+from twisted.logger import FileLogObserver, Logger, eventAsJSON, globalLogBeginner
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -128,8 +128,9 @@ class _Counter(ServerObserver):
 
 
 def _format(event: dict[str, Any]) -> str | None:
-    text = eventAsText(event, includeTimestamp=False, includeSystem=False)
-    return text + "\n" if text else None
+    # One JSON object a line: the supervisor publishes the event again with
+    # its fields (see twisted_nbd.logs), not just its text.
+    return eventAsJSON(event) + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -157,6 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         poll_max=settings["poll_max"],
         tls=TLSSettings(**{**settings["tls"], "allow_dns": tuple(settings["tls"]["allow_dns"])}),
         limits=Limits.from_json(settings["limits"]),
+        verbose=settings.get("verbose", False),
     )
     context = OpenContext(reactor, min(IO_THREADS, config.max_queue_depth))
     devices = []

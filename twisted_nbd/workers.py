@@ -54,7 +54,7 @@ from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.interfaces import IFileDescriptorReceiver, IReactorTime
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol, connectionDone
-from twisted.logger import Logger
+from twisted.logger import Logger, eventFromJSON
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -218,6 +218,21 @@ class _Control(LineReceiver):
             self.worker.control = None
 
 
+def _worker_event(line: bytes) -> dict[str, Any] | None:
+    """
+    The log event a worker wrote as a line of JSON (see
+    L{twisted_nbd.worker}), or C{None} if the line is something else
+    (output that did not go through the log, a traceback on stderr).
+    """
+    if not line.startswith(b"{"):
+        return None
+    try:
+        event = eventFromJSON(line.decode("utf-8"))
+    except ValueError:
+        return None
+    return event if isinstance(event, dict) and "log_time" in event else None
+
+
 class _WorkerProcess(ProcessProtocol):
     """Relays a worker's output to the supervisor's log, and notices its end."""
 
@@ -231,7 +246,12 @@ class _WorkerProcess(ProcessProtocol):
             return
         *lines, self._partial[fd] = (self._partial[fd] + data).split(b"\n")
         for line in lines:
-            if line.strip():
+            event = _worker_event(line)
+            if event is not None:
+                event["worker"] = self.worker.index
+                event["log_system"] = f"worker {self.worker.index}"
+                _log.observer(event)
+            elif line.strip():
                 _log.info(
                     "[worker {index}] {line}",
                     index=self.worker.index,
@@ -371,6 +391,7 @@ class WorkerPool(Service):
             "poll_max": self.config.poll_max,
             "tls": asdict(self.config.tls),
             "limits": self.config.limits.to_json(),
+            "verbose": self.config.verbose,
         }
         process.write(json.dumps(settings).encode("utf-8"))
         process.closeStdin()
