@@ -22,6 +22,7 @@ from typing import Any, Sequence, cast
 from twisted.application.service import Service
 from twisted.internet.interfaces import IFileDescriptorReceiver
 from twisted.internet.protocol import connectionDone
+from twisted.internet.task import LoopingCall
 from twisted.logger import FileLogObserver, Logger, eventAsText, globalLogBeginner
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
@@ -32,6 +33,7 @@ from twisted_nbd.backends import OpenContext
 from twisted_nbd.config import Config, ExportSpec
 from twisted_nbd.exports import ExportRegistry
 from twisted_nbd.limits import Limits
+from twisted_nbd.metrics import MetricsObserver
 from twisted_nbd.observers import ConnectionInfo, ServerObserver
 from twisted_nbd.protocol import NBDServerFactory
 from twisted_nbd.service import (
@@ -97,6 +99,39 @@ class WorkerControl(LineReceiver):
         self._lost()
 
 
+class _MetricsReport:
+    """
+    Sends the worker's metrics snapshot to the supervisor (see
+    L{twisted_nbd.metrics}): every L{INTERVAL} seconds if anything changed,
+    and soon after a connection closes, so totals are complete as soon as
+    a client has gone.
+    """
+
+    INTERVAL = 1.0
+
+    def __init__(self, reactor: Any, metrics: MetricsObserver, control: WorkerControl) -> None:
+        self.reactor = reactor
+        self.metrics = metrics
+        self.control = control
+        self._sent = -1
+        self._soon: Any = None
+
+    def start(self) -> _MetricsReport:
+        LoopingCall(self.send).start(self.INTERVAL, now=False).addErrback(
+            lambda f: _log.failure("Metrics reports stopped", f)
+        )
+        return self
+
+    def soon(self) -> None:
+        if self._soon is None or not self._soon.active():
+            self._soon = self.reactor.callLater(0, self.send)
+
+    def send(self) -> None:
+        if self.metrics.version != self._sent:
+            self._sent = self.metrics.version
+            self.control.send({"metrics": self.metrics.snapshot()})
+
+
 class _Counter(ServerObserver):
     """
     Tells the supervisor how many connections this worker has, and how many
@@ -107,6 +142,7 @@ class _Counter(ServerObserver):
     def __init__(self) -> None:
         self.factory: NBDServerFactory | None = None
         self.control: WorkerControl | None = None
+        self.report: _MetricsReport | None = None
 
     def _tell(self) -> None:
         if self.control is not None and self.factory is not None:
@@ -125,6 +161,8 @@ class _Counter(ServerObserver):
 
     def connection_lost(self, connection: ConnectionInfo, reason: str) -> None:
         self._tell()
+        if self.report is not None:
+            self.report.soon()
 
 
 def _format(event: dict[str, Any]) -> str | None:
@@ -171,7 +209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         exports.append(export_of(spec, device, connection_layers(spec, context)))
     registry = ExportRegistry.of(exports, config.default)
     counter = _Counter()
-    factory = make_factory(config, registry, reactor, [counter])
+    metrics = MetricsObserver(reactor.seconds) if settings.get("metrics") else None
+    factory = make_factory(config, registry, reactor, [counter, *([metrics] if metrics else [])])
     counter.factory = factory
     top = NBDService(factory, reactor, config.shutdown_timeout)
     device_service: Service = BlockDeviceService(devices, context.pool)
@@ -185,10 +224,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             return
         stopping.append(True)
         _log.info("Worker {index} stopping", index=args.index)
-        top.stopService().addBoth(lambda _: reactor.stop())
+
+        def stopped(_: object) -> None:
+            if counter.report is not None:
+                counter.report.send()  # the last counts, after the drain
+            reactor.stop()
+
+        top.stopService().addBoth(stopped)
 
     control = WorkerControl(reactor, factory, stop)
     counter.control = control
+    if metrics is not None:
+        metrics.slots = factory.slots
+        counter.report = _MetricsReport(reactor, metrics, control).start()
     cast(Service, top).startService()
     reactor.adoptStreamConnection(CONTROL_FD, socket.AF_UNIX, _OneProtocolFactory(control))
     os.close(CONTROL_FD)
