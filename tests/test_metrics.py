@@ -225,8 +225,8 @@ class MergeTests(SynchronousTestCase):
         self.assertEqual(found["nbd_connections_refused_total", (("reason", "allow"),)], 1)
 
 
-def get(resource: Any, accept: bytes | None = None) -> tuple[int, bytes, DummyRequest]:
-    request = DummyRequest([])
+def get(resource: Any, accept: bytes | None = None) -> tuple[int, bytes, Any]:
+    request: Any = DummyRequest([])
     request.method = b"GET"
     request.content = BytesIO()
     if accept is not None:
@@ -274,8 +274,9 @@ class PagesTests(SynchronousTestCase):
         self.assertIsNone(top.ready())
         self.assertEqual(len(reactor.tcpServers), 2)
         # A connection in flight keeps the server draining.
-        factory = server.factory  # type: ignore[attr-defined]
+        factory = server.factory
         proto = factory.buildProtocol(None)
+        assert proto is not None
         proto.makeConnection(StringTransport())
         proto.dataReceived(b.client_flags() + b.go("a"))
         stopped = top.stopService()
