@@ -270,6 +270,24 @@ class AdminTests(SynchronousTestCase):
         self.assertIn("exports.toml:3", body["reason"])
         self.assertEqual(sorted(self.manager.registry.exports), ["a", "c"])
 
+    def test_untracked(self) -> None:
+        """
+        Without the observer (SIGHUP reloads only) a retired export's device
+        is closed within a sweep interval after its last connection left.
+        """
+        manager = ExportManager(
+            self.server, self.manager.config, self.reactor, str(self.config_path), track=False
+        )
+        self.assertNotIn(manager.usage, self.server.factory.observers)
+        proto, _ = self.connect("a")
+        count = len(self.devices())
+        manager.remove("a", "safe")
+        self.assertEqual(len(self.devices()), count)
+        proto.connectionLost()
+        self.reactor.advance(manager.SWEEP_INTERVAL)
+        self.assertEqual(len(self.devices()), count - 1)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
     def test_reload_without_config(self) -> None:
         """Without --config there is nothing to reload: 409."""
         self.manager.config_path = None

@@ -146,21 +146,17 @@ def read_token(path: str | None) -> str | None:
 
 
 class _Usage(ServerObserver):
-    """Per connection: the export object it uses, and its bytes read and written."""
+    """
+    Per connection, its bytes read and written (for C{GET /connections}),
+    and a prompt sweep of retired exports when one closes.
+    """
 
     def __init__(self, manager: ExportManager) -> None:
         self.manager = manager
-        self.exports: dict[int, Export] = {}
         self.bytes: dict[int, list[int]] = {}
 
     def connection_made(self, connection: ConnectionInfo) -> None:
         self.bytes[connection.id] = [0, 0]
-
-    def export_chosen(self, connection: ConnectionInfo, name: str) -> None:
-        # Called right after the protocol attached to the registry's export.
-        export = self.manager.registry.lookup(name)
-        if export is not None:
-            self.exports[connection.id] = export
 
     def request_finished(
         self, connection: ConnectionInfo, request: Any, errno: int, elapsed: float
@@ -176,9 +172,8 @@ class _Usage(ServerObserver):
 
     def connection_lost(self, connection: ConnectionInfo, reason: str) -> None:
         self.bytes.pop(connection.id, None)
-        export = self.exports.pop(connection.id, None)
-        if export is not None:
-            self.manager._released(export)
+        # The factory has already forgotten the connection.
+        self.manager._sweep()
 
 
 class ExportManager:
@@ -190,10 +185,23 @@ class ExportManager:
         C{registry} and C{"device"} child are used).
     @param config: the configuration it was built from.
     @param config_path: the C{--config} file to reload, if any.
+    @param track: count each connection's bytes (for C{GET /connections})
+        with an observer. Any observer costs the protocol a little on every
+        request, so a server that only reloads on SIGHUP goes without, and
+        then notices the last connection of a retired export leave within
+        L{SWEEP_INTERVAL} seconds instead of at once.
     """
 
+    #: How often retired exports are checked for connections still using them.
+    SWEEP_INTERVAL = 1.0
+
     def __init__(
-        self, server: Any, config: Config, reactor: Any, config_path: str | None = None
+        self,
+        server: Any,
+        config: Config,
+        reactor: Any,
+        config_path: str | None = None,
+        track: bool = True,
     ) -> None:
         self.server = server
         self.factory = server.factory
@@ -202,10 +210,14 @@ class ExportManager:
         self.reactor = reactor
         self.config_path = config_path
         self.specs: dict[str, ExportSpec] = {spec.name: spec for spec in config.exports}
-        # Exports taken out of the registry whose connections are not all gone.
-        self._retired: list[Export] = []
-        self.usage = _Usage(self)
-        self.factory.add_observer(self.usage)
+        # Exports taken out of the registry, with the connections that used
+        # them then and are not all gone.
+        self._retired: list[tuple[Export, set[Any]]] = []
+        self._sweeping: Any = None
+        self.usage: _Usage | None = None
+        if track:
+            self.usage = _Usage(self)
+            self.factory.add_observer(self.usage)
 
     # Reading
 
@@ -213,7 +225,7 @@ class ExportManager:
         """One export as the API shows it."""
         export = self.registry.exports[name]
         spec = self.specs.get(name)
-        users = sum(1 for e in self.usage.exports.values() if e is export)
+        users = sum(1 for p in self.factory.connections if p.info.export == name)
         return {
             "name": name,
             "description": export.description,
@@ -235,7 +247,8 @@ class ExportManager:
         found = []
         for proto in sorted(self.factory.connections, key=lambda p: p.info.id):
             info = proto.info
-            read, written = self.usage.bytes.get(info.id, (0, 0))
+            counts = self.usage.bytes.get(info.id) if self.usage is not None else None
+            read, written = counts if counts is not None else (None, None)
             found.append(
                 {
                     "id": info.id,
@@ -382,23 +395,37 @@ class ExportManager:
         }
 
     def _retire(self, export: Export) -> None:
-        self._retired.append(export)
-        self._released(export)
+        """
+        C{export} is out of the registry: close its device once the
+        connections using it now are gone. (They are known by the export's
+        name: after two quick replacements the connections of the first
+        keep the second's device open too, never the other way round.)
+        """
+        users = {p for p in self.factory.connections if p.info.export == export.name}
+        self._retired.append((export, users))
+        self._sweep()
 
-    def _released(self, export: Export) -> None:
-        """A connection using C{export} closed: close it if it is retired and unused."""
-        if export not in self._retired:
-            return
-        if any(e is export for e in self.usage.exports.values()):
-            return
-        self._retired.remove(export)
+    def _sweep(self) -> None:
+        """Close the devices of retired exports that nobody uses any more."""
+        open_now = self.factory.connections
+        still = []
+        for export, users in self._retired:
+            users &= open_now
+            if users:
+                still.append((export, users))
+            else:
+                self._close(export)
+        self._retired = still
+        if still and (self._sweeping is None or not self._sweeping.active()):
+            self._sweeping = self.reactor.callLater(self.SWEEP_INTERVAL, self._sweep)
+
+    def _close(self, export: Export) -> None:
         devices = self.server.getServiceNamed("device")
         if export.device in devices.devices:
             devices.devices.remove(export.device)
+        name = export.name
         maybeDeferred(export.device.close).addErrback(
-            lambda f: _log.failure(
-                "Closing the device of export {name!r} failed", f, name=export.name
-            )
+            lambda f: _log.failure("Closing the device of export {name!r} failed", f, name=name)
         )
 
     def reload(self) -> dict[str, Any]:

@@ -208,7 +208,7 @@ def attach(
         )
     manager: ExportManager | None = None
     if not workers and (admin is not None or config_path is not None):
-        manager = ExportManager(server, config, reactor, config_path)
+        manager = ExportManager(server, config, reactor, config_path, track=admin is not None)
     top: Service = server
     if metrics is not None or admin is not None:
         ops = OpsService(server, reactor)

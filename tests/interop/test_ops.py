@@ -54,6 +54,13 @@ def http(url: str, method: str = "GET", body: object = None, token: str | None =
         return e.code, e.read().decode()
 
 
+def stop(process: subprocess.Popen[Any]) -> None:
+    """Kill C{process} if it still runs, and reap it."""
+    if process.poll() is None:
+        process.kill()
+    process.wait(30)
+
+
 def scrape(port: int) -> dict[str, float]:
     """The metrics, C{name{labels}} (labels sorted) to value."""
     status, text = http(f"http://{LOOPBACK}:{port}/metrics")
@@ -112,7 +119,7 @@ class MetricsInteropTests(SynchronousTestCase):
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         )
-        self.addCleanup(lambda: copy.poll() is None and copy.kill())
+        self.addCleanup(stop, copy)
         # Scrape while it runs (bounded: the copy ends or the test fails):
         # the counters never go backwards.
         seen: list[float] = []
@@ -242,7 +249,7 @@ class AdminInteropTests(SynchronousTestCase):
             stderr=subprocess.STDOUT,
             text=True,
         )
-        self.addCleanup(lambda: client.poll() is None and client.kill())
+        self.addCleanup(stop, client)
         assert client.stdout is not None
         self.assertEqual(client.stdout.readline().strip(), "connected")
         status, text = http(f"{api}/connections", token="s3cret")
