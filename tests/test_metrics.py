@@ -285,3 +285,18 @@ class PagesTests(SynchronousTestCase):
         proto.connectionLost()
         reactor.advance(0)
         self.successResultOf(stopped)
+
+
+class DocsTests(SynchronousTestCase):
+    """docs/metrics.md lists every metric, and only those."""
+
+    def test_every_metric_documented(self) -> None:
+        import re
+        from pathlib import Path
+
+        page = (Path(__file__).resolve().parents[1] / "docs" / "metrics.md").read_text()
+        documented = set(re.findall(r"^\| `(nbd_[a-z_]+)` \|", page, re.MULTILINE))
+        exposed = set()
+        for family in NBDCollector(lambda: []).collect():
+            exposed.add(family.name + ("_total" if family.type == "counter" else ""))
+        self.assertEqual(documented, exposed)
