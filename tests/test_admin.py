@@ -11,9 +11,10 @@ import os
 import signal
 from io import BytesIO
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import ILogObserver, formatEvent, globalLogPublisher
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.test.requesthelper import DummyRequest
@@ -322,6 +323,30 @@ class ReloadOnSignalTests(SynchronousTestCase):
         finally:
             service.stopService()
         self.assertEqual(signal.getsignal(signal.SIGHUP), previous)
+
+    def test_workers(self) -> None:
+        """
+        With --workers and --config, SIGHUP is caught (not the end of the
+        server) and only says that reloads need a restart.
+        """
+        from twisted_nbd.ops import attach
+
+        path = Path(self.mktemp())
+        path.write_text('[[export]]\nname = "a"\nmemory = "1M"\n')
+        options = Options()
+        options.parseOptions(["--config", str(path), "--workers", "2"])
+        reactor = MemoryReactorClock()
+        server = build(options.config, reactor)
+        top = attach(server, options.config, reactor, config_path=str(path))
+        [handler] = [s for s in cast(Any, top) if isinstance(s, ReloadOnSignal)]
+        events: list[dict[str, Any]] = []
+        observer = cast(ILogObserver, events.append)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        handler.reload()  # logged, not raised
+        self.assertIn("--workers", " ".join(formatEvent(e) for e in events))
+        self.assertEqual(self.flushLoggedErrors(), [])
+        server.getServiceNamed("device").stopService()
 
     def test_failure_logged(self) -> None:
         """A reload that fails is logged, not raised."""

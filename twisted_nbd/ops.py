@@ -221,7 +221,18 @@ def attach(
     if manager is not None and config_path is not None:
         # Its parent stops it with the listeners, before the drain.
         cast(Any, ReloadOnSignal(manager.reload, reactor)).setServiceParent(top)
+    elif workers and config_path is not None:
+        # SIGHUP must not end a server whose user expects a reload: say why not.
+        cast(Any, ReloadOnSignal(_no_reload, reactor)).setServiceParent(top)
     return top
+
+
+def _no_reload() -> None:
+    from twisted_nbd.admin import AdminError
+
+    raise AdminError(
+        409, "workers", "reloading is not supported with --workers yet; restart to apply changes"
+    )
 
 
 def _registry(server: Any) -> CollectorRegistry:

@@ -50,6 +50,10 @@ from twisted_nbd.workers import CONTROL_FD, _OneProtocolFactory, shared_device
 
 __all__ = ["main"]
 
+#: After draining, the longest a worker waits for its last metrics report to
+#: reach the supervisor.
+STOP_FLUSH = 2.0
+
 _log = Logger()
 
 
@@ -64,6 +68,7 @@ class WorkerControl(LineReceiver):
         self.factory = factory
         self._lost = lost
         self._fds: list[int] = []
+        self.closed = False
 
     def fileDescriptorReceived(self, descriptor: int) -> None:  # noqa: N802 - Twisted's name
         self._fds.append(descriptor)
@@ -93,6 +98,7 @@ class WorkerControl(LineReceiver):
             self.sendLine(json.dumps(message).encode("utf-8"))  # type: ignore[no-untyped-call]
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.closed = True
         for fd in self._fds:
             os.close(fd)
         self._fds = []
@@ -218,17 +224,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     device_service.setServiceParent(top)
 
     stopping: list[bool] = []
+    drained: list[bool] = []
+
+    def end() -> None:
+        if reactor.running:
+            reactor.stop()
 
     def stop() -> None:
         if stopping:
+            if drained:
+                end()  # the control socket closed: the last report is out
             return
         stopping.append(True)
         _log.info("Worker {index} stopping", index=args.index)
 
         def stopped(_: object) -> None:
-            if counter.report is not None:
-                counter.report.send()  # the last counts, after the drain
-            reactor.stop()
+            drained.append(True)
+            if counter.report is not None and not control.closed:
+                # The last counts, after the drain; closing the control
+                # socket writes them out first, and its loss ends the worker.
+                counter.report.send()
+                cast(Any, control.transport).loseConnection()
+                reactor.callLater(STOP_FLUSH, end)
+            else:
+                end()
 
         top.stopService().addBoth(stopped)
 
