@@ -279,6 +279,11 @@ class PagesTests(SynchronousTestCase):
         assert proto is not None
         proto.makeConnection(StringTransport())
         proto.dataReceived(b.client_flags() + b.go("a"))
+        exports = server.registry.exports
+        saved = dict(exports)
+        exports.clear()
+        self.assertEqual(top.ready(), "no exports")
+        exports.update(saved)
         stopped = top.stopService()
         self.assertEqual(top.ready(), "draining")
         self.assertNoResult(stopped)

@@ -148,6 +148,9 @@ class OpsService(MultiService):
             return "starting"
         if not is_listening(self.server):
             return "not listening yet"
+        registry = getattr(self.server, "registry", None)
+        if registry is not None and not len(registry):
+            return "no exports"  # all removed through the admin API
         pool = getattr(self.server, "pool", None)
         if pool is not None and not any(w is not None and w.ready for w in pool.workers):
             return "no worker is ready yet"
