@@ -7,13 +7,16 @@ C{nbdinfo} and libnbd watch.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -41,17 +44,37 @@ REQUEST = 64 * 1024
 HTTP_TIMEOUT = 10.0
 
 
-def http(url: str, method: str = "GET", body: object = None, token: str | None = None) -> Any:
-    """One request; (status, body as text)."""
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method=method)
-    if token is not None:
-        request.add_header("Authorization", f"Bearer {token}")
+def web(url: str) -> tuple[int, str]:
+    """GET C{url}: its status and body as text."""
     try:
-        with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT) as response:
+        with urllib.request.urlopen(url, timeout=HTTP_TIMEOUT) as response:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode()
+
+
+class UnixAPI:
+    """The admin API over a unix socket (what curl --unix-socket does)."""
+
+    def __init__(self, path: Path, token: str | None = None) -> None:
+        self.path = path
+        self.token = token
+
+    def __call__(self, method: str, target: str, body: object = None) -> tuple[int, Any]:
+        """One request; (status, decoded JSON body)."""
+        connection = http.client.HTTPConnection("localhost", timeout=HTTP_TIMEOUT)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(HTTP_TIMEOUT)
+        sock.connect(str(self.path))
+        connection.sock = sock
+        headers = {} if self.token is None else {"Authorization": f"Bearer {self.token}"}
+        data = None if body is None else json.dumps(body).encode()
+        try:
+            connection.request(method, target, body=data, headers=headers)
+            response = connection.getresponse()
+            return response.status, json.loads(response.read())
+        finally:
+            connection.close()
 
 
 def stop(process: subprocess.Popen[Any]) -> None:
@@ -63,7 +86,7 @@ def stop(process: subprocess.Popen[Any]) -> None:
 
 def scrape(port: int) -> dict[str, float]:
     """The metrics, C{name{labels}} (labels sorted) to value."""
-    status, text = http(f"http://{LOOPBACK}:{port}/metrics")
+    status, text = web(f"http://{LOOPBACK}:{port}/metrics")
     assert status == 200, text
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -104,8 +127,8 @@ class MetricsInteropTests(SynchronousTestCase):
             *args,
             workdir=workdir,
         )
-        self.assertEqual(http(f"http://{LOOPBACK}:{port}/health"), (200, "ok\n"))
-        wait_until(lambda: http(f"http://{LOOPBACK}:{port}/ready")[0] == 200, 15, "ready")
+        self.assertEqual(web(f"http://{LOOPBACK}:{port}/health"), (200, "ok\n"))
+        wait_until(lambda: web(f"http://{LOOPBACK}:{port}/ready")[0] == 200, 15, "ready")
         copy = subprocess.Popen(
             [
                 nbdcopy,
@@ -183,7 +206,7 @@ class MetricsInteropTests(SynchronousTestCase):
         assert found is not None
         os.kill(int(found.group(1)), signal.SIGKILL)
         server.wait_for_log("Worker 0", "ended")
-        wait_until(lambda: http(f"http://{LOOPBACK}:{port}/ready")[0] == 200, 15, "ready")
+        wait_until(lambda: web(f"http://{LOOPBACK}:{port}/ready")[0] == 200, 15, "ready")
         after = scrape(port)
         for name in ("nbd_written_bytes_total", "nbd_requests_total", "nbd_connections_total"):
             self.assertEqual(total(after, name), total(before, name), name)
@@ -201,29 +224,28 @@ class AdminInteropTests(SynchronousTestCase):
         config.write_text('[[export]]\nname = "a"\nmemory = "1M"\n')
         token_file = workdir / "token"
         token_file.write_text("s3cret\n")
-        port = free_port()
+        socket_path = workdir / "admin.sock"
         server = start_server(
             self,
             "--config",
             str(config),
             "--admin",
-            f"tcp:{port}:interface={LOOPBACK}",
+            f"unix:{socket_path}",
             "--admin-token",
             str(token_file),
             workdir=workdir,
         )
-        api = f"http://{LOOPBACK}:{port}"
-        status, text = http(f"{api}/exports")
-        self.assertEqual(status, 401)
-        self.assertEqual(json.loads(text)["error"], "unauthorized")
+        status, body = UnixAPI(socket_path)("GET", "/exports")
+        self.assertEqual((status, body["error"]), (401, "unauthorized"))
+        api = UnixAPI(socket_path, "s3cret")
 
         def names() -> list[str]:
             out = run_tool([nbdinfo, "--list", "--json", server.uri]).stdout
             return sorted(e["export-name"] for e in json.loads(out)["exports"])
 
-        status, text = http(f"{api}/exports/b", "PUT", {"memory": "2M"}, token="s3cret")
-        self.assertEqual(status, 201, text)
-        self.assertEqual(http(f"{api}/exports/b", "PUT", {"memory": "2M"}, "s3cret")[0], 200)
+        status, body = api("PUT", "/exports/b", {"memory": "2M"})
+        self.assertEqual((status, body["outcome"]), (201, "created"), body)
+        self.assertEqual(api("PUT", "/exports/b", {"memory": "2M"})[1]["outcome"], "unchanged")
         self.assertEqual(names(), ["a", "b"])
 
         # SIGHUP reloads the file: b (added by the API) goes, c comes.
@@ -252,16 +274,16 @@ class AdminInteropTests(SynchronousTestCase):
         self.addCleanup(stop, client)
         assert client.stdout is not None
         self.assertEqual(client.stdout.readline().strip(), "connected")
-        status, text = http(f"{api}/connections", token="s3cret")
-        [connection] = json.loads(text)["connections"]
+        status, body = api("GET", "/connections")
+        [connection] = body["connections"]
         self.assertEqual((connection["export"], connection["read_bytes"]), ("c", 512))
-        status, text = http(f"{api}/exports/c?mode=hard", "DELETE", token="s3cret")
-        self.assertEqual((status, json.loads(text)["connections"]), (200, 1))
+        status, body = api("DELETE", "/exports/c?mode=hard")
+        self.assertEqual((status, body["connections"]), (200, 1))
         go.touch()
         output = client.communicate(timeout=30)[0]
         self.assertIn("failed", output)
-        status, text = http(f"{api}/exports/c?mode=hard", "DELETE", token="s3cret")
-        self.assertEqual((status, json.loads(text)["existed"]), (200, False))
+        status, body = api("DELETE", "/exports/c?mode=hard")
+        self.assertEqual((status, body["existed"]), (200, False))
         self.assertEqual(names(), ["a"])
         server.check_log()
 
