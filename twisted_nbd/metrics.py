@@ -88,20 +88,20 @@ _GAUGES: dict[str, tuple[str, ...]] = {
 }
 
 
+#: The label values of commands and outcomes, looked up once (an enum
+#: lookup per request would cost more than all the counting).
+_COMMAND_NAMES: dict[int, str] = {int(c): c.name for c in Cmd}
+_OUTCOMES: dict[int, str] = {0: "ok", **{int(e): e.name for e in Errno}}
+
+
 def _command_name(command: int) -> str:
-    try:
-        return Cmd(command).name
-    except ValueError:
-        return str(command)
+    name = _COMMAND_NAMES.get(command)
+    return name if name is not None else str(command)
 
 
 def _outcome(errno: int) -> str:
-    if not errno:
-        return "ok"
-    try:
-        return Errno(errno).name
-    except ValueError:
-        return f"errno{errno}"
+    name = _OUTCOMES.get(errno)
+    return name if name is not None else f"errno{errno}"
 
 
 @implementer(IServerObserver, IFlowObserver)
@@ -123,14 +123,17 @@ class MetricsObserver(ServerObserver):
         self.open = 0
         self.chosen = 0
         self.export_connections: Counter[str] = Counter()
-        self.requests: Counter[tuple[str, str, str]] = Counter()
-        self.read_bytes: Counter[str] = Counter()
-        self.written_bytes: Counter[str] = Counter()
-        self.in_flight: Counter[str] = Counter()
-        self.bytes_in_flight: Counter[str] = Counter()
+        # The per-request tables are plain dicts keyed by numbers (names are
+        # looked up when a snapshot is taken): this runs on every request.
+        # (export, command, errno) -> count
+        self.requests: dict[tuple[str, int, int], int] = {}
+        self.read_bytes: dict[str, int] = {}
+        self.written_bytes: dict[str, int] = {}
+        self.in_flight: dict[str, int] = {}
+        self.bytes_in_flight: dict[str, int] = {}
         self.paused_seconds: dict[str, float] = {}
         # (export, command) -> per-bucket counts (the last one: +Inf), then the sum.
-        self.latency: dict[tuple[str, str], list[float]] = {}
+        self.latency: dict[tuple[str, int], list[float]] = {}
         self._paused_since: dict[int, tuple[str, float]] = {}
         #: Bumped on every change, so a reporter can tell whether to send.
         self.version = 0
@@ -158,9 +161,12 @@ class MetricsObserver(ServerObserver):
     def request_started(self, connection: ConnectionInfo, request: Any) -> None:
         self.version += 1
         export = connection.export or ""
-        self.in_flight[export] += 1
-        if request.command == _READ or request.command == _WRITE:
-            self.bytes_in_flight[export] += request.length
+        in_flight = self.in_flight
+        in_flight[export] = in_flight.get(export, 0) + 1
+        command = request.command
+        if command == _READ or command == _WRITE:
+            held = self.bytes_in_flight
+            held[export] = held.get(export, 0) + request.length
 
     def request_finished(
         self, connection: ConnectionInfo, request: Any, errno: int, elapsed: float
@@ -168,20 +174,21 @@ class MetricsObserver(ServerObserver):
         self.version += 1
         export = connection.export or ""
         command = request.command
-        self.in_flight[export] -= 1
+        in_flight = self.in_flight
+        in_flight[export] = in_flight.get(export, 0) - 1
         if command == _READ or command == _WRITE:
-            self.bytes_in_flight[export] -= request.length
+            length = request.length
+            held = self.bytes_in_flight
+            held[export] = held.get(export, 0) - length
             if not errno:
-                if command == _READ:
-                    self.read_bytes[export] += request.length
-                else:
-                    self.written_bytes[export] += request.length
-        name = _command_name(command)
-        self.requests[export, name, _outcome(errno)] += 1
-        key = (export, name)
-        histogram = self.latency.get(key)
+                done = self.read_bytes if command == _READ else self.written_bytes
+                done[export] = done.get(export, 0) + length
+        key = (export, command, errno)
+        requests = self.requests
+        requests[key] = requests.get(key, 0) + 1
+        histogram = self.latency.get((export, command))
         if histogram is None:
-            histogram = self.latency[key] = [0.0] * (len(BUCKETS) + 2)
+            histogram = self.latency[export, command] = [0.0] * (len(BUCKETS) + 2)
         histogram[bisect_left(BUCKETS, elapsed)] += 1
         histogram[-1] += elapsed
 
@@ -189,7 +196,8 @@ class MetricsObserver(ServerObserver):
         self, connection: ConnectionInfo, cookie: int, command: int, errno: int, reason: str
     ) -> None:
         self.version += 1
-        self.requests[connection.export or "", _command_name(command), _outcome(errno)] += 1
+        key = (connection.export or "", command, errno)
+        self.requests[key] = self.requests.get(key, 0) + 1
 
     # IFlowObserver
 
@@ -234,13 +242,19 @@ class MetricsObserver(ServerObserver):
             "export_connections": rows(self.export_connections),
             "refused": rows(refused),
             "dropped": rows(dropped),
-            "requests": rows(self.requests),
+            "requests": [
+                [export, _command_name(command), _outcome(errno), count]
+                for (export, command, errno), count in self.requests.items()
+            ],
             "read_bytes": rows(self.read_bytes),
             "written_bytes": rows(self.written_bytes),
             "in_flight": rows(self.in_flight),
             "bytes_in_flight": rows(self.bytes_in_flight),
             "paused_seconds": rows(paused),
-            "latency": [[*k, list(v)] for k, v in self.latency.items()],
+            "latency": [
+                [export, _command_name(command), list(values)]
+                for (export, command), values in self.latency.items()
+            ],
         }
 
 
