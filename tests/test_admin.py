@@ -145,6 +145,14 @@ class AdminTests(SynchronousTestCase):
         # The old device stays open for the connection still using it.
         self.assertEqual(len(self.devices()), count + 1)
 
+    def test_unnamed(self) -> None:
+        """/exports?name= addresses the export with the empty name."""
+        code, body = call(self.api, "PUT", "/exports?name=", {"memory": "1M"})
+        self.assertEqual((code, body["name"]), (201, ""))
+        self.assertEqual(call(self.api, "GET", "/exports?name=")[1]["name"], "")
+        self.assertEqual(call(self.api, "DELETE", "/exports?name=")[1]["existed"], True)
+        self.assertEqual(sorted(self.manager.registry.exports), ["a"])
+
     def test_post(self) -> None:
         """POST /exports adds one named in the body; an existing name is a 409."""
         code, body = call(self.api, "POST", "/exports", {"name": "c", "memory": "1M"})

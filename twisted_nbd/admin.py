@@ -34,7 +34,6 @@ import os
 import signal
 from dataclasses import asdict, replace
 from typing import Any, Callable
-from urllib.parse import unquote
 
 from twisted.application.service import Service
 from twisted.internet.defer import maybeDeferred
@@ -555,9 +554,15 @@ class AdminResource(Resource):
 
     def _route(self, request: Any) -> tuple[int, object]:
         method = (request.method or b"").decode("ascii", "replace")
-        parts = [unquote(p.decode("utf-8", "replace")) for p in request.postpath]
+        # twisted.web has already percent-decoded each segment (%2F is a
+        # slash inside a name).
+        parts = [p.decode("utf-8", "replace") for p in request.postpath]
         if parts and parts[-1] == "":
             parts.pop()
+        args = request.args or {}
+        if parts == ["exports"] and b"name" in args:
+            # /exports?name=NAME addresses any export, the unnamed one too.
+            parts.append(args[b"name"][0].decode("utf-8", "replace"))
         manager = self.manager
         if parts == ["exports"]:
             if method == "GET":
@@ -586,7 +591,7 @@ class AdminResource(Resource):
                     **manager.describe(name),
                 }
             if method == "DELETE":
-                mode = (request.args or {}).get(b"mode", [b"safe"])[0].decode("utf-8", "replace")
+                mode = args.get(b"mode", [b"safe"])[0].decode("utf-8", "replace")
                 return 200, manager.remove(name, mode)
             raise self._method(method, "GET, PUT, DELETE")
         if parts == ["connections"]:
