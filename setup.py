@@ -57,6 +57,8 @@ setup(
         # Context.set_tls13_ciphersuites, which PSK needs for its SHA-256 suites.
         "twisted[tls]>=23.10",
         "pyopenssl>=25.2",
+        # --metrics (twisted_nbd/metrics.py, ops.py): the exposition formats.
+        "prometheus-client>=0.20",
     ],
     extras_require={
         "test": [

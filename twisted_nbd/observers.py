@@ -35,7 +35,7 @@ from zope.interface import Interface, implementer
 if TYPE_CHECKING:
     from twisted_nbd.events import Request
 
-__all__ = ["ConnectionInfo", "IServerObserver", "ServerObserver"]
+__all__ = ["ConnectionInfo", "IFlowObserver", "IServerObserver", "ServerObserver"]
 
 _ids = itertools.count(1)
 
@@ -117,7 +117,27 @@ class IServerObserver(Interface):
         """
 
 
-@implementer(IServerObserver)
+class IFlowObserver(Interface):
+    """
+    Also told when the protocol's flow control stops and starts reading a
+    connection (C{transport.pauseProducing}: too many requests or bytes in
+    flight, a full send buffer, a disconnect under way). A separate
+    interface, so observers written before it need not change; the
+    protocol looks for it once per connection.
+    """
+
+    def reading_paused(connection: ConnectionInfo) -> None:
+        """The protocol stopped reading the connection."""
+
+    def reading_resumed(connection: ConnectionInfo) -> None:
+        """
+        The protocol reads the connection again (not called if the
+        connection is lost while paused: L{IServerObserver.connection_lost}
+        ends the pause).
+        """
+
+
+@implementer(IServerObserver, IFlowObserver)
 class ServerObserver:
     """An L{IServerObserver} that does nothing; subclass it and override what you need."""
 
@@ -146,4 +166,10 @@ class ServerObserver:
     def request_refused(
         self, connection: ConnectionInfo, cookie: int, command: int, errno: int, reason: str
     ) -> None:
+        pass
+
+    def reading_paused(self, connection: ConnectionInfo) -> None:
+        pass
+
+    def reading_resumed(self, connection: ConnectionInfo) -> None:
         pass

@@ -82,7 +82,7 @@ from twisted_nbd.errors import NBDError, ProtocolViolation
 from twisted_nbd.exports import ConnectionContext, ExportRegistry
 from twisted_nbd.interfaces import Extent, IBlockDevice, IBufferRead, ISparseRead, Segment
 from twisted_nbd.limits import ConnectionGuard, ConnectionSlots, Limits
-from twisted_nbd.observers import ConnectionInfo, IServerObserver
+from twisted_nbd.observers import ConnectionInfo, IFlowObserver, IServerObserver
 from twisted_nbd.tls import (
     describe_tls_error,
     dn_allowed,
@@ -217,6 +217,8 @@ class NBDServerProtocol(Protocol):
         # Per-connection layers of the export's device, closed with the connection.
         self._layers: tuple[IBlockDevice, ...] = ()
         self._observers = tuple(observers)
+        # Those that also want to hear of flow control (IFlowObserver).
+        self._flow_observers = tuple(o for o in self._observers if IFlowObserver.providedBy(o))
         self._clock = clock
         # A placeholder until connectionMade (id 0: numbers are for connections).
         self.info = ConnectionInfo(peer="?", started=0.0, id=0)
@@ -572,9 +574,13 @@ class NBDServerProtocol(Protocol):
         if wait and not self._reading_paused:
             self._reading_paused = True
             cast(IPushProducer, self.transport).pauseProducing()
+            for observer in self._flow_observers:
+                self._notify(observer.reading_paused, self.info)
         elif not wait and self._reading_paused:
             self._reading_paused = False
             cast(IPushProducer, self.transport).resumeProducing()
+            for observer in self._flow_observers:
+                self._notify(observer.reading_resumed, self.info)
             if self._socket_tls is not None:
                 # OpenSSL may hold records the socket will not announce again.
                 self._socket_tls.resume_reading()

@@ -302,6 +302,28 @@ class Options(usage.Options):
             "Refuse new connections while N are still negotiating; 0: no cap "
             f"[default: {DEFAULT_MAX_NEGOTIATING}].",
         ],
+        # Operations (twisted_nbd.ops): see docs/metrics.md and docs/admin-api.md.
+        [
+            "metrics",
+            None,
+            None,
+            "Serve Prometheus metrics (/metrics), /health and /ready over HTTP on this "
+            "ENDPOINT, e.g. tcp:9100:interface=127.0.0.1.",
+        ],
+        [
+            "admin",
+            None,
+            None,
+            "Serve the JSON admin API (exports, connections, reload) over HTTP on this "
+            "loopback or unix ENDPOINT, e.g. unix:/run/nbd-admin.sock [default: off].",
+        ],
+        [
+            "admin-token",
+            None,
+            None,
+            "Require 'Authorization: Bearer TOKEN' on the admin API, TOKEN being the first "
+            "line of FILE [default: $TWISTED_NBD_ADMIN_TOKEN if set, else no token].",
+        ],
     ]
 
     compData = usage.Completions(optActions={"image": usage.CompleteFiles()})
@@ -423,6 +445,7 @@ class Options(usage.Options):
             limits=self._limits(self.config.limits),
             verbose=bool(self["verbose"]),
         )
+        self._ops()
         if self.config.workers > 1:
             from twisted_nbd.workers import check_workers
 
@@ -430,6 +453,33 @@ class Options(usage.Options):
                 check_workers(self.config)
             except ConfigError as e:
                 raise usage.UsageError(f"--workers: {e}") from None
+
+    def _ops(self) -> None:
+        """Check --metrics, --admin and --admin-token; read the token."""
+        from twisted_nbd.admin import check_admin_endpoint, read_token
+
+        for option in ("metrics", "admin"):
+            if self[option] is not None:
+                try:
+                    endpoints.serverFromString(cast(Any, None), self[option])
+                except Exception as e:
+                    raise usage.UsageError(
+                        f"--{option} {self[option]!r} is not a server endpoint ({e})"
+                    ) from None
+        if self["admin"] is None:
+            if self["admin-token"] is not None:
+                raise usage.UsageError("--admin-token needs --admin")
+            return
+        if self.config.workers > 1:
+            raise usage.UsageError(
+                "--admin cannot be combined with --workers yet (export changes do not "
+                "reach worker processes)"
+            )
+        try:
+            check_admin_endpoint(self["admin"])
+            self["admin-token-value"] = read_token(self["admin-token"])
+        except ValueError as e:
+            raise usage.UsageError(f"--admin: {e}") from None
 
     def _tls(self) -> TLSSettings:
         """The TLS settings the --tls options describe, checked."""
@@ -619,6 +669,25 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     """
     tune_allocator()
     try:
-        return service.build(options.config, reactor)
+        top = service.build(options.config, reactor)
     except PluginError as e:
         raise SystemExit(f"{os.path.basename(sys.argv[0]) or 'twistd'}: {e}") from None
+    # --metrics, --admin, and the reload of --config on SIGHUP (twisted_nbd.ops).
+    from twisted_nbd import ops
+
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        reactor = global_reactor
+    return cast(
+        MultiService,
+        ops.attach(
+            top,
+            options.config,
+            reactor,
+            metrics=options.get("metrics"),
+            admin=options.get("admin"),
+            token=options.get("admin-token-value"),
+            config_path=options.get("config"),
+        ),
+    )

@@ -22,6 +22,7 @@ from typing import Any, Sequence, cast
 from twisted.application.service import Service
 from twisted.internet.interfaces import IFileDescriptorReceiver
 from twisted.internet.protocol import connectionDone
+from twisted.internet.task import LoopingCall
 from twisted.logger import FileLogObserver, Logger, eventAsJSON, globalLogBeginner
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
@@ -32,6 +33,7 @@ from twisted_nbd.backends import OpenContext
 from twisted_nbd.config import Config, ExportSpec
 from twisted_nbd.exports import ExportRegistry
 from twisted_nbd.limits import Limits
+from twisted_nbd.metrics import MetricsObserver
 from twisted_nbd.observers import ConnectionInfo, ServerObserver
 from twisted_nbd.protocol import NBDServerFactory
 from twisted_nbd.service import (
@@ -48,6 +50,10 @@ from twisted_nbd.workers import CONTROL_FD, _OneProtocolFactory, shared_device
 
 __all__ = ["main"]
 
+#: After draining, the longest a worker waits for its last metrics report to
+#: reach the supervisor.
+STOP_FLUSH = 2.0
+
 _log = Logger()
 
 
@@ -62,6 +68,7 @@ class WorkerControl(LineReceiver):
         self.factory = factory
         self._lost = lost
         self._fds: list[int] = []
+        self.closed = False
 
     def fileDescriptorReceived(self, descriptor: int) -> None:  # noqa: N802 - Twisted's name
         self._fds.append(descriptor)
@@ -91,10 +98,44 @@ class WorkerControl(LineReceiver):
             self.sendLine(json.dumps(message).encode("utf-8"))  # type: ignore[no-untyped-call]
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.closed = True
         for fd in self._fds:
             os.close(fd)
         self._fds = []
         self._lost()
+
+
+class _MetricsReport:
+    """
+    Sends the worker's metrics snapshot to the supervisor (see
+    L{twisted_nbd.metrics}): every L{INTERVAL} seconds if anything changed,
+    and soon after a connection closes, so totals are complete as soon as
+    a client has gone.
+    """
+
+    INTERVAL = 1.0
+
+    def __init__(self, reactor: Any, metrics: MetricsObserver, control: WorkerControl) -> None:
+        self.reactor = reactor
+        self.metrics = metrics
+        self.control = control
+        self._sent = -1
+        self._soon: Any = None
+
+    def start(self) -> _MetricsReport:
+        LoopingCall(self.send).start(self.INTERVAL, now=False).addErrback(
+            lambda f: _log.failure("Metrics reports stopped", f)
+        )
+        return self
+
+    def soon(self) -> None:
+        if self._soon is None or not self._soon.active():
+            self._soon = self.reactor.callLater(0, self.send)
+
+    def send(self) -> None:
+        if self.metrics.version != self._sent:
+            self._sent = self.metrics.version
+            self.control.send({"metrics": self.metrics.snapshot()})
 
 
 class _Counter(ServerObserver):
@@ -107,6 +148,7 @@ class _Counter(ServerObserver):
     def __init__(self) -> None:
         self.factory: NBDServerFactory | None = None
         self.control: WorkerControl | None = None
+        self.report: _MetricsReport | None = None
 
     def _tell(self) -> None:
         if self.control is not None and self.factory is not None:
@@ -125,6 +167,8 @@ class _Counter(ServerObserver):
 
     def connection_lost(self, connection: ConnectionInfo, reason: str) -> None:
         self._tell()
+        if self.report is not None:
+            self.report.soon()
 
 
 def _format(event: dict[str, Any]) -> str | None:
@@ -173,7 +217,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         exports.append(export_of(spec, device, connection_layers(spec, context)))
     registry = ExportRegistry.of(exports, config.default)
     counter = _Counter()
-    factory = make_factory(config, registry, reactor, [counter])
+    metrics = MetricsObserver(reactor.seconds) if settings.get("metrics") else None
+    factory = make_factory(config, registry, reactor, [counter, *([metrics] if metrics else [])])
     counter.factory = factory
     top = NBDService(factory, reactor, config.shutdown_timeout)
     device_service: Service = BlockDeviceService(devices, context.pool)
@@ -181,16 +226,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     device_service.setServiceParent(top)
 
     stopping: list[bool] = []
+    drained: list[bool] = []
+
+    def end() -> None:
+        if reactor.running:
+            reactor.stop()
 
     def stop() -> None:
         if stopping:
+            if drained:
+                end()  # the control socket closed: the last report is out
             return
         stopping.append(True)
         _log.info("Worker {index} stopping", index=args.index)
-        top.stopService().addBoth(lambda _: reactor.stop())
+
+        def stopped(_: object) -> None:
+            drained.append(True)
+            if counter.report is not None and not control.closed:
+                # The last counts, after the drain; closing the control
+                # socket writes them out first, and its loss ends the worker.
+                counter.report.send()
+                cast(Any, control.transport).loseConnection()
+                reactor.callLater(STOP_FLUSH, end)
+            else:
+                end()
+
+        top.stopService().addBoth(stopped)
 
     control = WorkerControl(reactor, factory, stop)
     counter.control = control
+    if metrics is not None:
+        metrics.slots = factory.slots
+        counter.report = _MetricsReport(reactor, metrics, control).start()
     cast(Service, top).startService()
     reactor.adoptStreamConnection(CONTROL_FD, socket.AF_UNIX, _OneProtocolFactory(control))
     os.close(CONTROL_FD)

@@ -35,7 +35,9 @@ The control channel is newline-separated JSON. Supervisor to worker:
 C{{"connection": ID, "family": FAMILY}} with the socket's descriptor.
 Worker to supervisor: C{{"ready": true}} once serving, C{{"adopted": ID}},
 and C{{"connections": N, "negotiating": M}} when either of its counts
-changes.
+changes; with C{--metrics}, C{{"metrics": SNAPSHOT}} (see
+L{twisted_nbd.metrics}) once a second when something changed and when a
+connection closes.
 """
 
 from __future__ import annotations
@@ -317,6 +319,9 @@ class WorkerPool(Service):
         self._stopping = False
         # Counts nothing itself: admit() fills in the workers' sums.
         self.slots = ConnectionSlots(config.limits, reactor)
+        #: With --metrics, the L{twisted_nbd.metrics.WorkerMetrics} the
+        #: workers report to (set before the pool starts).
+        self.metrics: Any = None
 
     @property
     def connection_count(self) -> int:
@@ -392,6 +397,7 @@ class WorkerPool(Service):
             "tls": asdict(self.config.tls),
             "limits": self.config.limits.to_json(),
             "verbose": self.config.verbose,
+            "metrics": self.metrics is not None,
         }
         process.write(json.dumps(settings).encode("utf-8"))
         process.closeStdin()
@@ -407,6 +413,9 @@ class WorkerPool(Service):
         """A worker process exited: start another in its slot (unless stopping)."""
         if self.workers[worker.index] is worker:
             self.workers[worker.index] = None
+        if self.metrics is not None:
+            # Its counters stay in the totals: they must never go backwards.
+            self.metrics.retire(worker)
         orphans = list(worker.handed.values())
         worker.handed.clear()
         worker.ready = False
@@ -451,6 +460,8 @@ class WorkerPool(Service):
             worker.reported_connections = int(message["connections"])
         if "negotiating" in message:
             worker.reported_negotiating = int(message["negotiating"])
+        if "metrics" in message and self.metrics is not None:
+            self.metrics.update(worker, message["metrics"])
 
     # Connections.
 
