@@ -57,6 +57,9 @@ setup(
         # Context.set_tls13_ciphersuites, which PSK needs for its SHA-256 suites.
         "twisted[tls]>=23.10",
         "pyopenssl>=25.2",
+        # The s3 backend: requests signed with botocore, sent with treq.
+        "treq>=23.11",
+        "botocore>=1.31",
     ],
     extras_require={
         "test": [
@@ -90,6 +93,7 @@ setup(
             "file = twisted_nbd.backends:file_plugin",
             "memory = twisted_nbd.backends:memory_plugin",
             "pattern = twisted_nbd.backends.pattern:plugin",
+            "s3 = twisted_nbd.backends.s3:plugin",
         ],
         "twisted_nbd.filters": [
             "blocksize = twisted_nbd.filters.blocksize:plugin",
