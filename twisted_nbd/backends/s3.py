@@ -1029,7 +1029,7 @@ plugin = BackendPlugin(
     keys=(
         Key("bucket", STRING, help="the bucket"),
         Key("endpoint", STRING, None, "the S3 URL, e.g. http://127.0.0.1:7480", "AWS"),
-        Key("prefix", STRING, "", "prepended to every object's key (end it with /)"),
+        Key("prefix", STRING, "", "prepended to every object's key (end it with /)", "none"),
         Key("size", SIZE, None, "create the image with this size (or check it)"),
         Key("object-size", SIZE, None, "the object size of a new image (or check it)", "4M"),
         Key("access-key", STRING, None, "the access key (else from the environment)"),
