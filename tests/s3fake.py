@@ -145,7 +145,8 @@ class FakeS3:
         after = query.get("continuation-token")
         if after is not None:
             keys = [k for k in keys if k > after]
-        page, rest = keys[: self.page_size], keys[self.page_size :]
+        size = min(self.page_size, int(query.get("max-keys", "1000")))
+        page, rest = keys[:size], keys[size:]
         parts = ['<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">']
         parts += [f"<Contents><Key>{escape(k)}</Key></Contents>" for k in page]
         parts.append(f"<IsTruncated>{'true' if rest else 'false'}</IsTruncated>")

@@ -214,6 +214,7 @@ class BlockStatusTests(TestCase):
             ],
         )
         self.assertEqual(fake.log.count(("LIST", None)), 3)
+        self.assertEqual(dev.listed_pages, 3)
         await dev.block_status(0, OBJECT)
         self.assertEqual(fake.log.count(("LIST", None)), 3, "listed again")
 

@@ -586,7 +586,12 @@ class S3Device:
     An image of fixed-size objects in an S3 bucket (see the module's
     docstring). Every method returns a Deferred that fails with
     L{NBDError} (C{EIO}, or C{ENOSPC} for a quota) when S3 fails.
+
+    @cvar list_page: the most keys asked for per page of the listing
+        (S3 never sends more than 1000).
     """
+
+    list_page = 1000
 
     def __init__(
         self,
@@ -629,6 +634,8 @@ class S3Device:
         self._changes: dict[int, bool] = {}
         self._list_waiters: list[Deferred[None]] = []
         self._prefix_length = len(config.prefix)
+        #: How many pages the listing took (0 until it is done).
+        self.listed_pages = 0
 
     @classmethod
     def open(cls, transport: Transport, config: S3Config, **kwargs: Any) -> Deferred[S3Device]:
@@ -931,7 +938,11 @@ class S3Device:
         token: str | None = None
         pages = 0
         while True:
-            query = [("list-type", "2"), ("prefix", self._config.prefix)]
+            query = [
+                ("list-type", "2"),
+                ("max-keys", str(self.list_page)),
+                ("prefix", self._config.prefix),
+            ]
             if token is not None:
                 query.append(("continuation-token", token))
             response = await self._call(
@@ -964,6 +975,7 @@ class S3Device:
                 found.discard(index)
         self._present = found
         self._listed = True
+        self.listed_pages = pages
         _log.info(
             "Listed {where}: {count} objects in {pages} pages",
             where=self._config.where,
