@@ -70,15 +70,6 @@ class FakeConformanceTests(BlockDeviceConformanceMixin, TestCase):
         ).addCallback(lambda d: cast(IBlockDevice, d))
 
 
-class BigObjectConformanceTests(BlockDeviceConformanceMixin, TestCase):
-    """The conformance tests, on 4 MiB objects (the default) in the fake."""
-
-    def make_device(self, size: int) -> Deferred[IBlockDevice]:
-        return S3Device.open(FakeS3(), S3Config("b", "", size=size)).addCallback(
-            lambda d: cast(IBlockDevice, d)
-        )
-
-
 class LockingTests(TestCase):
     """Read-modify-write holds the object's lock: no write is lost."""
 
