@@ -395,10 +395,11 @@ class _Flaky(resource.Resource):
 
     isLeaf = True
 
-    def __init__(self, failures: int, drop: bool = False) -> None:
+    def __init__(self, failures: int, drop: bool = False, hang: bool = False) -> None:
         super().__init__()
         self.failures = failures
         self.drop = drop
+        self.hang = hang
         self.seen: list[dict[str, str]] = []
 
     def render(self, request: Any) -> bytes:
@@ -413,6 +414,8 @@ class _Flaky(resource.Resource):
             if self.drop:
                 request.channel.transport.abortConnection()
                 return cast(bytes, server.NOT_DONE_YET)
+            if self.hang:
+                return cast(bytes, server.NOT_DONE_YET)  # never answered
             request.setResponseCode(503)
             return b"<Error><Code>SlowDown</Code></Error>"
         return b"ok:" + cast(bytes, request.content.read())
@@ -421,14 +424,14 @@ class _Flaky(resource.Resource):
 class TransportTests(TestCase):
     """The treq transport signs, retries and gives up, against a local server."""
 
-    def serve(self, site: resource.Resource) -> TreqTransport:
+    def serve(self, site: resource.Resource, timeout: float = 5) -> TreqTransport:
         port = cast(Any, reactor).listenTCP(0, server.Site(site), interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         signer = Signer(
             f"http://127.0.0.1:{port.getHost().port}", "b", Credentials("AK", "SK"), "us-east-1"
         )
         transport = TreqTransport(
-            reactor, signer, max_requests=2, retries=3, backoff=0.01, timeout=5
+            reactor, signer, max_requests=2, retries=3, backoff=0.01, timeout=timeout
         )
         self.addCleanup(transport.close)
         return transport
@@ -468,3 +471,14 @@ class TransportTests(TestCase):
         transport2 = self.serve(site2)
         error = await failed(transport2("GET", "k", (), b"", {}), S3Error)
         self.assertIn("after 4 attempts", str(error))
+
+    async def test_timeout(self) -> None:
+        """A request that gets no answer in time is retried, then given up."""
+        site = _Flaky(2, hang=True)
+        transport = self.serve(site, timeout=0.2)
+        response = await transport("GET", "k", (), b"", {})
+        self.assertEqual(response.status, 200)
+        self.assertEqual(len(site.seen), 3)
+        site.failures = 10
+        error = await failed(transport("GET", "k", (), b"", {}), S3Error)
+        self.assertIn("no answer within 0.2 s (after 4 attempts)", str(error))

@@ -322,10 +322,8 @@ class TreqTransport:
                     response = await self._once(method, url, body, headers)
                 finally:
                     self._semaphore.release()
-            except CancelledError:
-                reason = f"no answer within {self._timeout} s"
             except Exception as e:
-                reason = f"{type(e).__name__}: {e}"
+                reason = self._describe(e)
             else:
                 if response.status not in _RETRIED:
                     return response
@@ -346,6 +344,17 @@ class TreqTransport:
                 delay=delay,
             )
             await deferLater(self._reactor, delay)
+
+    def _describe(self, error: Exception) -> str:
+        """Why a request got no answer, in a few words."""
+        # Twisted's client wraps what went wrong (ResponseNeverReceived,
+        # ResponseFailed) in a list of failures; a timeout is a cancellation.
+        inner = [r.value for r in getattr(error, "reasons", [])]
+        if any(isinstance(reason, CancelledError) for reason in [error, *inner]):
+            return f"no answer within {self._timeout} s"
+        if not inner:
+            return f"{type(error).__name__}: {error}"
+        return f"{type(error).__name__}: " + "; ".join(f"{type(r).__name__}: {r}" for r in inner)
 
     def _once(
         self, method: str, url: str, body: bytes, headers: Mapping[str, str]
