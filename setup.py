@@ -59,6 +59,9 @@ setup(
         "pyopenssl>=25.2",
         # --metrics (twisted_nbd/metrics.py, ops.py): the exposition formats.
         "prometheus-client>=0.20",
+        # The s3 backend: requests signed with botocore, sent with treq.
+        "treq>=23.11",
+        "botocore>=1.31",
     ],
     extras_require={
         "test": [
@@ -103,6 +106,7 @@ setup(
             "file = twisted_nbd.backends:file_plugin",
             "memory = twisted_nbd.backends:memory_plugin",
             "pattern = twisted_nbd.backends.pattern:plugin",
+            "s3 = twisted_nbd.backends.s3:plugin",
         ],
         "twisted_nbd.filters": [
             "blocksize = twisted_nbd.filters.blocksize:plugin",

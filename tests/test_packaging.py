@@ -193,8 +193,9 @@ class WheelTests(TestCase):
         """
         The wheel is named twisted-nbd, has the package's version, needs
         Python 3.11, and depends on Twisted (with its TLS extra),
-        zope.interface, pyOpenSSL (a version with what TLS-PSK needs) and
-        prometheus_client (C{--metrics}).
+        zope.interface, pyOpenSSL (a version with what TLS-PSK needs),
+        prometheus_client (C{--metrics}) and, for the remote backends, treq
+        and botocore.
         """
         self.assertEqual(self.metadata["Name"], ["twisted-nbd"])
         self.assertEqual(self.metadata["Version"], [twisted_nbd.__version__])
@@ -205,5 +206,6 @@ class WheelTests(TestCase):
             if "extra ==" not in requirement
         }
         self.assertEqual(
-            requirements, {"twisted", "zope.interface", "pyopenssl", "prometheus-client"}
+            requirements,
+            {"twisted", "zope.interface", "pyopenssl", "prometheus-client", "treq", "botocore"},
         )
