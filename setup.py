@@ -57,6 +57,8 @@ setup(
         # Context.set_tls13_ciphersuites, which PSK needs for its SHA-256 suites.
         "twisted[tls]>=23.10",
         "pyopenssl>=25.2",
+        # The http backend (twisted_nbd/backends/http.py): Range requests.
+        "treq>=23.11",
     ],
     extras_require={
         "test": [
@@ -90,6 +92,8 @@ setup(
             "file = twisted_nbd.backends:file_plugin",
             "memory = twisted_nbd.backends:memory_plugin",
             "pattern = twisted_nbd.backends.pattern:plugin",
+            "http = twisted_nbd.backends.http:plugin",
+            "nbd = twisted_nbd.backends.nbd:plugin",
         ],
         "twisted_nbd.filters": [
             "blocksize = twisted_nbd.filters.blocksize:plugin",
