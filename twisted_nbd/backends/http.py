@@ -296,6 +296,18 @@ class _Discard(Protocol):
             self.done.callback(None)
 
 
+def _quiet_factory() -> Any:
+    from twisted.web.client import _HTTP11ClientFactory
+
+    class QuietFactory(_HTTP11ClientFactory):
+        noisy = False
+
+    return QuietFactory
+
+
+_QuietFactory: Any = None
+
+
 def _make_client(reactor: Any, options: HTTPOptions) -> tuple[Any, Any]:
     """A treq C{HTTPClient} on a persistent connection pool, and the pool."""
     from treq.client import HTTPClient
@@ -303,6 +315,12 @@ def _make_client(reactor: Any, options: HTTPOptions) -> tuple[Any, Any]:
 
     pool = HTTPConnectionPool(reactor, persistent=True)  # type: ignore[no-untyped-call]
     pool.maxPersistentPerHost = options.connections
+    # Each new connection's factory would log "Starting factory" and
+    # "Stopping factory" at info level: noise in the server's log.
+    global _QuietFactory
+    if _QuietFactory is None:
+        _QuietFactory = _quiet_factory()
+    pool._factory = _QuietFactory
     policy: Any
     if options.ca is not None:
         from twisted.internet import ssl as twisted_ssl

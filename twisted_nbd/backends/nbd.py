@@ -317,6 +317,12 @@ class RemoteShape:
 # ---------------------------------------------------------------- the blocking probe
 
 
+class _NoFactory:
+    """What L{_VerificationRecorder} offers as the factory behind it."""
+
+    wrappedFactory = None  # noqa: N815 - Twisted's name
+
+
 class _VerificationRecorder:
     """
     Stands in for Twisted's TLS protocol during the blocking probe:
@@ -325,6 +331,8 @@ class _VerificationRecorder:
 
     def __init__(self) -> None:
         self.failure: Any = None
+        # Twisted's ALPN set-up looks for the protocol factory it wraps: none.
+        self.factory = _NoFactory()
 
     def failVerification(self, reason: Any) -> None:  # noqa: N802 - Twisted's name
         self.failure = reason
