@@ -13,8 +13,9 @@ The remote backends against real peers, each started by the test on
   - both through the whole server (C{twistd -n nbd --backend ...}) with
     nbdcopy (sha256 equal) and C{qemu-img convert}.
 
-The end-to-end copies move C{NBD_REMOTE_MIB} MiB (default 16); the issue's
-256 MiB round trip is C{NBD_REMOTE_MIB=256}. A missing tool skips, or with
+The end-to-end copies move C{NBD_REMOTE_MIB} MiB (default 8); setting it
+also runs the round trip through the proxy to qemu-nbd, and the issue's
+256 MiB round trips are C{NBD_REMOTE_MIB=256}. A missing tool skips, or with
 C{CI=true} fails.
 """
 
@@ -28,6 +29,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
+from unittest import SkipTest
 
 import pytest
 from twisted.internet import reactor as global_reactor
@@ -61,8 +63,9 @@ reactor: Any = global_reactor
 
 KiB = 1024
 MiB = 1024 * KiB
-#: How much the end-to-end copies move.
-COPY_MIB = int(os.environ.get("NBD_REMOTE_MIB", "16"))
+#: How much the end-to-end copies move; setting it also runs the long variants.
+COPY_MIB = int(os.environ.get("NBD_REMOTE_MIB", "8"))
+LONG = "NBD_REMOTE_MIB" in os.environ
 
 
 def nbdkit(*args: str) -> Callable[[int], list[str]]:
@@ -303,7 +306,9 @@ class ThroughServerTests(TestCase):
         run_tool([nbdcopy, uri, str(work / "copy.img")], timeout=300)
         took = time.monotonic() - started
         print(f"nbdcopy {COPY_MIB} MiB out of {uri}: {took:.2f} s ({COPY_MIB / took:.1f} MiB/s)")
-        self.assertEqual(sha256(work / "copy.img"), sha256(source))
+        digest = sha256(work / "copy.img")
+        self.assertEqual(digest, sha256(source))
+        print(f"sha256 of the copy and of the source: {digest}")
         run_tool([qemu_img, "convert", "-f", "raw", "-O", "qcow2", uri, str(work / "c.qcow2")])
         run_tool(
             [qemu_img, "compare", "-f", "qcow2", "-F", "raw", str(work / "c.qcow2"), str(source)]
@@ -323,7 +328,9 @@ class ThroughServerTests(TestCase):
         self._round_trip(peer(self, nbdkit("memory", f"{COPY_MIB}M")), ",connections=4")
 
     def test_nbd_qemu_nbd(self) -> None:
-        """Written and read back through the proxy to qemu-nbd."""
+        """Written and read back through the proxy to qemu-nbd (a long variant)."""
+        if not LONG:
+            raise SkipTest("a long variant: set NBD_REMOTE_MIB (256 for the issue's round trip)")
         image = make_image(make_tempdir(self) / "remote.raw", COPY_MIB * MiB)
         self._round_trip(peer(self, qemu_nbd(image)), "", "disk")
 
