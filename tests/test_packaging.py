@@ -193,7 +193,8 @@ class WheelTests(TestCase):
         """
         The wheel is named twisted-nbd, has the package's version, needs
         Python 3.11, and depends on Twisted (with its TLS extra),
-        zope.interface and pyOpenSSL (a version with what TLS-PSK needs).
+        zope.interface, pyOpenSSL (a version with what TLS-PSK needs) and
+        treq (the http backend).
         """
         self.assertEqual(self.metadata["Name"], ["twisted-nbd"])
         self.assertEqual(self.metadata["Version"], [twisted_nbd.__version__])
@@ -203,4 +204,4 @@ class WheelTests(TestCase):
             for requirement in self.metadata["Requires-Dist"]
             if "extra ==" not in requirement
         }
-        self.assertEqual(requirements, {"twisted", "zope.interface", "pyopenssl"})
+        self.assertEqual(requirements, {"twisted", "zope.interface", "pyopenssl", "treq"})
