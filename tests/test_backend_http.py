@@ -385,6 +385,44 @@ class HTTPBackendTests(ServerMixin, TestCase):
         self.assertIn("HTTP 404", str(caught.exception))
 
 
+class HTTPSTests(ServerMixin, TestCase):
+    """HTTPS, with a CA made for the test (tests/tlsfiles.py)."""
+
+    def serve_tls(self, data: bytes) -> tuple[str, Path]:
+        from twisted.internet import ssl
+
+        from tests.tlsfiles import make_certificates
+
+        path = self.image(data)
+        certs = make_certificates(path.parent / "pki")
+        pem = (certs / "server-key.pem").read_bytes() + (certs / "server-cert.pem").read_bytes()
+        options = ssl.PrivateCertificate.loadPEM(pem).options()
+        root = Resource()
+        root.putChild(b"disk.img", File(str(path)))
+        port = reactor.listenSSL(0, Site(root), options, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        return f"https://127.0.0.1:{port.getHost().port}/disk.img", certs / "ca-cert.pem"
+
+    async def test_https(self) -> None:
+        """Reads over HTTPS, the server's certificate checked against ca=."""
+        data = os.urandom(128 * KiB)
+        url, ca = self.serve_tls(data)
+        options = HTTPOptions(retries=0, timeout=5.0, ca=str(ca))
+        device = await self.open(url, options)
+        self.assertEqual(await device.read(1000, 50000), data[1000:51000])
+        self.assertEqual(await deferToThread(probe_blocking, url, options, None), len(data))
+
+    async def test_https_unknown_ca(self) -> None:
+        """Without the test's CA, the server's certificate is refused at open."""
+        url, _ = self.serve_tls(bytes(4096))
+        with self.assertRaises(ValueError) as caught:
+            await self.open(url, HTTPOptions(retries=0, timeout=5.0))
+        self.assertIn("failed after 1 attempts", str(caught.exception))
+        with self.assertRaises(ValueError) as caught:
+            await deferToThread(probe_blocking, url, HTTPOptions(retries=0, timeout=5.0))
+        self.assertIn("CERTIFICATE_VERIFY_FAILED", str(caught.exception))
+
+
 class ProbeTests(TestCase):
     """The answers to the probes, read without a network."""
 
