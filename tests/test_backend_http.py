@@ -431,7 +431,8 @@ class ProbeTests(TestCase):
         self.assertEqual(size_from_head(url, 200, {"content-length": "42"}), 42)
         self.assertIsNone(size_from_head(url, 200, {}))
         self.assertIsNone(size_from_head(url, 405, {}))
-        self.assertRaises(ValueError, size_from_head, url, 403, {})
+        self.assertIsNone(size_from_head(url, 403, {}))
+        self.assertRaises(ValueError, size_from_head, url, 200, {"accept-ranges": "none"})
 
     def test_range_probe(self) -> None:
         url = "http://h/x"

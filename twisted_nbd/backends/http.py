@@ -127,15 +127,15 @@ def size_from_head(url: str, status: int, headers: Mapping[str, str]) -> int | N
     Read the answer to a HEAD: the size from C{Content-Length}, if given.
 
     @param headers: the response's headers, names in lower case.
-    @return: the size, or C{None} if the HEAD does not tell it (a server
-        that refuses HEAD with 405 or 501, or sends no length).
-    @raise ValueError: the server refuses the image (404, 403, ...), or
-        says it serves no ranges (C{Accept-Ranges: none}).
+    @return: the size, or C{None} if the HEAD does not tell it: an error
+        status (some servers refuse HEAD with 405 or 501, and a presigned
+        object store URL signs GET only, so HEAD gets 403; the range probe
+        that follows has the last word), or no length.
+    @raise ValueError: the server says it serves no ranges
+        (C{Accept-Ranges: none}).
     """
-    if status in (405, 501):
-        return None  # HEAD is not allowed: the range probe tells the size
     if not 200 <= status < 300:
-        raise ValueError(f"HEAD {url} answered HTTP {status}")
+        return None
     ranges = (_header(headers, "accept-ranges") or "").strip().lower()
     if ranges == "none":
         raise ValueError(
