@@ -126,12 +126,20 @@ class PassThroughTests(TestCase):
         """With four connections, requests in flight go to all four."""
         remote = Remote(self, ControllableBlockDevice(MiB))
         device = await proxy(self, remote, connections=4)
-        while len([p for p in remote.protocols if p.transport]) < 4 or len(device._ready()) < 4:
+        for _ in range(5000):  # bounded: a few seconds at most
+            if len(device._ready()) == 4:
+                break
             await deferLaterZero()
+        else:
+            self.fail("the pool did not connect")
         reads = [device.read(i * 4096, 4096) for i in range(8)]
         backend: Any = remote.device
-        while len(backend.calls) < 8:
+        for _ in range(5000):
+            if len(backend.calls) == 8:
+                break
             await deferLaterZero()
+        else:
+            self.fail(f"the reads did not reach the remote: {backend.calls}")
         for call in list(backend.calls):
             call.succeed(bytes([call.args["offset"] // 4096]) * 4096)
         results = await gatherResults(reads)
