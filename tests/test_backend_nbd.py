@@ -348,3 +348,25 @@ class URITests(SynchronousTestCase):
             registry.resolve("backend", parse_ref("nbd:connections=2"))
         with self.assertRaises(PluginError):
             registry.resolve("backend", parse_ref("nbd:uri=http://x/"))
+
+    def test_config_file(self) -> None:
+        """The backend in a TOML config file; its paths are relative to the file."""
+        import shutil
+        import tempfile
+        from pathlib import Path
+
+        from twisted_nbd.config import load_config
+
+        directory = Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, directory, True)
+        path = directory / "nbd.toml"
+        path.write_text(
+            '[[export]]\nname = "remote"\n'
+            'backend = { name = "nbd", uri = "nbds://127.0.0.1:10810/disk", '
+            'tls-certificates = "pki", connections = 2 }\n'
+        )
+        [spec] = load_config(str(path)).exports
+        assert spec.backend_ref is not None
+        _, values = registry.resolve("backend", spec.backend_ref)
+        self.assertEqual(values["tls-certificates"], str(directory / "pki"))
+        self.assertEqual(values["connections"], 2)
