@@ -59,7 +59,8 @@ setup(
         "pyopenssl>=25.2",
         # --metrics (twisted_nbd/metrics.py, ops.py): the exposition formats.
         "prometheus-client>=0.20",
-        # The s3 backend: requests signed with botocore, sent with treq.
+        # The remote backends: http (Range requests) and s3 (requests signed
+        # with botocore) send with treq.
         "treq>=23.11",
         "botocore>=1.31",
     ],
@@ -106,6 +107,8 @@ setup(
             "file = twisted_nbd.backends:file_plugin",
             "memory = twisted_nbd.backends:memory_plugin",
             "pattern = twisted_nbd.backends.pattern:plugin",
+            "http = twisted_nbd.backends.http:plugin",
+            "nbd = twisted_nbd.backends.nbd:plugin",
             "s3 = twisted_nbd.backends.s3:plugin",
         ],
         "twisted_nbd.filters": [

@@ -260,6 +260,19 @@ class NBDClientProtocol(Protocol):
         self._closed_waiters.append(closed)
         return closed.addCallback(lambda _: Reply(cookie, Cmd.DISC))
 
+    def when_closed(self) -> Deferred[None]:
+        """
+        A Deferred that fires with C{None} once the connection has closed,
+        for whatever reason (at once if it has already), so that a user
+        such as a proxy learns of a lost idle connection.
+        """
+        d: Deferred[None] = Deferred()
+        if self._lost:
+            d.callback(None)
+        else:
+            self._closed_waiters.append(d)
+        return d
+
     def unusable(self) -> Exception | None:
         """Why no request can be sent any more, or C{None} if one can."""
         if self._closed_reason is not None or self._lost:
@@ -571,6 +584,13 @@ class NBDClient:
         if length == 0 and command != Cmd.FLUSH:
             return succeed(None)
         return self.request(command, offset, length, flags).addCallback(_none)
+
+    def when_closed(self) -> Deferred[None]:
+        """
+        A Deferred that fires with C{None} once the connection has closed,
+        for whatever reason (at once if it has already).
+        """
+        return self.protocol.when_closed()
 
     def disconnect(self) -> Deferred[None]:
         """

@@ -83,6 +83,8 @@ BUILTIN_BACKENDS = {
     "file": "twisted_nbd.backends:file_plugin",
     "memory": "twisted_nbd.backends:memory_plugin",
     "pattern": "twisted_nbd.backends.pattern:plugin",
+    "http": "twisted_nbd.backends.http:plugin",
+    "nbd": "twisted_nbd.backends.nbd:plugin",
     "s3": "twisted_nbd.backends.s3:plugin",
 }
 #: The built-in filters, likewise.
