@@ -164,9 +164,31 @@ class Options(usage.Options):
             None,
             "With TLS, require a client certificate signed by --tls-ca.",
         ],
+        [
+            "print-uri",
+            None,
+            "Print the NBD URI of the default export on the first listener to standard "
+            "output once it listens.",
+        ],
     ]
 
     optParameters = [
+        [
+            "run",
+            None,
+            None,
+            "Captive mode: serve on a private Unix socket, run COMMAND through the shell "
+            "with $uri, $nbd, $unixsocket and $exportname set, and exit with its status "
+            "when it ends.",
+        ],
+        [
+            "takeover",
+            None,
+            None,
+            "Live restart through the Unix socket at PATH: take the listeners and the "
+            "connections over from the server listening there, if any, then listen there "
+            "for the next one (see docs/restart.md).",
+        ],
         [
             "image",
             "i",
@@ -397,6 +419,11 @@ class Options(usage.Options):
         else:
             self.config = self._from_options()
 
+        if self["run"] is not None:
+            # Captive mode: the private socket first ($uri names the first listener).
+            from twisted_nbd.captive import private_socket
+
+            self["listen"] = [f"unix:{private_socket()}", *self["listen"]]
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
         seen: set[str] = set()
@@ -612,6 +639,26 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     """
     tune_allocator()
     try:
-        return service.build(options.config, reactor)
+        top = service.build(options.config, reactor)
     except PluginError as e:
         raise SystemExit(f"{os.path.basename(sys.argv[0]) or 'twistd'}: {e}") from None
+    if options["run"] is not None or options["print-uri"] or options["takeover"] is not None:
+        _operations(top, options, reactor)
+    return top
+
+
+def _operations(top: MultiService, options: Options, reactor: Any) -> None:
+    """Add the services of --takeover, --print-uri and --run to C{top}."""
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        reactor = global_reactor
+    config = options.config
+    if options["takeover"] is not None:
+        from twisted_nbd.restart import attach_takeover
+
+        attach_takeover(top, config, options["takeover"], reactor)
+    from twisted_nbd.captive import attach
+
+    name = config.default if config.default is not None else config.exports[0].name
+    attach(top, reactor, name, config.tls, options["run"], options["print-uri"])
