@@ -313,6 +313,10 @@ class CaptiveService(Service):
         self._record(self.status)
         if self._reactor.running:
             self._reactor.stop()
+        else:
+            # A command that ends at once may be reaped while the reactor is
+            # still starting up (before it counts as running).
+            self._reactor.callWhenRunning(self._reactor.stop)
 
     def stopService(self) -> None:
         # The server is stopping first (a signal): the command goes too.
