@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -258,6 +259,8 @@ class SocketActivationTests(SynchronousTestCase):
         (LISTEN_FDS=1, LISTEN_FDNAMES, which Twisted insists on, and
         LISTEN_PID its own pid, as systemd sets them: a small wrapper sets
         LISTEN_PID and execs twistd), and --print-uri names its real address.
+        The endpoint and the socket's name are those of the unit files in
+        docs/examples, so they cannot rot.
         """
         workdir = make_tempdir(self)
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -266,10 +269,16 @@ class SocketActivationTests(SynchronousTestCase):
         listener.listen(16)
         port = listener.getsockname()[1]
         make_image(workdir / "disk.img", 4 * MiB, b"activated")
+        examples = REPO_ROOT / "docs" / "examples"
+        unit = (examples / "twisted-nbd.service").read_text()
+        endpoint = re.search(r"--listen (\S+)", unit).group(1)  # type: ignore[union-attr]
+        socket_unit = (examples / "twisted-nbd.socket").read_text()
+        fd_name = re.search(r"^FileDescriptorName=(\S+)$", socket_unit, re.M).group(1)  # type: ignore[union-attr]
         wrapper = (
             "import os, sys; os.dup2(int(sys.argv[1]), 3); "
-            "os.environ.update(LISTEN_FDS='1', LISTEN_FDNAMES='nbd', LISTEN_PID=str(os.getpid())); "
-            "os.execv(sys.argv[2], sys.argv[2:])"
+            "os.environ.update(LISTEN_FDS='1', LISTEN_FDNAMES=sys.argv[2], "
+            "LISTEN_PID=str(os.getpid())); "
+            "os.execv(sys.argv[3], sys.argv[3:])"
         )
         twistd = _twistd_command()
         argv = [
@@ -277,6 +286,7 @@ class SocketActivationTests(SynchronousTestCase):
             "-c",
             wrapper,
             str(listener.fileno()),
+            fd_name,
             *twistd,
             "-n",
             "--pidfile=",
@@ -285,7 +295,7 @@ class SocketActivationTests(SynchronousTestCase):
             "--image",
             str(workdir / "disk.img"),
             "--listen",
-            "systemd:domain=INET:index=0",
+            endpoint,
             "--print-uri",
         ]
         server = subprocess.Popen(
