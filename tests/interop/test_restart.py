@@ -20,10 +20,10 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import pytest
-from twisted.trial.unittest import SkipTest, SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from tests.interop.helpers import (
     LOOPBACK,
@@ -70,11 +70,15 @@ def _read_exactly(stream: IO[bytes], count: int) -> bytes:
     return b"".join(parts)
 
 
-class RestartTests(SynchronousTestCase):
-    """C{twistd nbd --takeover PATH} hands its clients to a new server."""
+class RestartMixin:
+    """Starts servers with C{--takeover} and replaces them."""
+
+    workdir: Path
+    takeover: str
+    image: Path
 
     def setUp(self) -> None:
-        self.workdir = make_tempdir(self)
+        self.workdir = make_tempdir(cast(SynchronousTestCase, self))
         self.takeover = str(self.workdir / "takeover.sock")
         self.image = self.workdir / "disk.img"
 
@@ -82,13 +86,15 @@ class RestartTests(SynchronousTestCase):
         workdir = self.workdir / name
         workdir.mkdir()
         args = ["--image", str(self.image), "--takeover", self.takeover]
-        return start_server(self, *args, workdir=workdir, port=port)
+        return start_server(cast(SynchronousTestCase, self), *args, workdir=workdir, port=port)
 
     def restart(self, old: NBDServer) -> NBDServer:
         """Start the new server, and wait until the old one has exited."""
         new = self.start("new", port=old.port)
         wait_until(lambda: not old.alive(), RESTART_TIMEOUT, "the old server gone")
-        self.assertEqual(old.process.returncode if old.process else None, 0, old.log_text())
+        assert old.process is not None
+        if old.process.returncode != 0:
+            raise AssertionError(f"the old server exited with {old.process.returncode}")
         return new
 
     def popen(self, argv: list[str], **kw: Any) -> subprocess.Popen[bytes]:
@@ -102,8 +108,12 @@ class RestartTests(SynchronousTestCase):
                 if stream is not None:
                     stream.close()
 
-        self.addCleanup(cleanup)
+        cast(SynchronousTestCase, self).addCleanup(cleanup)
         return process
+
+
+class RestartTests(RestartMixin, SynchronousTestCase):
+    """C{twistd nbd --takeover PATH} hands its clients to a new server."""
 
     def test_upgrade_while_nbdcopy_writes(self) -> None:
         """
@@ -155,15 +165,26 @@ class RestartTests(SynchronousTestCase):
         new.wait_for_log("took over client")
         self.assertEqual(hashlib.sha256(first + rest).hexdigest(), hashlib.sha256(data).hexdigest())
 
-    def test_negotiated_state_survives(self) -> None:
+
+class NegotiatedStateTests(RestartMixin, TestCase):
+    """What clients negotiated survives a restart."""
+
+    async def test_negotiated_state_survives(self) -> None:
         """
-        A libnbd client that negotiated structured replies and the
-        base:allocation meta context keeps requests in flight (writes, then
-        reads that check them) while the server is replaced; afterwards its
-        replies are still structured, BLOCK_STATUS answers for its meta
-        context, and every block holds what was last written to it.
+        Two clients move in one restart. A libnbd client that negotiated
+        structured replies and the base:allocation meta context keeps
+        writes and reads in flight while the server is replaced; afterwards
+        its replies are still structured, BLOCK_STATUS answers for its
+        context, and every block holds what was last written to it. Our own
+        client negotiated extended headers (libnbd 1.14 cannot): its
+        replies still come with extended headers, and BLOCK_STATUS with the
+        context id it was given.
         """
-        make_image(self.image, 16 * MiB)
+        from twisted.internet import reactor
+
+        from twisted_nbd.client import connect
+
+        make_image(self.image, 32 * MiB)
         old = self.start("old")
         client = self.popen(
             [require_libnbd(), "-c", _LIBNBD_CLIENT, old.uri],
@@ -172,14 +193,29 @@ class RestartTests(SynchronousTestCase):
         )
         assert client.stdin is not None and client.stdout is not None
         self.assertEqual(client.stdout.readline().strip(), b"ready")
-        self.restart(old).wait_for_log("took over client")
+        ours = await connect(reactor, old.endpoint)
+        self.assertTrue(ours.extended_headers)
+        self.assertEqual(dict(ours.meta_contexts), {"base:allocation": 1})
+        await ours.write(24 * MiB, b"ours" * 1024)
+
+        new = self.restart(old)
+        wait_until(
+            lambda: new.log_text().lower().count("took over client") >= 2,
+            RESTART_TIMEOUT,
+            "both clients taken over",
+        )
+        self.assertEqual(await ours.read(24 * MiB, 4096), b"ours" * 1024)
+        status = await ours.block_status(24 * MiB, MiB)
+        self.assertEqual(list(status), ["base:allocation"])
+        await ours.write(24 * MiB + 4096, b"more" * 1024)
+        self.assertEqual(await ours.read(24 * MiB + 4096, 4096), b"more" * 1024)
+        await ours.disconnect()
+
         client.stdin.write(b"stop\n")
         client.stdin.close()
         out = client.stdout.read().decode()
-        self.assertEqual(
-            client.wait(COPY_TIMEOUT), 0, client.stderr.read() if client.stderr else ""
-        )
-
+        errors = client.stderr.read() if client.stderr else b""
+        self.assertEqual(client.wait(COPY_TIMEOUT), 0, errors)
         result = json.loads(out.strip().splitlines()[-1])
         self.assertTrue(result["structured"])
         self.assertTrue(result["meta"])
@@ -198,7 +234,7 @@ h = nbd.NBD()
 h.add_meta_context("base:allocation")
 h.connect_uri(sys.argv[1])
 BLOCK = 64 * 1024
-BLOCKS = h.get_size() // BLOCK
+BLOCKS = 256  # the first 16 MiB; the rest is the other client's
 last = {}
 
 def content(block, round_):
