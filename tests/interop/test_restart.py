@@ -82,10 +82,10 @@ class RestartMixin:
         self.takeover = str(self.workdir / "takeover.sock")
         self.image = self.workdir / "disk.img"
 
-    def start(self, name: str, port: int | None = None) -> NBDServer:
+    def start(self, name: str, port: int | None = None, extra: tuple[str, ...] = ()) -> NBDServer:
         workdir = self.workdir / name
         workdir.mkdir()
-        args = ["--image", str(self.image), "--takeover", self.takeover]
+        args = ["--image", str(self.image), "--takeover", self.takeover, *extra]
         return start_server(cast(SynchronousTestCase, self), *args, workdir=workdir, port=port)
 
     def restart(self, old: NBDServer) -> NBDServer:
@@ -117,14 +117,35 @@ class RestartTests(RestartMixin, SynchronousTestCase):
 
     def test_upgrade_while_nbdcopy_writes(self) -> None:
         """
-        nbdcopy writes 128 MiB from a pipe; half way, a new server takes
-        over (its listener and the copy's connection, after the requests in
-        flight have finished), and the copy completes with every byte in
-        place.
+        nbdcopy writes from a pipe; half way, a new server takes over (its
+        listener and the copy's connections, after the requests in flight
+        have finished), and the copy completes with every byte in place.
+
+        A TLS-PSK client of the same server stays with the old one (OpenSSL's
+        state cannot move): the old server keeps serving it after the
+        handover, and exits only once it has disconnected.
         """
-        make_image(self.image, COPY_SIZE)
+        from tests.tlsfiles import make_psk_file
+
+        keys = self.workdir / "keys.psk"
+        (user,) = make_psk_file(keys)
+        tls = ("--tls", "on", "--tls-psk", str(keys))
+        make_image(self.image, COPY_SIZE + MiB)
         data = random.Random(12).randbytes(COPY_SIZE)
-        old = self.start("old")
+        old = self.start("old", extra=tls)
+        tls_client = self.popen(
+            [
+                require_libnbd(),
+                "-c",
+                _LIBNBD_TLS_CLIENT,
+                f"nbds://{user}@{LOOPBACK}:{old.port}/?tls-psk-file={keys}",
+                str(COPY_SIZE),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        assert tls_client.stdin is not None and tls_client.stdout is not None
+        self.assertEqual(tls_client.stdout.readline().strip(), b"ready")
         copy = self.popen(
             [require_tool("nbdcopy"), "--connections=2", "-", old.uri], stdin=subprocess.PIPE
         )
@@ -133,13 +154,26 @@ class RestartTests(RestartMixin, SynchronousTestCase):
         # Returns once nbdcopy has taken all but a pipe's worth: it is copying.
         copy.stdin.write(data[:half])
         copy.stdin.flush()
-        new = self.restart(old)
+        new = self.start("new", port=old.port, extra=tls)
+        old.wait_for_log("handover done", timeout=RESTART_TIMEOUT)
+        old.wait_for_log("stays: TLS")
         copy.stdin.write(data[half:])
         copy.stdin.close()
         self.assertEqual(copy.wait(COPY_TIMEOUT), 0, copy.stderr.read() if copy.stderr else "")
-        new.wait_for_log("took over client")
+        self.assertGreaterEqual(new.log_text().lower().count("took over client"), 1)
+
+        # The TLS client is still served by the old server.
+        self.assertTrue(old.alive())
+        tls_client.stdin.write(b"go\n")
+        tls_client.stdin.close()
+        self.assertEqual(tls_client.stdout.read().strip(), b"tls-ok")
+        self.assertEqual(tls_client.wait(COPY_TIMEOUT), 0)
+        wait_until(lambda: not old.alive(), RESTART_TIMEOUT, "the old server gone")
+        self.assertEqual(old.process.returncode if old.process else None, 0)
+        image = self.image.read_bytes()
+        self.assertEqual(image[COPY_SIZE : COPY_SIZE + 6], b"tls-ok")
         self.assertEqual(
-            hashlib.sha256(self.image.read_bytes()).hexdigest(), hashlib.sha256(data).hexdigest()
+            hashlib.sha256(image[:COPY_SIZE]).hexdigest(), hashlib.sha256(data).hexdigest()
         )
 
     def test_upgrade_while_nbdcopy_reads(self) -> None:
@@ -222,6 +256,24 @@ class NegotiatedStateTests(RestartMixin, TestCase):
         self.assertGreater(result["rounds"], 0)
         self.assertEqual(result["mismatches"], [])
         self.assertEqual(result["contexts"], ["base:allocation"])
+
+
+#: A TLS client that connects, waits for a line, writes and reads, and leaves.
+_LIBNBD_TLS_CLIENT = r"""
+import sys
+import nbd
+
+h = nbd.NBD()
+h.set_uri_allow_local_file(True)
+h.connect_uri(sys.argv[1])
+print("ready", flush=True)
+sys.stdin.readline()
+offset = int(sys.argv[2])
+h.pwrite(b"tls-ok", offset)
+h.flush()
+print(h.pread(6, offset).decode(), flush=True)
+h.shutdown()
+"""
 
 
 #: Runs under the interpreter with libnbd: requests in flight until told to
