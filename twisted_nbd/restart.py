@@ -330,6 +330,10 @@ class HandoverService(Service):
         self._next_id = 1
         self._released: list[Any] = []
         self._done = False
+        self._began = 0.0
+        # Handed over and being closed here (their connectionLost comes later).
+        self._moved: set[NBDServerProtocol] = set()
+        self._moved_count = 0
         factory.add_observer(_Watcher(self))
 
     # The successor's side.
@@ -381,6 +385,7 @@ class HandoverService(Service):
         if self._successor is not None or self._done:
             return False
         self._successor = control
+        self._began = self.reactor.seconds()
         _log.info("A new server takes over: handing over the listeners")
         fds: list[int] = []
         described: list[dict[str, Any]] = []
@@ -402,6 +407,8 @@ class HandoverService(Service):
         if "adopted" in message:
             moving = self._moving.pop(message["adopted"], None)
             if moving is not None:
+                self._moved.add(moving.proto)
+                self._moved_count += 1
                 moving.proto.detach()
             self._maybe_done()
         if "declined" in message:
@@ -511,6 +518,7 @@ class HandoverService(Service):
                 if not moving.sent:
                     del self._moving[ident]
         self._staying = {p for p in self._staying if p in self.factory.connections}
+        self._moved = {p for p in self._moved if p in self.factory.connections}
         self._maybe_done()
         self._maybe_exit()
 
@@ -518,11 +526,17 @@ class HandoverService(Service):
         """Say C{done} once every connection left here stays here."""
         if self._successor is None or self._done or self._moving:
             return
-        left = set(self.factory.connections)
+        left = set(self.factory.connections) - self._moved
         if any(p.info.export is None and not p.info.tls for p in left):
             return  # still negotiating: it may go yet
         self._done = True
-        _log.info("Handover done; {count} connection(s) stay until they close", count=len(left))
+        _log.info(
+            "Handover done in {elapsed:.3f}s: {moved} connection(s) moved, {count} stay "
+            "until they close",
+            elapsed=self.reactor.seconds() - self._began,
+            moved=self._moved_count,
+            count=len(left),
+        )
         _send_line(self._successor.transport, {"done": True})
         self._successor.transport.loseConnection()  # type: ignore[union-attr]
         self._maybe_exit()

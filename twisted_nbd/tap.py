@@ -657,7 +657,10 @@ def _operations(top: MultiService, options: Options, reactor: Any) -> None:
     if options["takeover"] is not None:
         from twisted_nbd.restart import attach_takeover
 
-        attach_takeover(top, config, options["takeover"], reactor)
+        try:
+            attach_takeover(top, config, options["takeover"], reactor)
+        except ConfigError as e:
+            raise SystemExit(f"{os.path.basename(sys.argv[0]) or 'twistd'}: {e}") from None
     from twisted_nbd.captive import attach
 
     name = config.default if config.default is not None else config.exports[0].name

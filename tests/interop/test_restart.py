@@ -59,6 +59,12 @@ def _env() -> dict[str, str]:
     return env
 
 
+def _data(seed: int, size: int) -> bytes:
+    """C{size} pseudo-random bytes (randbytes takes at most 256 MiB at once)."""
+    rng = random.Random(seed)
+    return b"".join(rng.randbytes(min(16 * MiB, size - at)) for at in range(0, size, 16 * MiB))
+
+
 def _read_exactly(stream: IO[bytes], count: int) -> bytes:
     parts = []
     while count:
@@ -131,7 +137,7 @@ class RestartTests(RestartMixin, SynchronousTestCase):
         (user,) = make_psk_file(keys)
         tls = ("--tls", "on", "--tls-psk", str(keys))
         make_image(self.image, COPY_SIZE + MiB)
-        data = random.Random(12).randbytes(COPY_SIZE)
+        data = _data(12, COPY_SIZE)
         old = self.start("old", extra=tls)
         tls_client = self.popen(
             [
@@ -184,7 +190,7 @@ class RestartTests(RestartMixin, SynchronousTestCase):
         """
         if not LONG:
             raise SkipTest("a long variant: run with NBD_LONG=1")
-        data = random.Random(13).randbytes(COPY_SIZE)
+        data = _data(13, COPY_SIZE)
         self.image.write_bytes(data)
         old = self.start("old")
         copy = self.popen(
