@@ -8,11 +8,16 @@ C{tests/interop/test_restart.py}).
 from __future__ import annotations
 
 import json
+import os
+import socket
 import struct
-from typing import Any
+from typing import Any, cast
 
+from twisted.application.service import Service
+from twisted.internet.task import deferLater
 from twisted.internet.testing import StringTransport
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests import builders as b
 from tests.test_connection import registry
@@ -25,11 +30,12 @@ from twisted_nbd._connection import (
     WriteRequest,
 )
 from twisted_nbd._wire import Cmd, Opt
-from twisted_nbd.config import ExportSpec
+from twisted_nbd.config import Config, ExportSpec
 from twisted_nbd.exports import Export, ExportRegistry
 from twisted_nbd.protocol import NBDServerFactory
 from twisted_nbd.registry import PluginRef
-from twisted_nbd.restart import movable
+from twisted_nbd.restart import HandoverService, attach_takeover, movable
+from twisted_nbd.service import NBDService, build
 from twisted_nbd.testing import ControllableBlockDevice
 
 NEGOTIATE = (
@@ -225,3 +231,121 @@ class MovableTests(SynchronousTestCase):
         self.assertIn(
             "cow", movable(ExportSpec(image="/dev/null", filters=(PluginRef("cow", ()),))) or ""
         )
+
+
+class InProcessHandoverTests(TestCase):
+    """
+    Both ends of L{twisted_nbd.restart} in this process, over real sockets:
+    the new server's blocking hello runs in a thread while the reactor
+    serves the old one.
+    """
+
+    async def serve(self, config: Config, name: str) -> tuple[NBDService, HandoverService]:
+        """Build a server for C{config}, take over at the test's path, start it."""
+        from twisted.internet import reactor
+
+        top = build(config, reactor)
+        handover = await deferToThread(
+            attach_takeover, top, config, self.path, reactor, stop_reactor=False
+        )
+        cast(Service, top).privilegedStartService()
+        cast(Service, top).startService()
+        self.addCleanup(lambda: cast(Service, top).stopService())
+        return top, handover
+
+    async def wait(self, condition: Any) -> None:
+        from twisted.internet import reactor
+
+        for _ in range(500):
+            if condition():
+                return
+            await deferLater(reactor, 0.01, lambda: None)
+        self.fail("timed out")
+
+    def setUp(self) -> None:
+        directory = self.mktemp()
+        os.mkdir(directory)
+        self.path = os.path.join(directory, "takeover.sock")
+        self.image = os.path.join(directory, "disk.img")
+        with open(self.image, "wb") as f:
+            f.truncate(1 << 20)
+        self.spec = ExportSpec(image=self.image)
+
+    async def connect_client(self, top: NBDService) -> Any:
+        from twisted.internet import reactor
+
+        from twisted_nbd.client import connect
+
+        port = top.factory  # noqa: F841 - the factory is shared by the listeners
+        listener = next(c for c in top if hasattr(c, "_waitingForPort"))
+        address = listener._waitingForPort.result.getHost()
+        client = await connect(reactor, f"tcp:127.0.0.1:{address.port}")
+        return client
+
+    async def test_moves(self) -> None:
+        """
+        The client's connection moves to the new server, which serves it;
+        the old one has none left and says it is done.
+        """
+        config = Config([self.spec], listen=("tcp:0:interface=127.0.0.1",))
+        old, old_handover = await self.serve(config, "old")
+        client = await self.connect_client(old)
+        await client.write(0, b"before" * 100)
+        new, _ = await self.serve(config, "new")
+        await self.wait(lambda: old_handover._done)
+        await self.wait(lambda: not old.factory.connections)
+        self.assertEqual(len(new.factory.connections), 1)
+        self.assertEqual(await client.read(0, 600), b"before" * 100)
+        await client.write(600, b"after")
+        self.assertEqual(await client.read(600, 5), b"after")
+        await client.disconnect()
+
+    async def test_declined(self) -> None:
+        """
+        A new server whose export differs (here: read-only) declines the
+        connection; the old server serves it on.
+        """
+        config = Config([self.spec], listen=("tcp:0:interface=127.0.0.1",))
+        old, old_handover = await self.serve(config, "old")
+        client = await self.connect_client(old)
+        changed = Config([ExportSpec(image=self.image, read_only=True)], listen=config.listen)
+        new, _ = await self.serve(changed, "new")
+        await self.wait(lambda: old_handover._done)
+        self.assertEqual(len(old.factory.connections), 1)
+        self.assertEqual(len(new.factory.connections), 0)
+        await client.write(0, b"still here")
+        self.assertEqual(await client.read(0, 10), b"still here")
+        await client.disconnect()
+
+    async def test_successor_goes_away(self) -> None:
+        """
+        A new server that goes away before it listens changes nothing: the
+        old one serves on, listens for a successor again, and a later one
+        takes over.
+        """
+        config = Config([self.spec], listen=("tcp:0:interface=127.0.0.1",))
+        old, old_handover = await self.serve(config, "old")
+        client = await self.connect_client(old)
+
+        def hello_and_leave() -> int:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(30)
+            sock.connect(self.path)
+            sock.sendall(b'{"hello": 1}\n')
+            _, fds, _, _ = socket.recv_fds(sock, 65536, 8)
+            for fd in fds:
+                os.close(fd)
+            sock.close()
+            return len(fds)
+
+        self.assertEqual(await deferToThread(hello_and_leave), 1)
+        await self.wait(lambda: old_handover._successor is None and old_handover._port is not None)
+        await client.write(0, b"served on")
+        self.assertEqual(len(old.factory.connections), 1)
+
+        new, _ = await self.serve(config, "new")
+        await self.wait(lambda: old_handover._done)
+        await self.wait(lambda: not old.factory.connections)
+        self.assertEqual(await client.read(0, 9), b"served on")
+        self.assertEqual(len(new.factory.connections), 1)
+        await client.disconnect()

@@ -449,15 +449,16 @@ class HandoverService(Service):
         moving = _Moving(self._next_id, proto)
         self._next_id += 1
         self._moving[moving.ident] = moving
+        # Set before freezing: an idle connection is frozen (and sent) at once.
+        moving.timer = self.reactor.callLater(self.config.shutdown_timeout, self._expire, moving)
         if not proto.freeze(lambda: self._drain(moving)):
             del self._moving[moving.ident]
+            moving.timer.cancel()
             if not proto.info.tls:
                 _log.info("Client {peer} stays: it is closing", peer=proto.info.peer)
             else:
                 _log.info("Client {peer} stays: TLS", peer=proto.info.peer)
             self._staying.add(proto)
-            return
-        moving.timer = self.reactor.callLater(self.config.shutdown_timeout, self._expire, moving)
 
     def _expire(self, moving: _Moving) -> None:
         moving.timer = None
@@ -622,13 +623,19 @@ def _connect(path: str) -> socket.socket | None:
     return sock
 
 
-def attach_takeover(top: MultiService, config: Config, path: str, reactor: Any) -> None:
+def attach_takeover(
+    top: MultiService, config: Config, path: str, reactor: Any, stop_reactor: bool = True
+) -> HandoverService:
     """
     Add live restart to a tree built by L{twisted_nbd.service.build}: take
     the listeners over from a predecessor at C{path} if there is one (this
     blocks until it sends them: call it before the reactor runs), and hand
     over to a successor later.
 
+    @param stop_reactor: stop the reactor once everything has moved or
+        closed (what C{twistd nbd} wants; not a server embedded in a bigger
+        program, or a test).
+    @return: the service added to C{top}.
     @raise ConfigError: there are workers, or the predecessor misbehaves.
     """
     from twisted_nbd.service import NBDService
@@ -655,8 +662,11 @@ def attach_takeover(top: MultiService, config: Config, path: str, reactor: Any) 
             service.endpoint = _AdoptedEndpoint(reactor, fd, int(entry["family"]))
         for fd in fds[len(given) :]:
             os.close(fd)
-    handover: Service = HandoverService(top.factory, config, path, reactor, listeners, sock)
-    handover.setServiceParent(top)
+    handover = HandoverService(
+        top.factory, config, path, reactor, listeners, sock, stop_reactor=stop_reactor
+    )
+    cast(Service, handover).setServiceParent(top)
+    return handover
 
 
 def _recv_line_after_hello(sock: socket.socket) -> tuple[dict[str, Any], list[int]]:
