@@ -228,6 +228,7 @@ class MovableTests(SynchronousTestCase):
         self.assertIsNone(movable(ExportSpec(image="/dev/null", read_only=True)))
         self.assertIsNone(movable(ExportSpec(image="/dev/null", filters=(PluginRef("stats", ()),))))
         self.assertIn("RAM disk", movable(ExportSpec(memory=4096)) or "")
+        self.assertIsNone(movable(ExportSpec(memory=4096), shared=True))
         self.assertIn(
             "cow", movable(ExportSpec(image="/dev/null", filters=(PluginRef("cow", ()),))) or ""
         )
@@ -348,4 +349,21 @@ class InProcessHandoverTests(TestCase):
         await self.wait(lambda: not old.factory.connections)
         self.assertEqual(await client.read(0, 9), b"served on")
         self.assertEqual(len(new.factory.connections), 1)
+        await client.disconnect()
+
+    async def test_moves_ram_disk(self) -> None:
+        """
+        A RAM disk in shared memory goes along: the new server serves the
+        old one's memory, so a connection to it moves and finds its data.
+        """
+        config = Config([ExportSpec(memory=1 << 20)], listen=("tcp:0:interface=127.0.0.1",))
+        old, old_handover = await self.serve(config, "old")
+        client = await self.connect_client(old)
+        await client.write(4096, b"kept in memory")
+        new, new_handover = await self.serve(config, "new")
+        await self.wait(lambda: old_handover._done)
+        await self.wait(lambda: not old.factory.connections)
+        self.assertEqual(new_handover.shared, {""})
+        self.assertEqual(len(new.factory.connections), 1)
+        self.assertEqual(await client.read(4096, 14), b"kept in memory")
         await client.disconnect()

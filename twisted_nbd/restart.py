@@ -65,6 +65,7 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from twisted_nbd.backends.ram import MappedMemoryDevice
 from twisted_nbd.config import Config, ConfigError, ExportSpec
 from twisted_nbd.observers import ConnectionInfo, ServerObserver
 from twisted_nbd.protocol import NBDServerFactory, NBDServerProtocol
@@ -81,13 +82,14 @@ DRAIN_INTERVAL = 0.005
 MAX_MESSAGE = 64 * 1024 * 1024
 
 
-def movable(spec: ExportSpec) -> str | None:
+def movable(spec: ExportSpec, shared: bool = False) -> str | None:
     """
     Why connections to C{spec}'s export cannot move to another process, or
     C{None} if they can: its data must be where the other process finds it
-    (an image file), and no filter may keep data of its own per export.
+    (an image file, or a RAM disk in shared memory whose memory files went
+    along: C{shared}), and no filter may keep data of its own per export.
     """
-    if spec.memory is not None:
+    if spec.memory is not None and not shared:
         return "a RAM disk does not outlive its process"
     if spec.backend_ref is not None:
         return f"the {spec.backend_ref.name!r} backend's state is this process's own"
@@ -101,6 +103,15 @@ def movable(spec: ExportSpec) -> str | None:
         if not plugin.per_process:
             return f"the {ref.name!r} filter keeps state per export"
     return None
+
+
+def _shared_memory(device: Any) -> MappedMemoryDevice | None:
+    """The RAM disk in shared memory under C{device}'s filters, if that is what it is."""
+    while not isinstance(device, MappedMemoryDevice):
+        device = getattr(device, "inner", None)
+        if device is None:
+            return None
+    return device
 
 
 def _spec_json(spec: ExportSpec) -> Any:
@@ -323,6 +334,8 @@ class HandoverService(Service):
         self.listeners = listeners
         self._predecessor_socket = predecessor
         self._stop_reactor = stop_reactor
+        # The RAM disks shared with the other process, by export name.
+        self.shared: set[str] = set()
         self._port: Any = None
         self._successor: _Predecessor | None = None
         self._moving: dict[int, _Moving] = {}
@@ -359,7 +372,7 @@ class HandoverService(Service):
         ours = next((s for s in self.config.exports if s.name == name), None)
         if ours is None:
             return f"there is no export named {name!r} here"
-        why = movable(ours)
+        why = movable(ours, ours.name in self.shared)
         if why is not None:
             return why
         if message.get("spec") != _spec_json(ours):
@@ -395,7 +408,16 @@ class HandoverService(Service):
                 continue
             fds.append(port.fileno())
             described.append({"description": description, "family": _family(port)})
-        _send_line(control.transport, {"listeners": described}, fds)
+        memory: list[dict[str, Any]] = []
+        for spec in self.config.exports:
+            export = self.factory.registry.lookup(spec.name)
+            disk = _shared_memory(export.device) if export is not None else None
+            if spec.memory is not None and disk is not None:
+                # The new server serves the same memory (as workers do).
+                fds.extend(disk.share())
+                memory.append({"name": spec.name, "size": disk.size})
+                self.shared.add(spec.name)
+        _send_line(control.transport, {"listeners": described, "memory": memory}, fds)
         return True
 
     def message(self, message: dict[str, Any]) -> None:
@@ -441,7 +463,7 @@ class HandoverService(Service):
         if name is None:
             return  # still negotiating: see export_chosen
         spec = next((s for s in self.config.exports if s.name == name), None)
-        why = movable(spec) if spec is not None else "unknown export"
+        why = movable(spec, spec.name in self.shared) if spec is not None else "unknown export"
         if why is not None:
             _log.info("Client {peer} stays: {reason}", peer=proto.info.peer, reason=why)
             self._staying.add(proto)
@@ -646,6 +668,7 @@ def attach_takeover(
     if len(services) != len(config.listen):
         raise ConfigError("--takeover: the listeners do not match --listen")
     listeners = dict(zip(config.listen, services, strict=True))
+    shared: set[str] = set()
     sock = _connect(path)
     if sock is not None:
         try:
@@ -660,13 +683,36 @@ def attach_takeover(
                 os.close(fd)  # a listener we do not have: it closes with the old server
                 continue
             service.endpoint = _AdoptedEndpoint(reactor, fd, int(entry["family"]))
-        for fd in fds[len(given) :]:
+        rest = fds[len(given) :]
+        for entry in message.get("memory", []):
+            pair, rest = (rest[0], rest[1]), rest[2:]
+            if _adopt_memory(top, config, entry, pair):
+                shared.add(entry["name"])
+            else:
+                for fd in pair:
+                    os.close(fd)
+        for fd in rest:
             os.close(fd)
     handover = HandoverService(
         top.factory, config, path, reactor, listeners, sock, stop_reactor=stop_reactor
     )
+    handover.shared = shared
     cast(Service, handover).setServiceParent(top)
     return handover
+
+
+def _adopt_memory(top: Any, config: Config, entry: Any, fds: tuple[int, int]) -> bool:
+    """
+    Serve the old server's RAM disk for an export of the same name and size
+    instead of the new, empty one (nobody has used it yet).
+    """
+    spec = next((s for s in config.exports if s.name == entry.get("name")), None)
+    export = top.factory.registry.lookup(spec.name) if spec is not None else None
+    disk = _shared_memory(export.device) if export is not None else None
+    if spec is None or spec.memory is None or disk is None or disk.size != entry.get("size"):
+        return False
+    disk.adopt(fds)
+    return True
 
 
 def _recv_line_after_hello(sock: socket.socket) -> tuple[dict[str, Any], list[int]]:
