@@ -25,9 +25,11 @@ Rule ids (H-, T-, C-) refer to the protocol digest the tests cite.
 
 from __future__ import annotations
 
+import base64
+import binascii
 from dataclasses import dataclass
 from dataclasses import replace as _replace
-from typing import Callable, ClassVar, Iterator, Protocol, Sequence, Union, cast
+from typing import Any, Callable, ClassVar, Iterator, Mapping, Protocol, Sequence, Union, cast
 
 from twisted_nbd import _wire as w
 from twisted_nbd._buffer import _NeedData
@@ -92,6 +94,20 @@ __all__ = [
 
 #: The id of C{base:allocation} in SET_META_CONTEXT replies and BLOCK_STATUS chunks.
 BASE_ALLOCATION_ID = 1
+
+#: The version of L{ServerConnection.handover_state}'s format.
+HANDOVER_VERSION = 1
+
+
+def _rules_json(rules: TransmissionRules) -> dict[str, object]:
+    """What of L{TransmissionRules} a client relies on, as JSON."""
+    return {
+        "size": rules.size,
+        "mask": rules.mask,
+        "max_payload": rules.max_payload,
+        "block_status": rules.block_status,
+        "extended": rules.extended,
+    }
 
 
 class ExportCatalog(Protocol):
@@ -589,6 +605,102 @@ class ServerConnection(SansIOConnection[Event]):
         self._fast_mask = rules.mask
         self._request_magic = w.EXTENDED_REQUEST_MAGIC if self._extended else w.REQUEST_MAGIC
         self._fast = True
+
+    # ------------------------------------------------------------ live restart
+
+    def at_request_boundary(self) -> bool:
+        """
+        Whether the connection is in transmission between two requests: no
+        WRITE waits for the rest of its payload and no payload is being
+        thrown away, so what is buffered starts with a request header (or
+        is empty). Only then can the connection go to another process (see
+        L{twisted_nbd.restart}).
+        """
+        return (
+            self.phase is Phase.TRANSMISSION
+            and self._pending_write is None
+            and self._received_payload is None
+            and not self._discard
+        )
+
+    def handover_state(self) -> dict[str, object]:
+        """
+        What another process needs to go on with this connection: what was
+        negotiated, the export, what the client was told of it (flags, size,
+        block sizes), and the bytes received and not parsed yet. It is
+        plain JSON.
+
+        @raise ValueError: the connection is not at a request boundary.
+        """
+        if not self.at_request_boundary() or self.export is None or self.rules is None:
+            raise ValueError("the connection is not between two requests in transmission")
+        buffered = self._buffer.take(len(self._buffer))
+        # The state is read, not taken: the connection may stay here after all.
+        self._buffer.append(buffered)
+        n = self.negotiated
+        rules = self.rules
+        return {
+            "version": HANDOVER_VERSION,
+            "export": self.export.name,
+            "negotiated": {
+                "fixed_newstyle": n.fixed_newstyle,
+                "no_zeroes": n.no_zeroes,
+                "structured_replies": n.structured_replies,
+                "extended_headers": n.extended_headers,
+                "meta_export": n.meta_export,
+                "meta_contexts": dict(n.meta_contexts),
+                "tls": n.tls,
+            },
+            "tx_flags": self.tx_flags,
+            "rules": _rules_json(rules),
+            "buffered": base64.b64encode(buffered).decode("ascii"),
+        }
+
+    @classmethod
+    def resume(
+        cls,
+        exports: ExportCatalog,
+        config: ServerConfiguration | None,
+        state: Mapping[str, Any],
+    ) -> ServerConnection:
+        """
+        A connection in transmission from the L{handover_state} of one in
+        another process: no greeting is sent, and the buffered bytes are
+        parsed first.
+
+        @raise ValueError: the state is malformed, or this server's export
+            of that name would not behave as the client was told (another
+            size, other flags or block sizes, no meta context where one was
+            selected): the connection must stay where it is.
+        """
+        try:
+            if state["version"] != HANDOVER_VERSION:
+                raise ValueError(f"handover state version {state['version']!r} is not ours")
+            name = state["export"]
+            negotiated = Negotiated(**state["negotiated"])
+            tx_flags = int(state["tx_flags"])
+            rules = dict(state["rules"])
+            buffered = base64.b64decode(state["buffered"], validate=True)
+        except (KeyError, TypeError, ValueError, binascii.Error) as e:
+            raise ValueError(f"malformed handover state: {e}") from None
+        if negotiated.tls:
+            raise ValueError("a TLS connection cannot change process")
+        conn = cls(exports, config)
+        conn._outbox.clear()  # the client had its greeting long ago
+        conn.negotiated = negotiated
+        export = exports.lookup(name)
+        if export is None or export.name != name or not conn._visible(export):
+            raise ValueError(f"there is no export named {name!r} here")
+        conn._enter_transmission(export)
+        assert conn.rules is not None
+        if conn.tx_flags != tx_flags or _rules_json(conn.rules) != rules:
+            raise ValueError(
+                f"export {name!r} differs here from what the client was told: "
+                f"{_rules_json(conn.rules)}, flags {conn.tx_flags:#x}, not {rules}, "
+                f"flags {tx_flags:#x}"
+            )
+        conn.receive_data(buffered)
+        return conn
 
     # ------------------------------------------------------------ transmission
 

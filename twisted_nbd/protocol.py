@@ -60,6 +60,7 @@ from twisted_nbd._connection import (
     ExportChosen,
     FlushRequest,
     OptionRejected,
+    Phase,
     ReadRequest,
     Request,
     RequestRejected,
@@ -266,6 +267,12 @@ class NBDServerProtocol(Protocol):
         self._socket_tls: _tls_socket.SocketTLS | None = None
         # The factory's limits for this connection (see twisted_nbd.limits).
         self._guard: ConnectionGuard | None = None
+        # Live restart (see twisted_nbd.restart): stop at the next request
+        # boundary and call _frozen once nothing is in flight; _resumed is
+        # set on a connection taken over from another process.
+        self._freezing = False
+        self._frozen: Callable[[], None] | None = None
+        self._resumed = False
 
     # ------------------------------------------------------------ IProtocol
 
@@ -295,8 +302,15 @@ class NBDServerProtocol(Protocol):
         self._flush_outbox()
         if isinstance(factory, NBDServerFactory):
             factory.connections.add(self)
-            if factory.shutting_down:
-                self.shutdown()
+        if self._resumed:
+            # Taken over in transmission: attach the export as a GO would
+            # have, then parse what the other process had received.
+            export = self._conn.export
+            assert export is not None
+            self._export_chosen(ExportChosen(export))
+            self._parse()
+        if isinstance(factory, NBDServerFactory) and factory.shutting_down:
+            self.shutdown()
 
     def dataReceived(self, data: bytes) -> None:
         if self._closed:
@@ -428,6 +442,86 @@ class NBDServerProtocol(Protocol):
             self._maybe_close()
         return d
 
+    # ------------------------------------------------------------ live restart
+
+    def freeze(self, frozen: Callable[[], None]) -> bool:
+        """
+        Get ready to move to another process (see L{twisted_nbd.restart}):
+        stop reading and taking requests at the next request boundary, let
+        the requests in flight finish, then call C{frozen}. The replies may
+        still sit in the transport's buffer then.
+
+        @return: C{False}, and nothing changes, if this connection cannot
+            move: it is not in transmission, uses TLS (OpenSSL's state does
+            not leave the process), is closing, or is already freezing.
+        """
+        if (
+            self._closed
+            or self._disconnecting
+            or self._freezing
+            or self._tls_started
+            or self._conn.phase is not Phase.TRANSMISSION
+            or self.transport is None
+        ):
+            return False
+        self._freezing = True
+        self._frozen = frozen
+        self._parse()
+        return True
+
+    def _check_frozen(self) -> None:
+        receiver = self._receiver
+        if (
+            self.in_flight == 0
+            and self._conn.at_request_boundary()
+            and not (receiver is not None and receiver.active)
+            and not self._closed
+        ):
+            frozen, self._frozen = self._frozen, None
+            assert frozen is not None
+            frozen()
+
+    def thaw(self) -> None:
+        """Serve this connection here after all (undoes L{freeze})."""
+        self._freezing = False
+        self._frozen = None
+        self._parse()
+
+    def handover_state(self) -> dict[str, object]:
+        """
+        The state another process resumes this frozen connection from
+        (L{ServerConnection.handover_state}, plus the peer for its logs).
+        """
+        state = self._conn.handover_state()
+        state["peer"] = self.info.peer
+        return state
+
+    def resume(self, state: dict[str, Any]) -> None:
+        """
+        Before C{makeConnection}: go on with a connection another process
+        handed over in transmission (see L{ServerConnection.resume}).
+
+        @raise ValueError: it cannot be served here as the client was told.
+        """
+        old = self._conn
+        self._conn = ServerConnection.resume(old._exports, old.config, state)
+        self._resumed = True
+
+    def detach(self) -> None:
+        """
+        Another process has this connection now: close this process's copy
+        of the socket without shutting the connection down or sending
+        anything.
+        """
+        if self._closed or self.transport is None:
+            return
+        self._lost_reason = "handed over"
+        self._closed = True
+        transport = cast(Any, self.transport)
+        transport._shouldShutdown = False  # as the workers' supervisor does
+        transport.unregisterProducer()
+        transport.loseConnection()
+
     def abort(self) -> None:
         """Drop the connection at once, whatever is in flight."""
         if not self._closed:
@@ -502,6 +596,7 @@ class NBDServerProtocol(Protocol):
     def _must_wait(self) -> bool:
         return (
             self._closed
+            or (self._freezing and self._conn.at_request_boundary())
             or (self._disconnecting and not self._conn.shutting_down)
             or self._transport_paused
             or self.in_flight >= self.max_queue_depth
@@ -525,6 +620,7 @@ class NBDServerProtocol(Protocol):
                 or self.in_flight >= self.max_queue_depth
                 or self.bytes_in_flight >= self.max_bytes_in_flight
                 or (self._disconnecting and not conn.shutting_down)
+                or (self._freezing and conn.at_request_boundary())
             ):
                 try:
                     event = next_event()
@@ -545,6 +641,8 @@ class NBDServerProtocol(Protocol):
             self._parsing = False
         self._flush_out()
         self._update_reading()
+        if self._frozen is not None:
+            self._check_frozen()
 
     def _receive_payload(self) -> None:
         """
@@ -1292,6 +1390,13 @@ class NBDServerFactory(Factory):
         # socket at once and nothing is allocated for it.
         if not self.slots.admit(addr, describe_address(addr)):
             return None
+        return self.make_protocol()
+
+    def make_protocol(self) -> NBDServerProtocol:
+        """
+        A protocol for one connection, without admission control (a
+        connection taken over from another process was admitted there).
+        """
         proto = NBDServerProtocol(
             self.registry,
             max_queue_depth=self.max_queue_depth,

@@ -170,9 +170,31 @@ class Options(usage.Options):
             None,
             "With TLS, require a client certificate signed by --tls-ca.",
         ],
+        [
+            "print-uri",
+            None,
+            "Print the NBD URI of the default export on the first listener to standard "
+            "output once it listens.",
+        ],
     ]
 
     optParameters = [
+        [
+            "run",
+            None,
+            None,
+            "Captive mode: serve on a private Unix socket, run COMMAND through the shell "
+            "with $uri, $nbd, $unixsocket and $exportname set, and exit with its status "
+            "when it ends.",
+        ],
+        [
+            "takeover",
+            None,
+            None,
+            "Live restart through the Unix socket at PATH: take the listeners and the "
+            "connections over from the server listening there, if any, then listen there "
+            "for the next one (see docs/restart.md).",
+        ],
         [
             "image",
             "i",
@@ -425,6 +447,11 @@ class Options(usage.Options):
         else:
             self.config = self._from_options()
 
+        if self["run"] is not None:
+            # Captive mode: the private socket first ($uri names the first listener).
+            from twisted_nbd.captive import private_socket
+
+            self["listen"] = [f"unix:{private_socket()}", *self["listen"]]
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
         seen: set[str] = set()
@@ -672,6 +699,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         top = service.build(options.config, reactor)
     except PluginError as e:
         raise SystemExit(f"{os.path.basename(sys.argv[0]) or 'twistd'}: {e}") from None
+    if options["run"] is not None or options["print-uri"] or options["takeover"] is not None:
+        _operations(top, options, reactor)
     # --metrics, --admin, and the reload of --config on SIGHUP (twisted_nbd.ops).
     from twisted_nbd import ops
 
@@ -691,3 +720,23 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
             config_path=options.get("config"),
         ),
     )
+
+
+def _operations(top: MultiService, options: Options, reactor: Any) -> None:
+    """Add the services of --takeover, --print-uri and --run to C{top}."""
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        reactor = global_reactor
+    config = options.config
+    if options["takeover"] is not None:
+        from twisted_nbd.restart import attach_takeover
+
+        try:
+            attach_takeover(top, config, options["takeover"], reactor)
+        except ConfigError as e:
+            raise SystemExit(f"{os.path.basename(sys.argv[0]) or 'twistd'}: {e}") from None
+    from twisted_nbd.captive import attach
+
+    name = config.default if config.default is not None else config.exports[0].name
+    attach(top, reactor, name, config.tls, options["run"], options["print-uri"])

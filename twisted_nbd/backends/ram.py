@@ -153,6 +153,34 @@ class MappedMemoryDevice:
         """
         return self._data_fd, self._map_fd
 
+    def adopt(self, fds: tuple[int, int]) -> None:
+        """
+        Serve the disk of another process from now on (see L{share}),
+        instead of this one's: for a new server taking over from an old one
+        (L{twisted_nbd.restart}), before any client has used this device.
+        The device owns C{fds} from now on; its own memory is released.
+
+        @raise ValueError: the device is closed.
+        @raise OSError: the memory files cannot be mapped.
+        """
+        if self._closed:
+            raise ValueError("the device is closed")
+        chunks = max(1, -(-self.size // CHUNK))
+        data = mmap.mmap(fds[0], max(self.size, 1), mmap.MAP_SHARED)
+        try:
+            states = mmap.mmap(fds[1], chunks, mmap.MAP_SHARED)
+        except BaseException:
+            data.close()
+            raise
+        self._view.release()
+        self._data.close()
+        self._map.close()
+        os.close(self._data_fd)
+        os.close(self._map_fd)
+        self._data_fd, self._map_fd = fds
+        self._data, self._map = data, states
+        self._view = memoryview(data)
+
     # Reading.
 
     def _chunks(self, offset: int, length: int) -> tuple[int, int]:
