@@ -216,8 +216,14 @@ class RateLimitedLog:
         clock: Callable[[], float],
         interval: float = LOG_INTERVAL,
         reactor: IReactorTime | None = None,
+        level: str = "warn",
     ) -> None:
+        """
+        @param level: the L{Logger} method that logs the lines
+            (C{"warn"}, C{"info"}).
+        """
         self._log = log
+        self._emit: Callable[..., None] = getattr(log, level)
         self._clock = clock
         self._reactor = reactor
         self.interval = interval
@@ -245,12 +251,12 @@ class RateLimitedLog:
         unlogged = self._unlogged.pop(kind, 0)
         if unlogged:
             format += " ({unlogged} more {what} not logged in the last {interval:.0f}s)"
-        self._log.warn(format, unlogged=unlogged, what=what, interval=self.interval, **fields)
+        self._emit(format, unlogged=unlogged, what=what, interval=self.interval, **fields)
 
     def _summary(self, kind: str) -> None:
         unlogged = self._unlogged.pop(kind, 0)
         if unlogged:
-            self._log.warn(
+            self._emit(
                 "{unlogged} more {what} in the last {interval:.0f}s, not logged one by one",
                 unlogged=unlogged,
                 what=self._what[kind],

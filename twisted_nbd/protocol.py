@@ -81,7 +81,7 @@ from twisted_nbd.config import (
 from twisted_nbd.errors import NBDError, ProtocolViolation
 from twisted_nbd.exports import ConnectionContext, ExportRegistry
 from twisted_nbd.interfaces import Extent, IBlockDevice, IBufferRead, ISparseRead, Segment
-from twisted_nbd.limits import ConnectionGuard, ConnectionSlots, Limits
+from twisted_nbd.limits import ConnectionGuard, ConnectionSlots, Limits, RateLimitedLog
 from twisted_nbd.observers import ConnectionInfo, IServerObserver
 from twisted_nbd.tls import (
     describe_tls_error,
@@ -262,6 +262,8 @@ class NBDServerProtocol(Protocol):
         self._socket_tls: _tls_socket.SocketTLS | None = None
         # The factory's limits for this connection (see twisted_nbd.limits).
         self._guard: ConnectionGuard | None = None
+        # Per-request log lines without a factory (see _request_log).
+        self._own_request_log: RateLimitedLog | None = None
 
     # ------------------------------------------------------------ IProtocol
 
@@ -641,8 +643,23 @@ class NBDServerProtocol(Protocol):
         for observer in self._observers:
             self._notify(observer.export_chosen, self.info, export.name)
 
+    def _request_log(self) -> RateLimitedLog:
+        """
+        Where per-request lines go: the factory's rate-limited log, so a
+        client sending a storm of refused or failing requests does not
+        flood the log (each kind is logged once per 10 s, the rest counted).
+        """
+        factory = self.factory
+        if isinstance(factory, NBDServerFactory):
+            return factory.request_log
+        if self._own_request_log is None:
+            self._own_request_log = RateLimitedLog(self.log, time.monotonic, level="info")
+        return self._own_request_log
+
     def _request_rejected(self, event: RequestRejected) -> None:
-        self.log.info(
+        self._request_log().warn(
+            "request-refused",
+            "requests refused",
             "Refused a request from {peer}: {errno}: {reason}",
             peer=self.info.peer,
             errno=event.errno.name,
@@ -1110,7 +1127,13 @@ class NBDServerProtocol(Protocol):
         error = failure.value
         if isinstance(error, NBDError):
             errno, message = error.errno, error.message
-            self.log.info("{request} failed: {error}", request=type(request).__name__, error=error)
+            self._request_log().warn(
+                "request-failed",
+                "requests failed",
+                "{request} failed: {error}",
+                request=type(request).__name__,
+                error=error,
+            )
         else:
             errno, message = Errno.EIO, "internal error"
             self.log.failure("Backend failed on {request}", failure, request=type(request).__name__)
@@ -1176,6 +1199,7 @@ class NBDServerFactory(Factory):
         timeouts need C{reactor}: without one there are none.
     @ivar connections: the open connections.
     @ivar slots: the L{ConnectionSlots} that counts them.
+    @ivar request_log: the rate-limited log of refused and failed requests.
     """
 
     protocol = NBDServerProtocol
@@ -1208,6 +1232,11 @@ class NBDServerFactory(Factory):
         self.connections: set[NBDServerProtocol] = set()
         self.shutting_down = False
         self.slots = ConnectionSlots(limits, reactor)
+        #: Per-request log lines (refused and failed requests), rate-limited
+        #: by kind; its C{counts} say how many there were.
+        self.request_log = RateLimitedLog(
+            NBDServerProtocol.log, self._clock, reactor=reactor, level="info"
+        )
 
     @property
     def limits(self) -> Limits:
