@@ -22,7 +22,7 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.internet.testing import StringTransport
-from twisted.logger import ILogObserver, Logger
+from twisted.logger import ILogObserver, Logger, LogLevel
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -78,6 +78,9 @@ class LogStormTests(SynchronousTestCase):
         self.assertEqual({error for error, _ in replies}, {Errno.EPERM})
         self.assertEqual(len(self.lines("Refused a request")), 1)
         self.assertEqual(factory.request_log.counts["request-refused"], 2000)
+        # Informational, as before it was rate-limited: the client's fault.
+        levels = {e["log_level"] for e in self.events if "Refused" in e["log_format"]}
+        self.assertEqual(levels, {LogLevel.info})
 
     def test_failed_requests(self) -> None:
         """

@@ -128,7 +128,7 @@ class FaultTests(SynchronousTestCase):
         every request, four connections with 100 requests each in flight:
         every request is answered (with data or EIO, nothing else), no
         handle dies of a malformed reply, the server stays up and its
-        memory stays under 192 MiB.
+        memory stays under 128 MiB.
         """
         image = make_image(make_tempdir(self) / "disk.img", 16 * MiB)
         server = start_server(
@@ -150,7 +150,7 @@ class FaultTests(SynchronousTestCase):
         self.assertGreater(out["eio"], 0, out)
         self.assertEqual(out["alive"], 4)
         self.assertTrue(server.alive())
-        self.assertLess(sampler.peak_kib, 192 * 1024)
+        self.assertLess(sampler.peak_kib, 128 * 1024)
         assert_serving(self, server, 16 * MiB)
 
 
@@ -222,7 +222,7 @@ class HostileClientTests(SynchronousTestCase):
         A client pipelines 32 MiB WRITEs (the largest payload the server
         takes) and oversized 33 MiB ones without reading a reply: the
         server reads them only as fast as it can hand them on (its memory
-        stays under 256 MiB), answers the oversized ones with EINVAL after
+        stays under 160 MiB, though 194 MiB are sent), answers the oversized ones with EINVAL after
         skipping their payload (T-05), applies the others, and keeps
         serving.
         """
@@ -249,7 +249,10 @@ class HostileClientTests(SynchronousTestCase):
         # Replies may come in any order (C-04).
         self.assertEqual(sorted(flood.simple_reply() for _ in expected), sorted(expected))
         sampler.stop()
-        self.assertLess(sampler.peak_kib, 256 * 1024)
+        print(f"peak RSS during the 32 MiB WRITE flood: {sampler.peak_kib // 1024} MiB")
+        # 194 MiB were sent; the server holds at most its 64 MiB in-flight
+        # cap plus the payload it is receiving, over about 50 MiB idle.
+        self.assertLess(sampler.peak_kib, 160 * 1024)
         self.assertEqual(flood.read(0, 4096), b"\x01" * 4096)
         self.assertEqual(flood.read(big, 4096), b"\x02" * 4096)
         flood.close()
@@ -364,6 +367,7 @@ class GracefulStopTests(SynchronousTestCase):
             elif block != zero:
                 bad.append(offset)
         self.assertEqual(bad, [], f"{len(bad)} blocks hold neither zeros nor the source")
+        print(f"nbdcopy exited {copy.returncode} after {written} of {size // 4096} blocks")
         self.assertGreater(written, 0)
         if copy.returncode == 0:
             # The copy finished before the stop took effect: then all of it.
