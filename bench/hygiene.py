@@ -129,10 +129,14 @@ def against_server(cycles: int) -> tuple[dict[str, int], dict[str, int]]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cycles", type=int, default=10000)
+    parser.add_argument("--only", choices=("server", "in-process"), help="run one part")
     options = parser.parse_args()
     failed = False
     report = {}
-    for name, run in (("server process", against_server), ("in process", in_process)):
+    parts = (("server process", against_server), ("in process", in_process))
+    for name, run in parts:
+        if options.only and not name.startswith(options.only.replace("-", " ")):
+            continue
         started = time.monotonic()
         before, after = run(options.cycles)
         took = time.monotonic() - started
