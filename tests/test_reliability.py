@@ -386,3 +386,45 @@ class HygieneTests(TestCase):
                     self.assertEqual(after[key], before[key], (key, before, after))
 
         return ensureDeferred(check())
+
+
+class CrashSimTests(SynchronousTestCase):
+    """
+    The simulated power loss of the durability trials
+    (C{tests/interop/crashsim}): a write is kept only if a sync that began
+    after it finished also ended.
+    """
+
+    def test_replay(self) -> None:
+        from tests.interop.crashsim.sitecustomize import RECORD, replay
+
+        workdir = self.mktemp()
+        os.makedirs(workdir)
+        image, journal = os.path.join(workdir, "image"), os.path.join(workdir, "journal")
+        records = []
+
+        def record(kind: bytes, ident: int, offset: int = 0, old: bytes = b"") -> None:
+            records.append(RECORD.pack(kind, ident, offset, len(old)) + old)
+
+        # Write 1 (a -> b at 0) is done before sync 10 starts and ends: kept.
+        record(b"U", 1, 0, b"aaaa")
+        record(b"D", 1)
+        record(b"S", 10)
+        # Write 2 (a -> c at 4) finishes while sync 11 runs: sync 11 does
+        # not cover it, and sync 11 never ends anyway.
+        record(b"U", 2, 4, b"aaaa")
+        record(b"S", 11)
+        record(b"D", 2)
+        record(b"E", 10)
+        # Write 3 (b -> d at 0) is done, but no sync starts after it: undone.
+        record(b"U", 3, 0, b"bbbb")
+        record(b"D", 3)
+        # Write 4 was cut off mid-record by the kill: ignored.
+        records.append(RECORD.pack(b"U", 4, 8, 4) + b"a")
+        with open(journal, "wb") as f:
+            f.write(b"".join(records))
+        with open(image, "wb") as f:
+            f.write(b"ddddccccaaaa")
+        self.assertEqual(replay(image, journal), (2, 1))
+        with open(image, "rb") as result:
+            self.assertEqual(result.read(), b"bbbbaaaaaaaa")
