@@ -216,8 +216,14 @@ class RateLimitedLog:
         clock: Callable[[], float],
         interval: float = LOG_INTERVAL,
         reactor: IReactorTime | None = None,
+        level: str = "warn",
     ) -> None:
+        """
+        @param level: the L{Logger} method that logs the lines
+            (C{"warn"}, C{"info"}).
+        """
         self._log = log
+        self._emit: Callable[..., None] = getattr(log, level)
         self._clock = clock
         self._reactor = reactor
         self.interval = interval
@@ -226,11 +232,14 @@ class RateLimitedLog:
         self._unlogged: Counter[str] = Counter()
         self._what: dict[str, str] = {}
 
-    def warn(self, kind: str, what: str, format: str, **fields: object) -> None:
+    def warn(
+        self, kind: str, what: str, format: str, *, level: str | None = None, **fields: object
+    ) -> None:
         """
         Count one C{kind}; log it with C{format} unless one was logged
         lately. C{what} names many of them in the summary line
-        (C{"connections refused by --allow"}).
+        (C{"connections refused by --allow"}). C{level} overrides the
+        level this log was made with, for this line.
         """
         self.counts[kind] += 1
         now = self._clock()
@@ -245,12 +254,13 @@ class RateLimitedLog:
         unlogged = self._unlogged.pop(kind, 0)
         if unlogged:
             format += " ({unlogged} more {what} not logged in the last {interval:.0f}s)"
-        self._log.warn(format, unlogged=unlogged, what=what, interval=self.interval, **fields)
+        emit = self._emit if level is None else getattr(self._log, level)
+        emit(format, unlogged=unlogged, what=what, interval=self.interval, **fields)
 
     def _summary(self, kind: str) -> None:
         unlogged = self._unlogged.pop(kind, 0)
         if unlogged:
-            self._log.warn(
+            self._emit(
                 "{unlogged} more {what} in the last {interval:.0f}s, not logged one by one",
                 unlogged=unlogged,
                 what=self._what[kind],
@@ -333,7 +343,7 @@ class ConnectionSlots:
         }.get(reason)
         self._refusals.warn(reason, _WHAT[reason], _REFUSALS[reason], peer=peer, limit=limit)
 
-    def drop(self, kind: str, format: str, **fields: object) -> None:
+    def drop(self, kind: str, format: str, **fields: Any) -> None:
         """Count and log (rate-limited) a connection dropped by a timeout."""
         self._drops.warn(kind, _WHAT[kind], format, **fields)
 

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from twisted.logger import (
     FileLogObserver,
@@ -50,6 +50,9 @@ from twisted.python.failure import Failure
 from twisted_nbd.constants import Cmd, Errno
 from twisted_nbd.events import Request, RequestRejected
 from twisted_nbd.observers import ConnectionInfo, ServerObserver
+
+if TYPE_CHECKING:
+    from twisted_nbd.limits import RateLimitedLog
 
 __all__ = [
     "CONNECTIONS",
@@ -129,10 +132,13 @@ def request_failed(
     errno: int,
     reason: str,
     failure: Failure | None = None,
+    limit: RateLimitedLog | None = None,
 ) -> None:
     """
     Log a request the backend failed (C{request-failed}); with C{failure},
-    an unexpected exception, logged with its traceback.
+    an unexpected exception, logged with its traceback (always: a bug).
+    With C{limit}, expected failures go through that rate-limited log, so a
+    client whose requests keep failing does not flood the log.
     """
     fields: dict[str, Any] = {
         "nbd_event": "request-failed",
@@ -148,14 +154,21 @@ def request_failed(
     text = "{command} at {offset} for {length} bytes from {peer} failed: {errno}: {reason}"
     if failure is not None:
         CONNECTIONS.failure(text, failure, **fields)
+    elif limit is not None:
+        limit.warn("request-failed", "failed requests", text, level="warn", **fields)
     else:
         CONNECTIONS.warn(text, **fields)
 
 
-def request_refused(info: ConnectionInfo, event: RequestRejected) -> None:
-    """Log a request refused before it reached the backend (C{request-refused})."""
-    CONNECTIONS.info(
-        "Refused {command} at {offset} for {length} bytes from {peer}: {errno}: {reason}",
+def request_refused(
+    info: ConnectionInfo, event: RequestRejected, limit: RateLimitedLog | None = None
+) -> None:
+    """
+    Log a request refused before it reached the backend (C{request-refused}),
+    through C{limit} if given (a rate-limited log: a storm of refused
+    requests is counted, not logged line by line).
+    """
+    fields: dict[str, Any] = dict(
         nbd_event="request-refused",
         connection=info.id,
         peer=info.peer,
@@ -166,6 +179,11 @@ def request_refused(info: ConnectionInfo, event: RequestRejected) -> None:
         errno=_name(Errno, event.errno),
         reason=event.reason,
     )
+    text = "Refused {command} at {offset} for {length} bytes from {peer}: {errno}: {reason}"
+    if limit is not None:
+        limit.warn("request-refused", "refused requests", text, level="info", **fields)
+    else:
+        CONNECTIONS.info(text, **fields)
 
 
 class RequestLog(ServerObserver):

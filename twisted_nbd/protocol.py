@@ -82,7 +82,7 @@ from twisted_nbd.config import (
 from twisted_nbd.errors import NBDError, ProtocolViolation
 from twisted_nbd.exports import ConnectionContext, ExportRegistry
 from twisted_nbd.interfaces import Extent, IBlockDevice, IBufferRead, ISparseRead, Segment
-from twisted_nbd.limits import ConnectionGuard, ConnectionSlots, Limits
+from twisted_nbd.limits import ConnectionGuard, ConnectionSlots, Limits, RateLimitedLog
 from twisted_nbd.observers import ConnectionInfo, IFlowObserver, IServerObserver
 from twisted_nbd.tls import (
     describe_tls_error,
@@ -273,6 +273,8 @@ class NBDServerProtocol(Protocol):
         self._freezing = False
         self._frozen: Callable[[], None] | None = None
         self._resumed = False
+        # Per-request log lines without a factory (see _request_log).
+        self._own_request_log: RateLimitedLog | None = None
 
     # ------------------------------------------------------------ IProtocol
 
@@ -752,9 +754,22 @@ class NBDServerProtocol(Protocol):
         for observer in self._observers:
             self._notify(observer.export_chosen, self.info, export.name)
 
+    def _request_log(self) -> RateLimitedLog:
+        """
+        Where per-request lines go: the factory's rate-limited log, so a
+        client sending a storm of refused or failing requests does not
+        flood the log (each kind is logged once per 10 s, the rest counted).
+        """
+        factory = self.factory
+        if isinstance(factory, NBDServerFactory):
+            return factory.request_log
+        if self._own_request_log is None:
+            self._own_request_log = RateLimitedLog(logs.CONNECTIONS, time.monotonic, level="info")
+        return self._own_request_log
+
     def _request_rejected(self, event: RequestRejected) -> None:
         self.info.errors += 1
-        logs.request_refused(self.info, event)
+        logs.request_refused(self.info, event, self._request_log())
         for observer in self._observers:
             self._notify(
                 observer.request_refused,
@@ -1231,7 +1246,9 @@ class NBDServerProtocol(Protocol):
         self.info.errors += 1
         if isinstance(error, NBDError):
             errno, message = error.errno, error.message
-            logs.request_failed(self.info, request, errno, message or "(no reason given)")
+            logs.request_failed(
+                self.info, request, errno, message or "(no reason given)", limit=self._request_log()
+            )
         else:
             errno, message = Errno.EIO, "internal error"
             logs.request_failed(self.info, request, errno, f"backend bug: {error!r}", failure)
@@ -1297,6 +1314,7 @@ class NBDServerFactory(Factory):
         timeouts need C{reactor}: without one there are none.
     @ivar connections: the open connections.
     @ivar slots: the L{ConnectionSlots} that counts them.
+    @ivar request_log: the rate-limited log of refused and failed requests.
     """
 
     protocol = NBDServerProtocol
@@ -1329,6 +1347,11 @@ class NBDServerFactory(Factory):
         self.connections: set[NBDServerProtocol] = set()
         self.shutting_down = False
         self.slots = ConnectionSlots(limits, reactor)
+        #: Per-request log lines (refused and failed requests), rate-limited
+        #: by kind; its C{counts} say how many there were.
+        self.request_log = RateLimitedLog(
+            logs.CONNECTIONS, self._clock, reactor=reactor, level="info"
+        )
 
     @property
     def limits(self) -> Limits:

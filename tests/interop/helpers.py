@@ -329,6 +329,7 @@ class NBDServer:
         twistd_args: Sequence[str] = (),
         port: int | None = None,
         greets: bool = True,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         """
         @param args: the options after C{twistd -n nbd}.
@@ -339,11 +340,13 @@ class NBDServer:
         @param greets: whether a client from 127.0.0.1 gets the greeting
             (it does not when C{--allow} leaves it out); if not, the server
             is ready once its log says it listens.
+        @param env: more environment variables for the server.
         """
         self.args = list(args)
         self.twistd_args = list(twistd_args)
         self._fixed_port = port
         self._greets = greets
+        self._env = dict(env or {})
         self._command = command
         self.workdir = workdir
         self.log_path = workdir / "twistd.log"
@@ -387,7 +390,7 @@ class NBDServer:
 
         @raise AssertionError: it exited or did not answer in time.
         """
-        env = dict(os.environ)
+        env = {**os.environ, **self._env}
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p
         )

@@ -191,17 +191,18 @@ class RSSSampler(threading.Thread):
 class SlowReaderTests(SynchronousTestCase):
     """A client that pipelines big READs and never reads the replies."""
 
-    #: The ceiling for the server's resident memory while it is flooded.
-    RSS_LIMIT_KIB = 256 * 1024
+    #: The ceiling for the server's resident memory while it is flooded
+    #: (issue 10; bench/slow_reader.py measures the peak and the latency).
+    RSS_LIMIT_KIB = 128 * 1024
     READS = 2000
 
     def test_slow_reader(self) -> None:
         """
         A client with a tiny receive window pipelines 2000 READs of 1 MiB
         and reads nothing. The server stops reading its requests once its
-        send buffer fills (flow control), so its RSS stays under 256 MiB,
-        and it keeps answering other clients meanwhile; after the slow
-        client goes, it still serves.
+        send buffer fills (flow control), so its RSS stays under 128 MiB,
+        and it keeps answering other clients meanwhile (a 4 KiB read, a
+        1 MiB one); after the slow client goes, it still serves.
         """
         qemu_io = require_tool("qemu-io")
         image = make_image(make_tempdir(self) / "disk.img", 2 * GiB)
@@ -228,6 +229,7 @@ class SlowReaderTests(SynchronousTestCase):
         self.assertNotIn("failed", done.stdout + done.stderr)
         with RawClient(server.port) as other:
             other.handshake()
+            self.assertEqual(other.read(GiB + MiB, 4096), bytes(4096))
             self.assertEqual(other.read(2 * GiB - MiB, MiB), bytes(MiB))
         _wait_steady(sampler, steady=0.5, timeout=5.0)
         sampler.stop()
