@@ -22,6 +22,8 @@ export PIP_ROOT_USER_ACTION=ignore
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 DEBIAN_PACKAGES=(qemu-utils libnbd-bin python3-libnbd fio nbdkit nbdkit-plugin-python nbd-server gnutls-bin)
+# A throwaway Ceph cluster for the rbd and s3 backends (tests/interop/ceph.py).
+DEBIAN_PACKAGES+=(ceph-mon ceph-mgr ceph-osd ceph-common python3-rados python3-rbd radosgw)
 PYTHON=${PYTHON:-python3}
 
 say() { printf '\n== %s\n' "$*"; }
