@@ -90,6 +90,7 @@ setup(
             "file = twisted_nbd.backends:file_plugin",
             "memory = twisted_nbd.backends:memory_plugin",
             "pattern = twisted_nbd.backends.pattern:plugin",
+            "rbd = twisted_nbd.backends.rbd:plugin",
         ],
         "twisted_nbd.filters": [
             "blocksize = twisted_nbd.filters.blocksize:plugin",

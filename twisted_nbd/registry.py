@@ -83,6 +83,7 @@ BUILTIN_BACKENDS = {
     "file": "twisted_nbd.backends:file_plugin",
     "memory": "twisted_nbd.backends:memory_plugin",
     "pattern": "twisted_nbd.backends.pattern:plugin",
+    "rbd": "twisted_nbd.backends.rbd:plugin",
 }
 #: The built-in filters, likewise.
 BUILTIN_FILTERS = {
