@@ -16,7 +16,7 @@ Durability: a librbd write completes when every replica of its objects has
 it (the OSDs acknowledge only then); with librbd's cache off (the default
 here, key C{cache}) FLUSH has nothing left to do but is still sent, and FUA
 is a write followed by a flush. Coherence between several servers on one
-image (scale-out, or C{--workers}): with the cache off, a read anywhere sees
+image (scale-out): with the cache off, a read anywhere sees
 every write that any server has acknowledged, since RADOS is strongly
 consistent per object. See docs/backend-rbd.md for the exclusive-lock
 feature and what it costs when several servers write.
