@@ -521,6 +521,15 @@ rgw dns name = {LOOPBACK}
                 self.rgw_seconds = time.monotonic() - started
             return self._s3
 
+    def pid(self, daemon: str) -> int:
+        """
+        The process id of a running daemon: C{"mon.a"}, C{"mgr.x"},
+        C{"osd.0"} or C{"client.rgw.x"} (radosgw).
+
+        @raise KeyError: it is not running.
+        """
+        return self._processes[daemon].pid
+
     def rados(self) -> Any:
         """
         A librados handle connected as C{client.admin} (shut down by

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import signal
 import tempfile
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +34,9 @@ from tests.interop.helpers import (
     run_libnbd,
     run_tool,
     start_server,
+    wait_until,
 )
+from twisted_nbd.errors import Errno, NBDError
 from twisted_nbd.interfaces import STATE_HOLE, IBlockDevice
 from twisted_nbd.registry import registry
 from twisted_nbd.testing import BlockDeviceConformanceMixin
@@ -205,6 +208,30 @@ class RBDDeviceTests(TestCase):
 
         return ensureDeferred(run())
 
+    def test_op_timeout(self) -> Deferred[None]:
+        """
+        With C{op-timeout}, a read the OSD does not answer (it is stopped
+        with SIGSTOP) fails with EIO instead of hanging, and the device
+        works again once the OSD does.
+        """
+
+        async def run() -> None:
+            device = await self._device(op_timeout=1.0)
+            await device.write(0, b"t" * 4096)
+            osd = require_ceph().pid("osd.0")
+            os.kill(osd, signal.SIGSTOP)
+            try:
+                # SIGSTOP takes effect thread by thread, not at once.
+                wait_until(lambda: _all_stopped(osd), 10.0, "the OSD stopped")
+                with self.assertRaises(NBDError) as caught:
+                    await device.read(0, 4096)
+            finally:
+                os.kill(osd, signal.SIGCONT)
+            self.assertEqual(caught.exception.errno, Errno.EIO)
+            self.assertEqual(await device.read(0, 4096), b"t" * 4096)
+
+        return ensureDeferred(run())
+
     def test_missing_image(self) -> Deferred[None]:
         """Opening an image that does not exist fails with an OSError naming it."""
 
@@ -307,6 +334,18 @@ def _scratch(case: SynchronousTestCase, needed: int) -> Path:
     path = Path(tempfile.mkdtemp(prefix="nbd-rbd-", dir="/dev/shm"))
     case.addCleanup(shutil.rmtree, path, True)
     return path
+
+
+def _all_stopped(pid: int) -> bool:
+    """Whether every thread of process C{pid} is stopped (state T)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:
+            continue  # the thread ended
+        if stat[stat.rindex(")") + 2] not in "Tt":
+            return False
+    return True
 
 
 def _sha256(path: Path) -> str:
