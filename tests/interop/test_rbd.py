@@ -208,6 +208,28 @@ class RBDDeviceTests(TestCase):
 
         return ensureDeferred(run())
 
+    def test_namespace(self) -> Deferred[None]:
+        """C{namespace=} opens the image of that name in that RADOS namespace only."""
+
+        async def run() -> None:
+            cluster = require_ceph()
+            rbd = _rbd_module()
+            ioctx = cluster.rados().open_ioctx("rbd")
+            self.addCleanup(ioctx.close)
+            namespace = f"ns-{uuid.uuid4().hex[:8]}"
+            rbd.RBD().namespace_create(ioctx, namespace)
+            ioctx.set_namespace(namespace)
+            rbd.RBD().create(ioctx, "inside", 4 * MiB)
+            self.addCleanup(rbd.RBD().remove, ioctx, "inside")
+            device = await self._device(image="inside", namespace=namespace)
+            self.assertEqual(device.size, 4 * MiB)
+            await device.write(MiB, b"namespaced")
+            self.assertEqual(await device.read(MiB, 10), b"namespaced")
+            with self.assertRaises(OSError):
+                await self._device(image="inside")  # not in the default namespace
+
+        return ensureDeferred(run())
+
     def test_op_timeout(self) -> Deferred[None]:
         """
         With C{op-timeout}, a read the OSD does not answer (it is stopped
