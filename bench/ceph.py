@@ -197,7 +197,10 @@ def bench(args: argparse.Namespace) -> int:
         "twisted_nbd_fio": {},
         "twisted_nbd_memory_fio": {},
     }
-    with CephCluster() as cluster, tempfile.TemporaryDirectory(prefix="nbd-rbd-bench-") as tmp:
+    # memstore's capacity (RAM is used only for what is written).
+    capacity = max(3 * 1024 * MiB, 2 * image_size + 8 * 1024 * MiB)
+    scratch = tempfile.TemporaryDirectory(prefix="nbd-rbd-bench-")
+    with CephCluster(memstore_bytes=capacity) as cluster, scratch as tmp:
         workdir = Path(tmp)
         results["cluster_start_s"] = round(cluster.start_seconds, 2)
         for image in ("bench-rbd", "bench-nbd"):
@@ -255,6 +258,9 @@ def bench(args: argparse.Namespace) -> int:
                 )
         finally:
             memory.stop()
+        # The memstore OSD keeps everything in RAM: make room for rados bench.
+        for image in ("bench-rbd", "bench-nbd"):
+            cluster.remove_image(image)
         results["rados_bench"] = rados_bench(cluster, args.seconds, 16)
     results["load_after"] = os.getloadavg()[0]
     print(
