@@ -208,6 +208,37 @@ class RBDDeviceTests(TestCase):
 
         return ensureDeferred(run())
 
+    def test_close_waits_for_requests(self) -> Deferred[None]:
+        """
+        Closing while a read, a write and a block status (in a thread) are
+        in flight lets them finish first; later requests fail with
+        ESHUTDOWN.
+        """
+
+        async def run() -> None:
+            from twisted_nbd.backends.rbd import RBDOptions, open_rbd
+
+            cluster = require_ceph()
+            name = new_image(self, cluster, 8 * MiB, "close")
+            options = RBDOptions(image=name, conf=str(cluster.conf), keyring=str(cluster.keyring))
+            pool = reactor.getThreadPool()  # type: ignore[attr-defined]
+            device = await open_rbd(options, reactor, pool)
+            write = device.write(0, b"w" * MiB)
+            read = device.read(4 * MiB, MiB)
+            status = device.block_status(0, device.size)
+            closed = device.close()
+            self.assertFalse(closed.called)
+            await write
+            self.assertEqual(await read, bytes(MiB))
+            self.assertTrue(await status)
+            await closed
+            with self.assertRaises(NBDError) as caught:
+                await device.read(0, 1)
+            self.assertEqual(caught.exception.errno, Errno.ESHUTDOWN)
+            await device.close()  # twice is harmless
+
+        return ensureDeferred(run())
+
     def test_namespace(self) -> Deferred[None]:
         """C{namespace=} opens the image of that name in that RADOS namespace only."""
 

@@ -325,6 +325,10 @@ class RBDBlockDevice:
                 d.callback(data)
         else:
             d.callback(None)
+        self._maybe_drained()
+
+    def _maybe_drained(self) -> None:
+        """Tell L{close} when nothing is in flight any more."""
         if not self._in_flight and self._drained:
             waiting, self._drained = self._drained, []
             for waiter in waiting:
@@ -445,7 +449,16 @@ class RBDBlockDevice:
         if self._closing:
             return fail(NBDError(Errno.ESHUTDOWN, "the rbd image is closed"))
         span = min(length, BLOCK_STATUS_SPAN, self.size - offset)
+        # Counted as in flight, so that close waits for it before closing
+        # the image under the thread that uses it.
+        op = _Op("block_status")
+        self._in_flight.add(op)
         d = deferToThreadPool(self._reactor, self._pool, self._extents, offset, span)
+
+        def done(result: Any) -> Any:
+            self._in_flight.discard(op)
+            self._maybe_drained()
+            return result
 
         def failed(failure: Any) -> Any:
             if failure.check(NBDError):
@@ -453,7 +466,7 @@ class RBDBlockDevice:
             error = failure.value
             return fail(_nbd_error(_rados_error_errno(error), f"rbd block status: {error}"))
 
-        return d.addErrback(failed)
+        return d.addBoth(done).addErrback(failed)
 
     def _extents(self, offset: int, length: int) -> list[Extent]:
         """In a thread: the extents of C{[offset, offset + length)}."""
@@ -463,8 +476,8 @@ class RBDBlockDevice:
 
         def found(start: int, size: int, exists: bool) -> int:
             nonlocal position
+            stop = min(start + size, end)
             start = max(start, position)
-            stop = min(start + size, end) if size > 0 else start
             if stop <= start:
                 return 0
             if start > position:
