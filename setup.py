@@ -110,6 +110,7 @@ setup(
             "http = twisted_nbd.backends.http:plugin",
             "nbd = twisted_nbd.backends.nbd:plugin",
             "s3 = twisted_nbd.backends.s3:plugin",
+            "rbd = twisted_nbd.backends.rbd:plugin",
         ],
         "twisted_nbd.filters": [
             "blocksize = twisted_nbd.filters.blocksize:plugin",

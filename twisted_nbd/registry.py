@@ -86,6 +86,7 @@ BUILTIN_BACKENDS = {
     "http": "twisted_nbd.backends.http:plugin",
     "nbd": "twisted_nbd.backends.nbd:plugin",
     "s3": "twisted_nbd.backends.s3:plugin",
+    "rbd": "twisted_nbd.backends.rbd:plugin",
 }
 #: The built-in filters, likewise.
 BUILTIN_FILTERS = {
