@@ -1,0 +1,88 @@
+#!/usr/bin/env python3
+"""
+Coverage-guided fuzzing of the sans-I/O server and client connections with
+atheris (libFuzzer for Python): the targets of C{tests/fuzz_targets.py}
+(every phase: greeting, option haggling, after STARTTLS, transmission with
+simple, structured and extended replies; the allowed outcomes are written
+there). The inputs start from the corpus in C{tests/fuzz_corpus/} and any
+new coverage found is kept in C{--corpus-out} (a temporary directory
+unless given).
+
+    nice -n 19 python3 bench/fuzz.py --seconds 600 [--target both|server|client]
+                                     [--corpus-out DIR] [--runs N]
+
+A crash (an exception other than a protocol violation, or a broken
+contract) stops the run, prints the traceback and writes the input to
+C{crash-*} in the current directory: add it to C{tests/fuzz_corpus/} with
+the fix, so the suite replays it. Needs C{pip install atheris}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import os
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+import atheris  # noqa: E402
+
+with atheris.instrument_imports(include=["twisted_nbd", "tests.fuzz_targets"]):
+    from tests import fuzz_targets  # noqa: E402
+
+CORPUS = os.path.join(ROOT, "tests", "fuzz_corpus")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=int, default=60, help="how long to run")
+    parser.add_argument("--runs", type=int, default=0, help="stop after this many inputs")
+    parser.add_argument("--target", choices=["both", "server", "client"], default="both")
+    parser.add_argument("--corpus-out", help="where new inputs go (a temporary directory)")
+    args, rest = parser.parse_known_args()
+    target = fuzz_targets.fuzz_both if args.target == "both" else fuzz_targets.TARGETS[args.target]
+    corpus_out = args.corpus_out or tempfile.mkdtemp(prefix="nbd-fuzz-")
+    os.makedirs(corpus_out, exist_ok=True)
+    for index, seed in enumerate(fuzz_targets.seed_inputs()):
+        with open(os.path.join(corpus_out, f"seed-{index:03d}"), "wb") as f:
+            f.write(seed)
+    count = [0]
+    started = time.monotonic()
+
+    def one_input(data: bytes) -> None:
+        count[0] += 1
+        target(data)
+
+    def report() -> None:
+        elapsed = time.monotonic() - started
+        print(
+            f"fuzz.py: {count[0]} inputs in {elapsed:.0f} s "
+            f"({count[0] / max(elapsed, 1e-9):.0f}/s), target {args.target}, "
+            f"corpus {corpus_out}",
+            flush=True,
+        )
+
+    atexit.register(report)
+    libfuzzer = [
+        sys.argv[0],
+        f"-max_total_time={args.seconds}",
+        "-max_len=4096",
+        "-timeout=10",
+        "-rss_limit_mb=2048",
+        "-print_final_stats=1",
+        *([f"-runs={args.runs}"] if args.runs else []),
+        *rest,
+        corpus_out,
+        *([CORPUS] if os.path.isdir(CORPUS) else []),
+    ]
+    atheris.Setup(libfuzzer, one_input)
+    atheris.Fuzz()
+
+
+if __name__ == "__main__":
+    main()
