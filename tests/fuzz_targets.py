@@ -30,7 +30,13 @@ replays the inputs in C{tests/fuzz_corpus/}.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, cast
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import StringTransport
+from twisted.logger import ILogObserver, Logger
+from twisted.python.failure import Failure
 
 from tests import builders as b
 from twisted_nbd import _wire as w
@@ -42,6 +48,7 @@ from twisted_nbd._client_connection import (
 from twisted_nbd._connection import NEED_DATA, ServerConfiguration, ServerConnection
 from twisted_nbd._kernel import Phase
 from twisted_nbd._wire import Cmd, CmdFlags, Opt
+from twisted_nbd.backends.memory import MemoryBlockDevice
 from twisted_nbd.errors import ProtocolViolation
 from twisted_nbd.events import (
     BlockStatusRequest,
@@ -51,9 +58,18 @@ from twisted_nbd.events import (
 )
 from twisted_nbd.exports import Export, ExportRegistry
 from twisted_nbd.interfaces import Capabilities, Extent
+from twisted_nbd.protocol import NBDServerFactory
 from twisted_nbd.testing import ControllableBlockDevice
+from twisted_nbd.tls import TLSMode
 
-__all__ = ["CLIENT_SETUPS", "SERVER_SETUPS", "fuzz_client", "fuzz_server"]
+__all__ = [
+    "CLIENT_SETUPS",
+    "SERVER_SETUPS",
+    "fuzz_any",
+    "fuzz_client",
+    "fuzz_protocol",
+    "fuzz_server",
+]
 
 SIZE = 1 << 20
 
@@ -73,7 +89,7 @@ def _registry(min_block: int = 1) -> ExportRegistry:
 
 #: Server starting points: (name, TLS mode, minimum block, client bytes
 #: that bring the connection there).
-SERVER_SETUPS: list[tuple[str, str, int, bytes]] = [
+SERVER_SETUPS: list[tuple[str, TLSMode, int, bytes]] = [
     ("greeting", "off", 1, b""),
     ("options", "off", 1, b.client_flags()),
     ("options-tls-on", "on", 1, b.client_flags()),
@@ -181,7 +197,7 @@ def fuzz_server(data: bytes) -> None:
     if len(data) < 2:
         return
     name, tls, min_block, setup = SERVER_SETUPS[data[0] % len(SERVER_SETUPS)]
-    conn = ServerConnection(_registry(min_block), ServerConfiguration(tls=tls))  # type: ignore[arg-type]
+    conn = ServerConnection(_registry(min_block), ServerConfiguration(tls=tls))
     conn.data_to_send()
     choice = data[1]
     budget = [10 * len(data) + 100]
@@ -372,14 +388,74 @@ def fuzz_client(data: bytes) -> None:
         return
 
 
-TARGETS: dict[str, Callable[[bytes], None]] = {"server": fuzz_server, "client": fuzz_client}
+#: The protocol has no TLS settings here: only setups without STARTTLS
+#: (one that offers it, which the protocol then cannot start, is kept).
+_PROTOCOL_SETUPS = [setup for setup in SERVER_SETUPS if setup[1] != "require"]
 
 
-def fuzz_both(data: bytes) -> None:
-    """The server target for an even first byte, the client one for odd."""
+def fuzz_protocol(data: bytes) -> None:
+    """
+    Feed C{data} (after its two control bytes) to the Twisted server
+    protocol (L{NBDServerProtocol} over a L{StringTransport}, a memory
+    device behind it), starting in the phase L{_PROTOCOL_SETUPS} names; then
+    lose the connection. Allowed: anything written, an abort or a close.
+    A finding: an exception out of C{dataReceived} or C{connectionLost}, or
+    a failure logged (an unexpected error while replying, a backend bug).
+
+    @raise FindingError: the contract was broken.
+    """
+    if len(data) < 2:
+        return
+    name, tls, min_block, setup = _PROTOCOL_SETUPS[data[0] % len(_PROTOCOL_SETUPS)]
+    caps = Capabilities(can_fast_zero=True, can_cache=True, can_extents=True, min_block=min_block)
+    device = MemoryBlockDevice(SIZE, caps)
+    registry = ExportRegistry.of([Export("disk", device)], default_name="disk")
+    factory = NBDServerFactory(
+        registry,
+        config=ServerConfiguration(tls=tls),
+        poll_max=0,
+        max_queue_depth=4,
+    )
+    proto = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+    assert proto is not None
+    failures: list[dict[str, object]] = []
+
+    def observe(event: dict[str, object]) -> None:
+        if "log_failure" in event:
+            failures.append(event)
+
+    proto.log = Logger(observer=cast(ILogObserver, observe))
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    proto.dataReceived(setup)
+    for piece in _pieces(data[2:], data[1] & 0x7F):
+        if transport.disconnecting:
+            break
+        proto.dataReceived(piece)
+        transport.clear()
+        if transport.producerState == "paused" and data[1] & 0x80:
+            # The glue paused reading; a slow client is as good as any.
+            proto.resumeProducing()
+    proto.connectionLost(Failure(ConnectionDone("fuzz")))
+    if failures:
+        raise FindingError(f"logged a failure: {failures[0]}")
+
+
+TARGETS: dict[str, Callable[[bytes], None]] = {
+    "server": fuzz_server,
+    "client": fuzz_client,
+    "protocol": fuzz_protocol,
+}
+
+
+def fuzz_any(data: bytes) -> None:
+    """
+    By the first byte modulo 3: the server core, the client core, or the
+    server protocol.
+    """
     if not data:
         return
-    (fuzz_server if data[0] % 2 == 0 else fuzz_client)(data[1:])
+    (fuzz_server, fuzz_client, fuzz_protocol)[data[0] % 3](data[1:])
 
 
 _PAIRS = {"simple": "simple", "structured": "structured", "extended": "extended"}
@@ -387,7 +463,7 @@ _PAIRS = {"simple": "simple", "structured": "structured", "extended": "extended"
 
 def seed_inputs() -> list[bytes]:
     """
-    Well-formed starting points for the fuzzers, in L{fuzz_both}'s format:
+    Well-formed starting points for the fuzzers, in L{fuzz_any}'s format:
     for each transmission mode, the requests a client sends (for the
     server target) and the server's replies to them (for the client
     target); and a few handshakes.
@@ -405,7 +481,7 @@ def seed_inputs() -> list[bytes]:
         requests = b"".join(client.data_to_send())
         name, tls, min_block, server_setup = SERVER_SETUPS[server_index[mode]]
         for choice in (0, 1, 2, 4, 8):
-            server = ServerConnection(_registry(min_block), ServerConfiguration(tls=tls))  # type: ignore[arg-type]
+            server = ServerConnection(_registry(min_block), ServerConfiguration(tls=tls))
             server.receive_data(server_setup)
             _events(server, [100])
             server.data_to_send()
@@ -418,6 +494,9 @@ def seed_inputs() -> list[bytes]:
         seeds.append(bytes([0, server_index[mode], 0]) + requests)
         seeds.append(bytes([0, server_index[mode], 0x85]) + requests)
         seeds.append(bytes([0, server_index[mode], 0x80]) + requests)
+        protocol_index = [setup[0] for setup in _PROTOCOL_SETUPS].index(mode)
+        seeds.append(bytes([2, protocol_index, 0x80]) + requests)
+        seeds.append(bytes([2, protocol_index, 0x03]) + requests)
     options = (
         b.option(Opt.LIST)
         + b.option(Opt.INFO, b.info_data("disk", (0, 1, 2, 3)))
@@ -427,6 +506,7 @@ def seed_inputs() -> list[bytes]:
         + b.go("ro")
     )
     seeds.append(bytes([0, server_index["options"], 0]) + options)
+    seeds.append(bytes([2, 1, 0]) + options)
     seeds.append(bytes([0, server_index["greeting"], 0]) + b.client_flags() + options)
     seeds.append(bytes([0, server_index["after-starttls"], 0]) + options)
     seeds.append(bytes([0, server_index["options-tls-on"], 0]) + b.option(Opt.STARTTLS) + options)

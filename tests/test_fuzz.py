@@ -1,7 +1,8 @@
 # -*- test-case-name: tests.test_fuzz -*-
 """
 The bounded fuzzing run of the suite (issue 10, point 2): the targets of
-L{tests.fuzz_targets} (the sans-I/O server and client, every phase) on
+L{tests.fuzz_targets} (the sans-I/O server and client, every phase, and the Twisted server
+protocol over a memory device) on
 Hypothesis inputs: arbitrary bytes, and well-formed sessions with bytes
 flipped, cut and spliced in. The long, coverage-guided run is
 C{nice -n 19 python3 bench/fuzz.py --seconds 600} (atheris). Scale this one
@@ -22,8 +23,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from tests.fuzz_targets import (
     CLIENT_SETUPS,
     SERVER_SETUPS,
-    fuzz_both,
+    fuzz_any,
     fuzz_client,
+    fuzz_protocol,
     fuzz_server,
     seed_inputs,
 )
@@ -72,7 +74,7 @@ class FuzzTargetTests(SynchronousTestCase):
         self.assertGreater(len(servers), 4)
         self.assertGreater(len(clients), 2)
         for seed in SEEDS:
-            fuzz_both(seed)
+            fuzz_any(seed)
 
     def test_corpus(self) -> None:
         """Inputs that once broke a contract do not any more."""
@@ -80,7 +82,7 @@ class FuzzTargetTests(SynchronousTestCase):
         self.assertTrue(names, "the regression corpus is empty")
         for name in names:
             with open(os.path.join(CORPUS, name), "rb") as f:
-                fuzz_both(f.read())
+                fuzz_any(f.read())
 
     @_settings()
     @given(st.integers(0, len(SERVER_SETUPS) - 1), st.integers(0, 255), st.binary(max_size=600))
@@ -94,8 +96,14 @@ class FuzzTargetTests(SynchronousTestCase):
         """Arbitrary bytes to the client, from every starting phase."""
         fuzz_client(bytes([setup, cut]) + data)
 
+    @_settings(0.5)
+    @given(st.integers(0, 7), st.integers(0, 255), st.binary(max_size=600))
+    def test_protocol_random_bytes(self, setup: int, cut: int, data: bytes) -> None:
+        """Arbitrary bytes to the Twisted server protocol, over a memory device."""
+        fuzz_protocol(bytes([setup, cut]) + data)
+
     @_settings(2.0)
     @given(mutated_seeds())
     def test_mutated_sessions(self, data: bytes) -> None:
         """Well-formed sessions, both ways, with bytes flipped, cut and spliced in."""
-        fuzz_both(data)
+        fuzz_any(data)
