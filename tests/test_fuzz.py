@@ -102,7 +102,7 @@ class FuzzTargetTests(SynchronousTestCase):
         """Arbitrary bytes to the Twisted server protocol, over a memory device."""
         fuzz_protocol(bytes([setup, cut]) + data)
 
-    @_settings(2.0)
+    @_settings()
     @given(mutated_seeds())
     def test_mutated_sessions(self, data: bytes) -> None:
         """Well-formed sessions, both ways, with bytes flipped, cut and spliced in."""

@@ -578,6 +578,10 @@ class NBDModelMachine(RuleBasedStateMachine):
         self._drain()
         client = link.client
         assert client is not None, "the handshake did not finish"
+        if len(self._open_links()) > 1:
+            # Two connections at once rely on what CAN_MULTI_CONN promises (C-05).
+            assert client.can_multi_conn, "a second connection to an export without multi-conn"
+            self._count("second-connection")
         self._count("connect")
 
     def _count(self, what: str) -> None:
