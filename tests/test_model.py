@@ -264,6 +264,8 @@ class Link:
         self.to_server = b""
         self.to_client = b""
         self.closed = False
+        # Set before NBD_CMD_DISC: only then may the server close.
+        self.expect_close = False
         self.client: NBDClient | None = None
         self.client_protocol.handshake.addCallback(self._ready)
         self.client_protocol.handshake.addErrback(self._handshake_failed)
@@ -327,6 +329,11 @@ class Link:
             self.to_server += self.client_transport.value()
             self.client_transport.clear()
         if self.server_transport.disconnecting and not self.server_transport.value():
+            if not self.expect_close:
+                # Only NBD_CMD_DISC may make the server hang up on this client.
+                raise AssertionError(
+                    f"the server closed the connection: {self.server._lost_reason}"
+                )
             self.close()
             return True
         if (
@@ -600,6 +607,7 @@ class NBDModelMachine(RuleBasedStateMachine):
                 self._drain()
                 for link in self.links:
                     if not link.closed and link.client is not None:
+                        link.expect_close = True
                         link.client.disconnect()
                 self._drain()
                 self.device.close()
@@ -909,6 +917,7 @@ class NBDModelMachine(RuleBasedStateMachine):
         chosen = self._link(link)
         assert chosen.client is not None
         if how == "disconnect":
+            chosen.expect_close = True
             chosen.client.disconnect()
             self._drain()
             assert chosen.closed, "the server did not close after NBD_CMD_DISC"
