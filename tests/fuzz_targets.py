@@ -30,6 +30,9 @@ replays the inputs in C{tests/fuzz_corpus/}.
 
 from __future__ import annotations
 
+import gzip
+import os
+import struct
 from typing import Callable, cast
 
 from twisted.internet.address import IPv4Address
@@ -511,3 +514,45 @@ def seed_inputs() -> list[bytes]:
     seeds.append(bytes([0, server_index["after-starttls"], 0]) + options)
     seeds.append(bytes([0, server_index["options-tls-on"], 0]) + b.option(Opt.STARTTLS) + options)
     return seeds
+
+
+#: Inputs that once broke a contract (one file each), and the packed corpus
+#: of a long coverage-guided run (L{pack_corpus}): the suite replays both.
+CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fuzz_corpus")
+PACKED = os.path.join(CORPUS, "coverage.gz")
+
+
+def pack_corpus(directory: str, path: str = PACKED) -> int:
+    """
+    Pack every file in C{directory} (a libFuzzer corpus, best minimised
+    with C{-merge=1}) into C{path}: gzip of (u32 length, bytes) records.
+
+    @return: how many inputs were packed.
+    """
+    names = sorted(os.listdir(directory))
+    # No timestamp in the header: packing the same inputs gives the same file.
+    with gzip.GzipFile(path, "wb", mtime=0) as out:
+        for name in names:
+            with open(os.path.join(directory, name), "rb") as f:
+                data = f.read()
+            out.write(struct.pack(">I", len(data)) + data)
+    return len(names)
+
+
+def corpus_inputs() -> list[bytes]:
+    """The regression inputs and the packed coverage corpus, in L{fuzz_any}'s format."""
+    inputs = []
+    for name in sorted(os.listdir(CORPUS)):
+        path = os.path.join(CORPUS, name)
+        if path == PACKED:
+            with gzip.open(path, "rb") as f:
+                packed = f.read()
+            position = 0
+            while position < len(packed):
+                (length,) = struct.unpack_from(">I", packed, position)
+                inputs.append(packed[position + 4 : position + 4 + length])
+                position += 4 + length
+        else:
+            with open(path, "rb") as f:
+                inputs.append(f.read())
+    return inputs
