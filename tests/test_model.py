@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence, cast
@@ -244,6 +245,28 @@ class ImmediateReactor:
 # ------------------------------------------------------------------ the link
 
 
+class SocketStringTransport(StringTransport):
+    """
+    A L{StringTransport} with a real socket behind it for one purpose: the
+    server receives large WRITE payloads straight into its buffers
+    (L{twisted_nbd._transport.PayloadReceiver}), by replacing C{doRead} and
+    reading the socket. L{Link} writes a payload there while that is on,
+    and calls C{doRead} as a reactor would.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.socket, self.peer = socket.socketpair()
+        self.socket.setblocking(False)
+
+    def doRead(self) -> object:  # noqa: N802 - FileDescriptor's name
+        raise AssertionError("doRead is only called while a payload is received directly")
+
+    def close_sockets(self) -> None:
+        self.socket.close()
+        self.peer.close()
+
+
 class Link:
     """
     One client connection to the server over two L{StringTransport}s; the
@@ -254,7 +277,7 @@ class Link:
         server = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", port))
         assert server is not None
         self.server: NBDServerProtocol = server
-        self.server_transport = StringTransport(
+        self.server_transport = SocketStringTransport(
             peerAddress=IPv4Address("TCP", "127.0.0.1", port),
             hostAddress=IPv4Address("TCP", "127.0.0.1", 10809),
         )
@@ -264,6 +287,8 @@ class Link:
         self.to_server = b""
         self.to_client = b""
         self.closed = False
+        # Payload bytes the server received straight into its buffers.
+        self.direct_bytes = 0
         # Set before NBD_CMD_DISC: only then may the server close.
         self.expect_close = False
         self.client: NBDClient | None = None
@@ -311,9 +336,20 @@ class Link:
         self.client_transport.clear()
         while self.to_server and self.server_transport.producerState != "paused":
             cut = size()
-            chunk, self.to_server = self.to_server[:cut], self.to_server[cut:]
             moved = True
-            self.server.dataReceived(chunk)
+            receiver = self.server._receiver
+            if receiver is not None and receiver.active:
+                # A payload straight into the server's buffer: as much as
+                # it still wants goes through the socket, then doRead.
+                assert receiver._view is not None
+                cut = min(cut, len(receiver._view) - receiver._position, 65536)
+                chunk, self.to_server = self.to_server[:cut], self.to_server[cut:]
+                self.server_transport.peer.sendall(chunk)
+                self.server_transport.doRead()
+                self.direct_bytes += len(chunk)
+            else:
+                chunk, self.to_server = self.to_server[:cut], self.to_server[cut:]
+                self.server.dataReceived(chunk)
             self.to_server += self.client_transport.value()
             self.client_transport.clear()
         if self.server_transport.disconnected:
@@ -353,6 +389,7 @@ class Link:
         self.to_server = self.to_client = b""
         self.server.connectionLost(Failure(ConnectionDone("closed")))
         self.client_protocol.connectionLost(Failure(ConnectionDone("closed")))
+        self.server_transport.close_sockets()
 
 
 # ------------------------------------------------------------------ the model
@@ -613,6 +650,10 @@ class NBDModelMachine(RuleBasedStateMachine):
                 self.device.close()
                 self.scheduler.release_all(self.rng)
         finally:
+            for link in self.links:
+                link.server_transport.close_sockets()
+                if link.direct_bytes:
+                    self._count("direct-payloads")
             for cleanup in self.cleanups:
                 cleanup()
             for what, count in self.stats.items():
@@ -876,6 +917,17 @@ class NBDModelMachine(RuleBasedStateMachine):
     def write_again(self, link: int, offset: int, length: int, fua: bool, fill: int) -> None:
         """Writes are what the model is about: twice the chance of the others."""
         self.write(link, offset, length, fua, fill)
+
+    @rule(link=st.integers(0, 1), slot=st.integers(0, 1), fill=st.integers(1, 255))
+    def write_large(self, link: int, slot: int, fill: int) -> None:
+        """
+        A 512 KiB WRITE in one of two slots: big enough for the server to
+        receive most of it straight into a buffer (more than
+        DIRECT_PAYLOAD_MIN still to come after the header), and of one
+        size, so that it reuses the buffers of earlier ones; in separate
+        slots, two can be in flight at once.
+        """
+        self.write(link, slot * 512 * 1024, 512 * 1024, False, fill)
 
     @rule(
         how=st.sampled_from(["pump", "pump", "release", "release", "release", "drain"]),
