@@ -10,8 +10,11 @@ stream in chunks Hypothesis chooses and honours the server's back-pressure
 (it stops delivering while the server has paused its transport). The
 export's device is a real backend (memory, file, or a C{cow} stack) under
 L{HoldingDevice}, which holds every call until Hypothesis releases it, in
-any order; the file backend's thread-pool jobs are held the same way. A
-plain C{bytearray} is the model of the disk.
+any order; the file backend's thread-pool jobs are held the same way. The
+server's transport has a socket pair behind it, so that WRITE payloads of
+more than 256 KiB take the server's direct path into its own (reused)
+buffers (L{SocketStringTransport}). A plain C{bytearray} is the model of
+the disk.
 
 What must agree with the model, checked on every reply:
 
@@ -35,7 +38,7 @@ What must agree with the model, checked on every reply:
   - the connection never hangs: once every held call is released and the
     link drained, every request has been answered.
 
-Concurrency: overlapping writes in flight have no defined order (S: C-01),
+Concurrency: overlapping writes in flight have no defined order (C-01),
 so the machine only puts requests in flight together when the result is
 defined: a write, trim or zeroing never overlaps another request in
 flight, and a read or block status never overlaps a write in flight (if
