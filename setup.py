@@ -98,6 +98,10 @@ setup(
         "bench": [
             "matplotlib",
         ],
+        # bench/fuzz.py: the long, coverage-guided fuzzing run (not in the suite).
+        "fuzz": [
+            "atheris>=2.3",
+        ],
     },
     # Backends and filters by name (twisted_nbd.registry): a third-party package
     # adds its own in these groups. twisted_nbd.registry names the same objects,
