@@ -124,6 +124,10 @@ def _quiet_log(case: SynchronousTestCase) -> None:
     """
     nowhere = cast(ILogObserver, lambda event: None)
     case.patch(NBDServerProtocol, "log", Logger(observer=nowhere))
+    # The connection and request events (twisted_nbd.logs) too: under
+    # trial -j each event logged is also a message to the manager process.
+    case.patch(logs, "CONNECTIONS", Logger("twisted_nbd.connections", observer=nowhere))
+    case.patch(logs, "REQUESTS", Logger("twisted_nbd.requests", observer=nowhere))
 
 
 class NeverAnsweringBackendTests(SynchronousTestCase):
@@ -298,6 +302,10 @@ class _CycleClient(Protocol):
 
 
 class _CycleFactory(ClientFactory):
+    # No "Starting factory" lines: under trial -j each line logged is a
+    # message to the manager process, a Deferred until it is answered.
+    noisy = False
+
     def __init__(self, batch: _Batch, index: int) -> None:
         self.batch = batch
         self.index = index
