@@ -38,6 +38,12 @@ and C{{"connections": N, "negotiating": M}} when either of its counts
 changes; with C{--metrics}, C{{"metrics": SNAPSHOT}} (see
 L{twisted_nbd.metrics}) once a second when something changed and when a
 connection closes.
+
+With C{--admin} or C{--config}, admin requests (L{WorkerPool.ask}, see
+L{twisted_nbd.admin_workers}): supervisor to worker C{{"request": NUMBER,
+"op": OP, "fds": COUNT, ...}} with COUNT descriptors sent before the line;
+the worker answers C{{"answer": NUMBER, ...}}. A worker takes descriptors
+in the order they come, each message those it announces.
 """
 
 from __future__ import annotations
