@@ -91,7 +91,9 @@ class AdminWorkersInteropTests(SynchronousTestCase):
         self.assertEqual(image.read_bytes(), data)
 
         # Two libnbd clients of b: one in each worker (the least busy gets
-        # the next connection), both listed, then ended by a soft removal.
+        # the next connection, once nbdcopy's are all gone), both listed,
+        # then ended by a soft removal.
+        wait_until(lambda: api("GET", "/connections")[1]["connections"] == [], 15, "no clients")
         go = workdir / "go"
         clients = []
         for _ in range(2):
@@ -138,4 +140,10 @@ class AdminWorkersInteropTests(SynchronousTestCase):
         status, body = api("GET", "/exports")
         described = {e["name"]: (e["size"], e["workers"]) for e in body["exports"]}
         self.assertEqual(described, {"a": (2 * MiB, 2), "c": (MiB, 2)})
+        # POST /reload: the same reload, answered once every worker has applied it.
+        config.write_text('[[export]]\nname = "c"\nmemory = "1M"\n')
+        status, body = api("POST", "/reload")
+        self.assertEqual((status, body["removed"], body["unchanged"]), (200, ["a"], ["c"]), body)
+        self.assertEqual(body["default"], "c")
+        self.assertEqual(names(), ["c"])
         server.check_log()
