@@ -21,6 +21,10 @@ Changing an export (C{PUT} with another specification, or a reload) opens
 the new one first, then removes the old one in C{safe} mode: clients
 connected before keep what they had, new ones get the new export.
 
+With C{--workers}, L{twisted_nbd.admin_workers} applies the same changes
+through the supervisor to every worker process (each worker runs an
+L{ExportManager} of its own).
+
 L{AdminResource} is the JSON API over twisted.web (see docs/admin-api.md):
 every error is C{{"error": CODE, "reason": TEXT}} with a 4xx/5xx status,
 and with a token every request needs C{Authorization: Bearer TOKEN}.
@@ -547,6 +551,9 @@ class AdminResource(Resource):
       - C{DELETE /exports/NAME?mode=safe|soft|hard} (absent: C{existed: false})
       - C{GET /connections}
       - C{POST /reload}
+
+    The manager's methods may return Deferreds (with C{--workers}): the
+    answer is then written once they fire.
     """
 
     isLeaf = True
