@@ -58,6 +58,7 @@ def call(
     if token is not None:
         request.requestHeaders.setRawHeaders(b"authorization", [f"Bearer {token}".encode()])
     data = resource.render(request)
+    assert isinstance(data, bytes)  # one process: answered at once
     [kind] = request.responseHeaders.getRawHeaders(b"content-type")
     assert kind == b"application/json", kind
     return request.responseCode or 200, json.loads(data)
@@ -334,8 +335,11 @@ class ReloadOnSignalTests(SynchronousTestCase):
 
     def test_workers(self) -> None:
         """
-        With --workers and --config, SIGHUP is caught (not the end of the
-        server) and only says that reloads need a restart.
+        With --workers and --config, SIGHUP reloads through the supervisor:
+        its exports (what a worker started from then on gets) change, a
+        new one opened by the supervisor, a removed one closed; a config
+        with a backend that workers cannot share changes nothing. (The
+        workers' side is in tests/interop/test_admin_workers.py.)
         """
         from twisted_nbd.ops import attach
 
@@ -347,14 +351,25 @@ class ReloadOnSignalTests(SynchronousTestCase):
         server = build(options.config, reactor)
         top = attach(server, options.config, reactor, config_path=str(path))
         [handler] = [s for s in cast(Any, top) if isinstance(s, ReloadOnSignal)]
+        pool = cast(Any, server).pool
+        devices = server.getServiceNamed("device")
+        [first] = devices.devices
+        path.write_text('[[export]]\nname = "b"\nmemory = "2M"\n')
+        handler.reload()
+        self.assertEqual([spec.name for spec, _ in pool.shared], ["b"])
+        self.assertEqual(pool.default, "b")
+        self.assertEqual([d.size for d in devices.devices], [2 * 1024 * 1024])
+        self.assertNotIn(first, devices.devices)
+        path.write_text('[[export]]\nname = "c"\nbackend = "pattern:size=1M"\n')
         events: list[dict[str, Any]] = []
         observer = cast(ILogObserver, events.append)
         globalLogPublisher.addObserver(observer)
         self.addCleanup(globalLogPublisher.removeObserver, observer)
         handler.reload()  # logged, not raised
-        self.assertIn("--workers", " ".join(formatEvent(e) for e in events))
+        self.assertIn("shared", " ".join(formatEvent(e) for e in events))
+        self.assertEqual([spec.name for spec, _ in pool.shared], ["b"])
         self.assertEqual(self.flushLoggedErrors(), [])
-        server.getServiceNamed("device").stopService()
+        devices.stopService()
 
     def test_failure_logged(self) -> None:
         """A reload that fails is logged, not raised."""
@@ -391,13 +406,11 @@ class OptionsTests(SynchronousTestCase):
         return options
 
     def test_options(self) -> None:
-        """Refused: a public interface, --workers, a token without --admin."""
+        """Refused: a public interface, a token without --admin (--workers is fine)."""
         with self.assertRaises(usage.UsageError) as caught:
             self.parse("--admin", "tcp:9000")
         self.assertIn("loopback", str(caught.exception))
-        with self.assertRaises(usage.UsageError) as caught:
-            self.parse("--admin", "unix:/tmp/a.sock", "--workers", "2")
-        self.assertIn("--workers", str(caught.exception))
+        self.parse("--admin", "unix:/tmp/a.sock", "--workers", "2")
         self.assertRaises(usage.UsageError, self.parse, "--admin-token", "/dev/null")
         self.assertRaises(usage.UsageError, self.parse, "--metrics", "nonsense:1")
 

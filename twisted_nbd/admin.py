@@ -21,6 +21,10 @@ Changing an export (C{PUT} with another specification, or a reload) opens
 the new one first, then removes the old one in C{safe} mode: clients
 connected before keep what they had, new ones get the new export.
 
+With C{--workers}, L{twisted_nbd.admin_workers} applies the same changes
+through the supervisor to every worker process (each worker runs an
+L{ExportManager} of its own).
+
 L{AdminResource} is the JSON API over twisted.web (see docs/admin-api.md):
 every error is C{{"error": CODE, "reason": TEXT}} with a 4xx/5xx status,
 and with a token every request needs C{Authorization: Bearer TOKEN}.
@@ -36,9 +40,11 @@ from dataclasses import asdict, replace
 from typing import Any, Callable
 
 from twisted.application.service import Service
-from twisted.internet.defer import maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
 
 from twisted_nbd.backends import OpenContext, open_backend
 from twisted_nbd.config import (
@@ -142,6 +148,45 @@ def read_token(path: str | None) -> str | None:
         return token
     token = os.environ.get(TOKEN_ENVIRONMENT, "").strip()
     return token or None
+
+
+def parse_export_spec(
+    body: object, name: str | None, config: Config, config_path: str | None
+) -> ExportSpec:
+    """
+    An export specification from a JSON object written like an
+    C{[[export]]} table (relative paths are relative to the directory of
+    C{config_path}, or the server's working directory), checked against
+    C{config}.
+
+    @raise AdminError: 400 or 422 with the reason.
+    """
+    if not isinstance(body, dict):
+        raise AdminError(400, "bad-request", "the body must be a JSON object")
+    table = dict(body)
+    if name is not None:
+        if table.setdefault("name", name) != name:
+            raise AdminError(
+                422, "invalid-export", f"the body names {table['name']!r}, the URL {name!r}"
+            )
+    if not isinstance(table.get("name"), str):
+        raise AdminError(422, "invalid-export", "the export needs a name (a string)")
+    for key in table:
+        if key not in _EXPORT_KEYS:
+            raise AdminError(422, "invalid-export", f"unknown export setting {key!r}")
+    base = os.path.dirname(os.path.abspath(config_path)) if config_path else "."
+    try:
+        spec = _spec(table, os.path.abspath(base))
+        spec.check()
+    except _KeyError as e:
+        raise AdminError(422, "invalid-export", e.reason) from None
+    except SpecError as e:
+        raise AdminError(422, "invalid-export", f"{e.setting}: {e}") from None
+    try:
+        check_config(replace(config, exports=[spec], default=None))
+    except (ConfigError, SpecError) as e:
+        raise AdminError(422, "invalid-export", str(e)) from None
+    return spec
 
 
 class _Usage(ServerObserver):
@@ -273,32 +318,7 @@ class ExportManager:
 
         @raise AdminError: 422 with the reason.
         """
-        if not isinstance(body, dict):
-            raise AdminError(400, "bad-request", "the body must be a JSON object")
-        table = dict(body)
-        if name is not None:
-            if table.setdefault("name", name) != name:
-                raise AdminError(
-                    422, "invalid-export", f"the body names {table['name']!r}, the URL {name!r}"
-                )
-        if not isinstance(table.get("name"), str):
-            raise AdminError(422, "invalid-export", "the export needs a name (a string)")
-        for key in table:
-            if key not in _EXPORT_KEYS:
-                raise AdminError(422, "invalid-export", f"unknown export setting {key!r}")
-        base = os.path.dirname(os.path.abspath(self.config_path)) if self.config_path else "."
-        try:
-            spec = _spec(table, os.path.abspath(base))
-            spec.check()
-        except _KeyError as e:
-            raise AdminError(422, "invalid-export", e.reason) from None
-        except SpecError as e:
-            raise AdminError(422, "invalid-export", f"{e.setting}: {e}") from None
-        try:
-            check_config(replace(self.config, exports=[spec], default=None))
-        except (ConfigError, SpecError) as e:
-            raise AdminError(422, "invalid-export", str(e)) from None
-        return spec
+        return parse_export_spec(body, name, self.config, self.config_path)
 
     def _open(self, spec: ExportSpec) -> Export:
         """
@@ -437,13 +457,7 @@ class ExportManager:
             C{unchanged}, and C{ignored}: settings that need a restart.
         @raise AdminError: no config file, or it is wrong or cannot be opened.
         """
-        if self.config_path is None:
-            raise AdminError(409, "no-config", "the server was not started with --config")
-        try:
-            new = load_config(self.config_path)
-            check_config(replace(self.config, exports=new.exports, default=new.default))
-        except (ConfigError, SpecError) as e:
-            raise AdminError(422, "invalid-config", str(e)) from None
+        new = load_for_reload(self.config, self.config_path)
         wanted = {spec.name: spec for spec in new.exports}
         added = [n for n in wanted if n not in self.registry.exports]
         changed = [
@@ -493,6 +507,33 @@ class ExportManager:
         return result
 
 
+def load_for_reload(config: Config, config_path: str | None) -> Config:
+    """
+    The C{--config} file C{config_path} read again, its exports checked
+    against C{config}.
+
+    @raise AdminError: no config file (409), or it is wrong (422).
+    """
+    if config_path is None:
+        raise AdminError(409, "no-config", "the server was not started with --config")
+    try:
+        new = load_config(config_path)
+        check_config(replace(config, exports=new.exports, default=new.default))
+    except (ConfigError, SpecError) as e:
+        raise AdminError(422, "invalid-config", str(e)) from None
+    return new
+
+
+def _then(value: Any, f: Callable[[Any], Any]) -> Any:
+    """
+    C{f(value)}, or, if C{value} is a Deferred (the C{--workers} manager
+    answers once the workers have), a Deferred of it.
+    """
+    if isinstance(value, Deferred):
+        return value.addCallback(f)
+    return f(value)
+
+
 def _json(request: Any, status: int, body: object) -> bytes:
     request.setResponseCode(status)
     request.setHeader(b"content-type", b"application/json")
@@ -510,29 +551,55 @@ class AdminResource(Resource):
       - C{DELETE /exports/NAME?mode=safe|soft|hard} (absent: C{existed: false})
       - C{GET /connections}
       - C{POST /reload}
+
+    The manager's methods may return Deferreds (with C{--workers}): the
+    answer is then written once they fire.
     """
 
     isLeaf = True
 
-    def __init__(self, manager: ExportManager, token: str | None = None) -> None:
+    def __init__(self, manager: Any, token: str | None = None) -> None:
         Resource.__init__(self)  # type: ignore[no-untyped-call]
         self.manager = manager
         self._token = token
 
-    def render(self, request: Any) -> bytes:
+    def render(self, request: Any) -> bytes | int:
         try:
             self._authorize(request)
-            status, body = self._route(request)
-        except AdminError as e:
+            answer = self._route(request)
+        except Exception:
+            return self._error(request, Failure())  # type: ignore[no-untyped-call]
+        if not isinstance(answer, Deferred):
+            return _json(request, *answer)
+
+        # With --workers: the answer comes once the workers have acted.
+        def done(result: tuple[int, object]) -> None:
+            body = _json(request, *result)
+            if not finished:
+                request.write(body)
+                request.finish()
+
+        def failed(failure: Failure) -> None:
+            body = self._error(request, failure)
+            if not finished:
+                request.write(body)
+                request.finish()
+
+        finished: list[bool] = []
+        request.notifyFinish().addBoth(lambda _: finished.append(True))
+        answer.addCallbacks(done, failed).addErrback(
+            lambda f: _log.failure("The admin API failed on {uri!r}", f, uri=request.uri)
+        )
+        return NOT_DONE_YET
+
+    def _error(self, request: Any, failure: Failure) -> bytes:
+        e = failure.value
+        if isinstance(e, AdminError):
             if e.status == 401:
                 request.setHeader(b"www-authenticate", b'Bearer realm="twisted-nbd"')
             return _json(request, e.status, {"error": e.error, "reason": e.reason})
-        except Exception:
-            _log.failure("The admin API failed on {uri!r}", uri=request.uri)
-            return _json(
-                request, 500, {"error": "internal", "reason": "internal error (see the log)"}
-            )
-        return _json(request, status, body)
+        _log.failure("The admin API failed on {uri!r}", failure, uri=request.uri)
+        return _json(request, 500, {"error": "internal", "reason": "internal error (see the log)"})
 
     def _authorize(self, request: Any) -> None:
         if self._token is None:
@@ -552,7 +619,8 @@ class AdminResource(Resource):
         except ValueError as e:
             raise AdminError(400, "bad-json", f"the body is not JSON: {e}") from None
 
-    def _route(self, request: Any) -> tuple[int, object]:
+    def _route(self, request: Any) -> Any:
+        """(status, body), or a Deferred of it."""
         method = (request.method or b"").decode("ascii", "replace")
         # twisted.web has already percent-decoded each segment (%2F is a
         # slash inside a name).
@@ -566,7 +634,7 @@ class AdminResource(Resource):
         manager = self.manager
         if parts == ["exports"]:
             if method == "GET":
-                return 200, {"exports": manager.exports()}
+                return _then(manager.exports(), lambda found: (200, {"exports": found}))
             if method == "POST":
                 spec = manager.parse_spec(self._body(request))
                 if spec.name in manager.registry.exports:
@@ -575,32 +643,40 @@ class AdminResource(Resource):
                         "exists",
                         f"export {spec.name!r} exists; PUT /exports/NAME replaces it",
                     )
-                manager.put(spec)
-                return 201, manager.describe(spec.name)
+                return _then(
+                    manager.put(spec),
+                    lambda _: _then(manager.describe(spec.name), lambda found: (201, found)),
+                )
             raise self._method(method, "GET, POST")
         if len(parts) == 2 and parts[0] == "exports":
             name = parts[1]
             if method == "GET":
                 if name not in manager.registry.exports:
                     raise AdminError(404, "no-such-export", f"there is no export {name!r}")
-                return 200, manager.describe(name)
+                return _then(manager.describe(name), lambda found: (200, found))
             if method == "PUT":
-                outcome = manager.put(manager.parse_spec(self._body(request), name))
-                return (201 if outcome == "created" else 200), {
-                    "outcome": outcome,
-                    **manager.describe(name),
-                }
+
+                def described(outcome: str) -> Any:
+                    return _then(
+                        manager.describe(name),
+                        lambda found: (
+                            (201 if outcome == "created" else 200),
+                            {"outcome": outcome, **found},
+                        ),
+                    )
+
+                return _then(manager.put(manager.parse_spec(self._body(request), name)), described)
             if method == "DELETE":
                 mode = args.get(b"mode", [b"safe"])[0].decode("utf-8", "replace")
-                return 200, manager.remove(name, mode)
+                return _then(manager.remove(name, mode), lambda done: (200, done))
             raise self._method(method, "GET, PUT, DELETE")
         if parts == ["connections"]:
             if method == "GET":
-                return 200, {"connections": manager.connections()}
+                return _then(manager.connections(), lambda found: (200, {"connections": found}))
             raise self._method(method, "GET")
         if parts == ["reload"]:
             if method == "POST":
-                return 200, manager.reload()
+                return _then(manager.reload(), lambda done: (200, done))
             raise self._method(method, "POST")
         if not parts:
             return 200, {"endpoints": ["/exports", "/exports/NAME", "/connections", "/reload"]}
@@ -638,9 +714,10 @@ class ReloadOnSignal(Service):
     def reload(self) -> None:
         """Reload now, logging the outcome."""
         _log.info("SIGHUP: reloading the config file")
-        try:
-            self._reload()
-        except AdminError as e:
-            _log.error("Reload failed, nothing changed: {reason}", reason=e.reason)
-        except Exception:
-            _log.failure("Reload failed")
+        maybeDeferred(self._reload).addErrback(self._failed)
+
+    def _failed(self, failure: Failure) -> None:
+        if isinstance(failure.value, AdminError):
+            _log.error("Reload failed, nothing changed: {reason}", reason=failure.value.reason)
+        else:
+            _log.failure("Reload failed", failure)

@@ -195,22 +195,21 @@ def attach(
     C{server} that L{twisted_nbd.service.build} made from C{config}:
     C{--metrics} and C{--admin} endpoints (then the result is an
     L{OpsService} around C{server}) and the reload on SIGHUP of a
-    C{--config} file (single process only).
+    C{--config} file (with C{--workers} too: see L{twisted_nbd.admin_workers}).
 
     @return: the tree to run: C{server} itself if no endpoint is asked for.
-    @raise ConfigError: C{--admin} with C{--workers}.
     """
     from twisted_nbd.admin import AdminResource, ExportManager, ReloadOnSignal
-    from twisted_nbd.config import ConfigError
 
     workers = getattr(server, "pool", None) is not None
-    if admin is not None and workers:
-        raise ConfigError(
-            "--admin cannot be combined with --workers yet: export changes do not reach "
-            "worker processes"
-        )
-    manager: ExportManager | None = None
-    if not workers and (admin is not None or config_path is not None):
+    manager: Any = None
+    if workers and (admin is not None or config_path is not None):
+        # The supervisor applies changes to every worker (twisted_nbd.admin_workers).
+        from twisted_nbd.admin_workers import SupervisorExports
+
+        cast(Any, server).pool.admin = admin is not None
+        manager = SupervisorExports(server, config, reactor, config_path)
+    elif admin is not None or config_path is not None:
         manager = ExportManager(server, config, reactor, config_path, track=admin is not None)
     top: Service = server
     if metrics is not None or admin is not None:
@@ -224,18 +223,7 @@ def attach(
     if manager is not None and config_path is not None:
         # Its parent stops it with the listeners, before the drain.
         cast(Any, ReloadOnSignal(manager.reload, reactor)).setServiceParent(top)
-    elif workers and config_path is not None:
-        # SIGHUP must not end a server whose user expects a reload: say why not.
-        cast(Any, ReloadOnSignal(_no_reload, reactor)).setServiceParent(top)
     return top
-
-
-def _no_reload() -> None:
-    from twisted_nbd.admin import AdminError
-
-    raise AdminError(
-        409, "workers", "reloading is not supported with --workers yet; restart to apply changes"
-    )
 
 
 def _registry(server: Any) -> CollectorRegistry:

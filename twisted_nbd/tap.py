@@ -497,11 +497,6 @@ class Options(usage.Options):
             if self["admin-token"] is not None:
                 raise usage.UsageError("--admin-token needs --admin")
             return
-        if self.config.workers > 1:
-            raise usage.UsageError(
-                "--admin cannot be combined with --workers yet (export changes do not "
-                "reach worker processes)"
-            )
         try:
             check_admin_endpoint(self["admin"])
             self["admin-token-value"] = read_token(self["admin-token"])

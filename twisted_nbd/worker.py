@@ -69,6 +69,9 @@ class WorkerControl(LineReceiver):
         self._lost = lost
         self._fds: list[int] = []
         self.closed = False
+        #: Answers the supervisor's admin requests (see
+        #: L{twisted_nbd.admin_workers.WorkerExports.answer}).
+        self.answer: Any = None
 
     def fileDescriptorReceived(self, descriptor: int) -> None:  # noqa: N802 - Twisted's name
         self._fds.append(descriptor)
@@ -76,6 +79,9 @@ class WorkerControl(LineReceiver):
     def lineReceived(self, line: bytes) -> None:  # noqa: N802 - LineReceiver's name
         try:
             message = json.loads(line)
+            if isinstance(message, dict) and "request" in message:
+                self._request(message)
+                return
             connection_id = message["connection"]
             family = int(message["family"])
         except (ValueError, KeyError, TypeError):
@@ -92,6 +98,21 @@ class WorkerControl(LineReceiver):
         finally:
             os.close(fd)
         self.send({"adopted": connection_id})
+
+    def _request(self, message: dict[str, Any]) -> None:
+        count = message.get("fds", 0)
+        if not isinstance(count, int) or count > len(self._fds):
+            _log.warn("Admin request {line!r} without its descriptors", line=message)
+            return
+        fds, self._fds = self._fds[:count], self._fds[count:]
+        answer: dict[str, Any]
+        if self.answer is None:
+            for fd in fds:
+                os.close(fd)
+            answer = {"error": "this worker takes no admin requests"}
+        else:
+            answer = self.answer(message, fds)
+        self.send({**answer, "answer": message["request"]})
 
     def send(self, message: dict[str, Any]) -> None:
         if self.transport is not None:
@@ -224,6 +245,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     device_service: Service = BlockDeviceService(devices, context.pool)
     device_service.setName("device")
     device_service.setServiceParent(top)
+    from twisted_nbd.admin_workers import WorkerExports
+
+    exports_manager = WorkerExports(
+        top, config, reactor, context, track=bool(settings.get("admin"))
+    )
 
     stopping: list[bool] = []
     drained: list[bool] = []
@@ -254,6 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         top.stopService().addBoth(stopped)
 
     control = WorkerControl(reactor, factory, stop)
+    control.answer = exports_manager.answer
     counter.control = control
     if metrics is not None:
         metrics.slots = factory.slots

@@ -38,6 +38,12 @@ and C{{"connections": N, "negotiating": M}} when either of its counts
 changes; with C{--metrics}, C{{"metrics": SNAPSHOT}} (see
 L{twisted_nbd.metrics}) once a second when something changed and when a
 connection closes.
+
+With C{--admin} or C{--config}, admin requests (L{WorkerPool.ask}, see
+L{twisted_nbd.admin_workers}): supervisor to worker C{{"request": NUMBER,
+"op": OP, "fds": COUNT, ...}} with COUNT descriptors sent before the line;
+the worker answers C{{"answer": NUMBER, ...}}. A worker takes descriptors
+in the order they come, each message those it announces.
 """
 
 from __future__ import annotations
@@ -184,6 +190,9 @@ class _Worker:
     #: Connections sent and not yet adopted, by id: their transports.
     handed: dict[int, Any] = field(default_factory=dict)
     ended: Deferred[None] = field(default_factory=Deferred)
+    #: Admin requests sent and not answered yet, by number (see
+    #: L{WorkerPool.ask}).
+    asked: dict[int, Deferred[Any]] = field(default_factory=dict)
 
     @property
     def connections(self) -> int:
@@ -194,6 +203,23 @@ class _Worker:
     def negotiating(self) -> int:
         """Its connections still negotiating (those on their way to it are)."""
         return self.reported_negotiating + len(self.handed)
+
+
+class _Forget:
+    """On a timeout: forget the request, whose answer would come too late."""
+
+    def __init__(self, worker: _Worker, number: int) -> None:
+        self.worker = worker
+        self.number = number
+
+    def __call__(self, result: object, timeout: float) -> None:
+        self.worker.asked.pop(self.number, None)
+        _log.warn(
+            "Worker {index} did not answer admin request {number} within {timeout} s",
+            index=self.worker.index,
+            number=self.number,
+            timeout=timeout,
+        )
 
 
 class _Control(LineReceiver):
@@ -322,6 +348,12 @@ class WorkerPool(Service):
         #: With --metrics, the L{twisted_nbd.metrics.WorkerMetrics} the
         #: workers report to (set before the pool starts).
         self.metrics: Any = None
+        #: The default export now (the admin API and reloads change it,
+        #: and C{shared}, for the workers started from then on).
+        self.default = config.default
+        #: With --admin: workers count each connection's bytes.
+        self.admin = False
+        self._next_request = 1
 
     @property
     def connection_count(self) -> int:
@@ -387,8 +419,9 @@ class WorkerPool(Service):
         worker.pid = process.pid
         settings = {
             "index": index,
-            "exports": [asdict(spec) for spec in self.config.exports],
-            "default": self.config.default,
+            # The exports now, not at startup: the admin API may have changed them.
+            "exports": [asdict(spec) for spec, _ in self.shared],
+            "default": self.default,
             "shared": shared_fds,
             "max_queue_depth": self.config.max_queue_depth,
             "max_bytes_in_flight": self.config.max_bytes_in_flight,
@@ -398,6 +431,7 @@ class WorkerPool(Service):
             "limits": self.config.limits.to_json(),
             "verbose": self.config.verbose,
             "metrics": self.metrics is not None,
+            "admin": self.admin,
         }
         process.write(json.dumps(settings).encode("utf-8"))
         process.closeStdin()
@@ -418,6 +452,10 @@ class WorkerPool(Service):
             self.metrics.retire(worker)
         orphans = list(worker.handed.values())
         worker.handed.clear()
+        # It will never answer; one started later gets the current exports.
+        asked, worker.asked = worker.asked, {}
+        for pending in asked.values():
+            pending.callback(None)
         worker.ready = False
         if not worker.ended.called:
             worker.ended.callback(None)
@@ -444,6 +482,12 @@ class WorkerPool(Service):
     def _message(self, worker: _Worker, message: Any) -> None:
         if not isinstance(message, dict):
             return
+        if "answer" in message:
+            # An answer to an admin request (its keys are its own).
+            pending = worker.asked.pop(message["answer"], None)
+            if pending is not None:
+                pending.callback(message)
+            return
         if message.get("ready"):
             worker.ready = True
             _log.info("Worker {index} is ready", index=worker.index)
@@ -462,6 +506,48 @@ class WorkerPool(Service):
             worker.reported_negotiating = int(message["negotiating"])
         if "metrics" in message and self.metrics is not None:
             self.metrics.update(worker, message["metrics"])
+
+    # Admin requests (see twisted_nbd.admin_workers).
+
+    def ask(
+        self, request: dict[str, Any], fds: Sequence[int] = (), timeout: float | None = None
+    ) -> Deferred[list[tuple[int, dict[str, Any]]]]:
+        """
+        Send C{request} (with copies of the descriptors C{fds}) to every
+        running worker.
+
+        @return: a Deferred that fires with the (worker index, answer) of
+            each worker that answered; one that died, or did not answer
+            within C{timeout} seconds, is left out.
+        """
+        waits: list[Deferred[Any]] = []
+        indexes = []
+        for worker in self.workers:
+            if worker is None or worker.control is None or worker.control.transport is None:
+                continue  # none, or on its way out: its successor gets the current exports
+            number = self._next_request
+            self._next_request += 1
+            waiting: Deferred[Any] = Deferred()
+            worker.asked[number] = waiting
+            if timeout is not None:
+                waiting.addTimeout(timeout, self.reactor, _Forget(worker, number))
+            control = worker.control
+            transport = cast(Any, control.transport)
+            for fd in fds:
+                transport.sendFileDescriptor(fd)
+            line = json.dumps({**request, "request": number, "fds": len(fds)}).encode()
+            control.sendLine(line)  # type: ignore[no-untyped-call]
+            waits.append(waiting)
+            indexes.append(worker.index)
+
+        def gather(results: list[tuple[bool, Any]]) -> list[tuple[int, dict[str, Any]]]:
+            return [
+                (index, answer)
+                for index, (ok, answer) in zip(indexes, results, strict=True)
+                if ok and isinstance(answer, dict)
+            ]
+
+        return DeferredList(waits, consumeErrors=True).addCallback(gather)
 
     # Connections.
 
