@@ -89,8 +89,11 @@ say "trial"
 # Trial runs every TestCase (it does not collect the plain pytest functions).
 # Extra arguments are pytest's, so a narrowed run (bash .ci/test.sh -k tap)
 # skips this second pass.
+# Its tests run in parallel, one trial worker process per CPU (-j): the
+# interop tests spend much of their time waiting on servers and clients, so
+# on 2 cores this pass takes about 4 minutes instead of 7.
 if [ "$#" -eq 0 ]; then
-    "$PYTHON" -m twisted.trial tests </dev/null || failed+=("trial")
+    "$PYTHON" -m twisted.trial -j "${TRIAL_JOBS:-$(nproc)}" tests </dev/null || failed+=("trial")
 else
     echo "skipped: arguments were given for pytest"
 fi
