@@ -170,7 +170,12 @@ def main() -> int:
     size = (64 if args.smoke else args.size) * MiB
     seconds = 3 if args.smoke else args.seconds
     results: dict[str, Any] = {"size_bytes": size, "rados_seconds": seconds}
-    with tempfile.TemporaryDirectory(prefix="nbd-s3-bench-") as tmp, CephCluster() as cluster:
+    # The memstore OSD keeps everything in RAM and stops (rados bench hangs)
+    # once full: room for rados bench's objects (up to ~1 GiB/s for its
+    # seconds) and three copies of the image (direct, through the server).
+    capacity = max(3 * 1024 * MiB, seconds * 1024 * MiB + 3 * size + 2 * 1024 * MiB)
+    scratch = tempfile.TemporaryDirectory(prefix="nbd-s3-bench-")
+    with scratch as tmp, CephCluster(memstore_bytes=capacity) as cluster:
         figures = rados_bench(cluster, seconds)
         figures.update(direct_bench(cluster, size))
         figures.update(nbd_bench(cluster, size, Path(tmp)))
