@@ -59,6 +59,7 @@ from twisted_nbd.config import (
     load_config,
 )
 from twisted_nbd.exports import Export
+from twisted_nbd.interfaces import IBlockDevice
 from twisted_nbd.observers import ConnectionInfo, ServerObserver
 from twisted_nbd.registry import PluginError
 
@@ -326,7 +327,7 @@ class ExportManager:
 
         @raise AdminError: 422 if it cannot be opened.
         """
-        from twisted_nbd.service import IO_THREADS, connection_layers, export_of, with_filters
+        from twisted_nbd.service import IO_THREADS
 
         devices = self.server.getServiceNamed("device")
         context = OpenContext(self.reactor, min(IO_THREADS, self.config.max_queue_depth))
@@ -336,6 +337,18 @@ class ExportManager:
             device = open_backend(spec, context)
         except (OSError, PluginError, ValueError) as e:
             raise AdminError(422, "cannot-open", f"export {spec.name!r}: {e}") from None
+        return self._serve(spec, device, context)
+
+    def _serve(self, spec: ExportSpec, device: IBlockDevice, context: OpenContext) -> Export:
+        """
+        The export of C{spec} over its freshly opened C{device}: wrapped in
+        its filters, its device owned by the device service.
+
+        @raise AdminError: 422 if a filter does not fit (C{device} is closed).
+        """
+        from twisted_nbd.service import connection_layers, export_of, with_filters
+
+        devices = self.server.getServiceNamed("device")
         try:
             device = with_filters(spec, device, context)
             export = export_of(spec, device, connection_layers(spec, context))

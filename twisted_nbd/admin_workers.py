@@ -86,10 +86,8 @@ class WorkerExports(ExportManager):
         self._fds: Sequence[int] = ()
 
     def _open(self, spec: ExportSpec) -> Export:
-        from twisted_nbd.service import connection_layers, export_of, with_filters
         from twisted_nbd.workers import shared_device
 
-        devices = self.server.getServiceNamed("device")
         context = self.context
         fds, self._fds = self._fds, ()
         try:
@@ -97,20 +95,7 @@ class WorkerExports(ExportManager):
         except (OSError, ValueError) as e:
             _close_fds(fds)
             raise AdminError(422, "cannot-open", f"export {spec.name!r}: {e}") from None
-        try:
-            device = with_filters(spec, device, context)
-            export = export_of(spec, device, connection_layers(spec, context))
-        except (PluginError, ValueError) as e:
-            device.close()
-            raise AdminError(422, "cannot-open", f"export {spec.name!r}: {e}") from None
-        if devices.pool is None and context.pool is not None:
-            # The first file export of this worker: its pool, owned from now
-            # on by the device service (as ExportManager._open does).
-            devices.pool = context.pool
-            if devices.running:
-                context.pool.start()
-        devices.devices.append(export.device)
-        return export
+        return self._serve(spec, device, context)
 
     def answer(self, message: dict[str, Any], fds: Sequence[int]) -> dict[str, Any]:
         """
