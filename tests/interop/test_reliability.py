@@ -267,6 +267,9 @@ class HostileClientTests(SynchronousTestCase):
         """
         image = make_image(make_tempdir(self) / "disk.img", 64 * MiB)
         server = start_server(self, "--image", str(image))
+        # The start-up probe's socket stays in the server until it sees the
+        # FIN: count once the kernel shows no connection left.
+        wait_until(lambda: server_connections(server.port) == 0, 10, "rid of the start-up probe")
         baseline = socket_fds(server.pid)
 
         def phases(client: RawClient) -> list[object]:
