@@ -192,31 +192,15 @@ def parse_export_spec(
 
 class _Usage(ServerObserver):
     """
-    Per connection, its bytes read and written (for C{GET /connections}),
-    and a prompt sweep of retired exports when one closes.
+    A prompt sweep of retired exports when a connection closes. (Each
+    connection's bytes, for C{GET /connections}, are its
+    L{ConnectionInfo}'s own counts, the figures of its close log line.)
     """
 
     def __init__(self, manager: ExportManager) -> None:
         self.manager = manager
-        self.bytes: dict[int, list[int]] = {}
-
-    def connection_made(self, connection: ConnectionInfo) -> None:
-        self.bytes[connection.id] = [0, 0]
-
-    def request_finished(
-        self, connection: ConnectionInfo, request: Any, errno: int, elapsed: float
-    ) -> None:
-        if errno:
-            return
-        counts = self.bytes.get(connection.id)
-        if counts is not None:
-            if request.command == 0:
-                counts[0] += request.length
-            elif request.command == 1:
-                counts[1] += request.length
 
     def connection_lost(self, connection: ConnectionInfo, reason: str) -> None:
-        self.bytes.pop(connection.id, None)
         # The factory has already forgotten the connection.
         self.manager._sweep()
 
@@ -230,11 +214,10 @@ class ExportManager:
         C{registry} and C{"device"} child are used).
     @param config: the configuration it was built from.
     @param config_path: the C{--config} file to reload, if any.
-    @param track: count each connection's bytes (for C{GET /connections})
-        with an observer. Any observer costs the protocol a little on every
-        request, so a server that only reloads on SIGHUP goes without, and
-        then notices the last connection of a retired export leave within
-        L{SWEEP_INTERVAL} seconds instead of at once.
+    @param track: notice the last connection of a retired export leave at
+        once, with an observer. Any observer costs the protocol a little on
+        every request, so a server that only reloads on SIGHUP goes without,
+        and then notices it within L{SWEEP_INTERVAL} seconds instead.
     """
 
     #: How often retired exports are checked for connections still using them.
@@ -292,8 +275,6 @@ class ExportManager:
         found = []
         for proto in sorted(self.factory.connections, key=lambda p: p.info.id):
             info = proto.info
-            counts = self.usage.bytes.get(info.id) if self.usage is not None else None
-            read, written = counts if counts is not None else (None, None)
             found.append(
                 {
                     "id": info.id,
@@ -301,8 +282,8 @@ class ExportManager:
                     "export": info.export,
                     "tls": info.tls,
                     "tls_peer": info.tls_peer or None,
-                    "read_bytes": read,
-                    "written_bytes": written,
+                    "read_bytes": info.bytes_read,
+                    "written_bytes": info.bytes_written,
                     "age": round(max(0.0, now - info.started), 3),
                     "requests_in_flight": proto.in_flight,
                 }
