@@ -86,6 +86,7 @@ from twisted_nbd._client_connection import ClientConfiguration, ClientConnection
 from twisted_nbd._wire import Errno
 from twisted_nbd.backends.file import FileBlockDevice, create_image
 from twisted_nbd.backends.memory import MemoryBlockDevice
+from twisted_nbd.backends.ram import MappedMemoryDevice
 from twisted_nbd.client import NBDClient, NBDClientProtocol
 from twisted_nbd.errors import NBDError
 from twisted_nbd.exports import Export, ExportRegistry
@@ -543,6 +544,17 @@ class NBDModelMachine(RuleBasedStateMachine):
             memory = MemoryBlockDevice(SIZE, page_size=PAGE)
             memory.write(0, initial)
             return memory
+        if self.backend == "ram":
+            # Replies straight from its memory (IBufferRead) and writes at
+            # once (IImmediateIO): the server's tight loop.
+            ram = MappedMemoryDevice(SIZE)
+            ram.write_now(0, initial)
+
+            def close() -> None:
+                ram.close()
+
+            self.cleanups.append(close)
+            return ram
         if self.backend == "file":
             directory = tempfile.mkdtemp(prefix="twisted-nbd-model-")
             path = os.path.join(directory, "disk.img")
@@ -1001,6 +1013,11 @@ class FileModelMachine(NBDModelMachine):
     exact_allocation = False
 
 
+class RamModelMachine(NBDModelMachine):
+    backend = "ram"
+    exact_allocation = False
+
+
 class CowModelMachine(NBDModelMachine):
     backend = "cow"
     exact_allocation = True
@@ -1032,6 +1049,13 @@ class ModelTests(SynchronousTestCase):
     def test_file(self) -> None:
         """The file backend, its thread-pool jobs finishing in random order."""
         run_state_machine_as_test(FileModelMachine, settings=_settings())
+
+    def test_ram(self) -> None:
+        """
+        The RAM disk: READ replies that are views of its memory, sent after
+        later WRITEs in the same batch changed it, must still carry the old data.
+        """
+        run_state_machine_as_test(RamModelMachine, settings=_settings())
 
     def test_cow(self) -> None:
         """A cow filter over a memory device, with a memory overlay."""

@@ -139,6 +139,29 @@ class ReceiveBuffer:
             return fields
         return fmt.unpack(self.take(size))
 
+    def front(self) -> tuple[bytes, int]:
+        """
+        The first chunk and where its unconsumed bytes start (C{(b"", 0)}
+        when nothing is buffered), for a parser that reads messages lying
+        within it in place; it then calls L{consume_front}.
+        """
+        if not self._length:
+            return b"", 0
+        return self._chunks[0], self._offset
+
+    def consume_front(self, count: int) -> None:
+        """
+        Remove C{count} bytes from the front, all of them within the first
+        chunk (see L{front}).
+        """
+        first = self._chunks[0]
+        if self._offset + count >= len(first):
+            self._chunks.popleft()
+            self._offset = 0
+        else:
+            self._offset += count
+        self._length -= count
+
     def skip(self, count: int) -> int:
         """
         Discard up to C{count} bytes from the front.

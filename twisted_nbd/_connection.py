@@ -239,6 +239,12 @@ class ServerConnection(SansIOConnection[Event]):
         self._structured = False
         self._header_size = w.request_size(False)
         self._encode_ok = w.ok_reply_encoder(False, False)
+        #: For the caller's tight loop (see take_simple): the success reply
+        #: without data, C{(cookie, offset) -> bytes}, and what precedes a
+        #: READ's data, C{(cookie, offset, length) -> bytes}, in this mode.
+        self.encode_ok = self._encode_ok
+        self.encode_read_head = w.read_reply_head_encoder(False, False)
+        self._request_struct = w.REQUEST
         self._send(w.encode_greeting(self.config.handshake_flags))
 
     def shutdown(self) -> None:
@@ -587,7 +593,7 @@ class ServerConnection(SansIOConnection[Event]):
         self._extended = negotiated.extended_headers
         self._structured = negotiated.structured_replies
         self._header_size = w.request_size(self._extended)
-        self._encode_ok = w.ok_reply_encoder(self._structured, self._extended)
+        self._encode_ok = self.encode_ok = w.ok_reply_encoder(self._structured, self._extended)
         # What the fast path of _request accepts without asking check_request:
         # a READ or WRITE whose flags are allowed (PAYLOAD_LEN aside), in
         # bounds, aligned and not over the maximum payload. Anything else,
@@ -604,6 +610,8 @@ class ServerConnection(SansIOConnection[Event]):
         self._fast_max = rules.max_payload
         self._fast_mask = rules.mask
         self._request_magic = w.EXTENDED_REQUEST_MAGIC if self._extended else w.REQUEST_MAGIC
+        self._request_struct = w.EXTENDED_REQUEST if self._extended else w.REQUEST
+        self.encode_read_head = w.read_reply_head_encoder(self._structured, self._extended)
         self._fast = True
 
     # ------------------------------------------------------------ live restart
@@ -807,6 +815,62 @@ class ServerConnection(SansIOConnection[Event]):
             if event is not None:
                 return event
         return super().next_event()
+
+    def take_simple(self) -> tuple[int, int, int, int, int, memoryview | None] | None:
+        """
+        Take the next request if it is a plain READ or WRITE that lies
+        whole in the first buffered chunk and needs no more checking than
+        the fast path of L{next_event} gives it; otherwise take nothing and
+        return C{None} (then L{next_event} deals with what comes next).
+
+        This is L{next_event} for the server's tight loop over pipelined
+        requests: no event object, no copy of a WRITE's payload.
+
+        @return: C{(command, flags, cookie, offset, length, payload)}, the
+            payload a view of the received bytes for a WRITE, else C{None}.
+        """
+        if (
+            not self._fast
+            or self._pending_write is not None
+            or self._discard
+            or self.shutting_down
+            or self.phase is not Phase.TRANSMISSION
+        ):
+            return None
+        buffer = self._buffer
+        chunk, position = buffer.front()
+        size = self._header_size
+        available = len(chunk) - position
+        if available < size:
+            return None
+        magic, flags, command, cookie, offset, length = self._request_struct.unpack_from(
+            chunk, position
+        )
+        if (
+            magic != self._request_magic
+            or offset > self._fast_size
+            or length > self._fast_size - offset
+            or length > self._fast_max
+            or (offset | length) & self._fast_mask
+        ):
+            return None
+        if command == _READ:
+            if flags & self._fast_read_refused:
+                return None
+            buffer.consume_front(size)
+            return command, flags, cookie, offset, length, None
+        if (
+            command == _WRITE
+            and self._fast_write
+            and length
+            and available >= size + length
+            and not flags & self._fast_write_refused
+            and flags & self._fast_write_needs == self._fast_write_needs
+        ):
+            buffer.consume_front(size + length)
+            start = position + size
+            return command, flags, cookie, offset, length, memoryview(chunk)[start : start + length]
+        return None
 
     # ------------------------------------------------------------ payloads received by the caller
 

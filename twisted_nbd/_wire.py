@@ -895,6 +895,34 @@ def ok_reply_encoder(structured: bool, extended: bool) -> Callable[[int, int], b
     return lambda cookie, offset: pack_structured(STRUCTURED_REPLY_MAGIC, done, none, cookie, 0)
 
 
+_STRUCTURED_READ_HEAD = struct.Struct(">IHHQIQ")
+_EXTENDED_READ_HEAD = struct.Struct(">IHHQQQQ")
+
+
+def read_reply_head_encoder(structured: bool, extended: bool) -> Callable[[int, int, int], bytes]:
+    """
+    A function C{(cookie, offset, length) -> bytes} for everything that
+    goes in front of a whole READ's data in a successful reply in this
+    mode, as one piece: a simple reply header, or an OFFSET_DATA chunk
+    header (DONE) with the offset that starts its payload. The same bytes
+    as L{encode_simple_reply}, or L{encode_chunk_header} followed by
+    L{encode_offset_data_head}.
+    """
+    if not structured:
+        pack_simple = SIMPLE_REPLY.pack
+        return lambda cookie, offset, length: pack_simple(SIMPLE_REPLY_MAGIC, 0, cookie)
+    done, data = int(ReplyFlags.DONE), int(ChunkType.OFFSET_DATA)
+    if extended:
+        pack_extended = _EXTENDED_READ_HEAD.pack
+        return lambda cookie, offset, length: pack_extended(
+            EXTENDED_REPLY_MAGIC, done, data, cookie, offset, 8 + length, offset
+        )
+    pack_structured = _STRUCTURED_READ_HEAD.pack
+    return lambda cookie, offset, length: pack_structured(
+        STRUCTURED_REPLY_MAGIC, done, data, cookie, 8 + length, offset
+    )
+
+
 def encode_offset_data_head(offset: int) -> bytes:
     """The eight bytes in front of an OFFSET_DATA chunk's data: its offset."""
     return U64.pack(offset)

@@ -29,6 +29,7 @@ __all__ = [
     "Extent",
     "IBlockDevice",
     "IBufferRead",
+    "IImmediateIO",
     "ISparseRead",
     "STATE_HOLE",
     "STATE_ZERO",
@@ -233,4 +234,32 @@ class IBufferRead(Interface):
         valid only until control returns to the reactor, since a later write
         changes it; the server writes it to the socket before then, or
         copies what the socket did not take.
+        """
+
+
+class IImmediateIO(Interface):
+    """
+    An optional companion of L{IBlockDevice} for devices that can often
+    answer without waiting (a page-cached file, memory): the server tries
+    these first, in the reactor thread, and uses the Deferred-returning
+    methods only when they decline. Each call must return quickly and never
+    block; declining costs little, so decline whenever in doubt.
+    """
+
+    def read_now(offset: int, length: int) -> "bytes | bytearray | None":
+        """
+        Return the C{length} bytes at C{offset} if they can be had at once,
+        else C{None} (the server then calls L{IBlockDevice.read}). The
+        result is the caller's: the device does not change it later.
+        """
+
+    def write_now(offset: int, data: "bytes | memoryview") -> int:
+        """
+        Write what can be written at once of C{data} (a write without FUA)
+        at C{offset}, from its start, without waiting; return how many
+        bytes that was, from 0 (the server then calls L{IBlockDevice.write}
+        for all of it) to C{len(data)}; for less, the server writes the
+        rest with L{IBlockDevice.write}. C{data} is valid only during the
+        call. Raise nothing: a write that fails here is left to
+        L{IBlockDevice.write}, which reports the error.
         """

@@ -81,7 +81,14 @@ from twisted_nbd.config import (
 )
 from twisted_nbd.errors import NBDError, ProtocolViolation
 from twisted_nbd.exports import ConnectionContext, ExportRegistry
-from twisted_nbd.interfaces import Extent, IBlockDevice, IBufferRead, ISparseRead, Segment
+from twisted_nbd.interfaces import (
+    Extent,
+    IBlockDevice,
+    IBufferRead,
+    IImmediateIO,
+    ISparseRead,
+    Segment,
+)
 from twisted_nbd.limits import ConnectionGuard, ConnectionSlots, Limits, RateLimitedLog
 from twisted_nbd.observers import ConnectionInfo, IFlowObserver, IServerObserver
 from twisted_nbd.tls import (
@@ -118,7 +125,7 @@ POLL_REQUESTS = 16
 POLL_MISSES = 3
 POLL_REST = 64
 #: What polling reads at most at once (more waits for the next round).
-POLL_BUFFER = 64 * 1024
+POLL_BUFFER = 128 * 1024 - 1024
 
 #: At most this many bytes of payload buffers are kept for reuse per connection.
 SPARE_BUFFERS_MAX = 16 * 1024 * 1024
@@ -132,6 +139,7 @@ _CORK_LIMIT = 256 * 1024
 SPARSE_READ_MIN = 256 * 1024
 
 _DF = int(CmdFlags.DF)
+_FUA = int(CmdFlags.FUA)
 
 
 #: What L{NBDServerProtocol._sync_value} says of a result not there yet.
@@ -256,6 +264,12 @@ class NBDServerProtocol(Protocol):
         # replies waiting in _out may be views of its memory.
         self._read_buffer: Callable[[int, int], Any] | None = None
         self._out_views = False
+        # The device's IImmediateIO methods, if it has them (see _simple).
+        self._read_now: Callable[[int, int], Any] | None = None
+        self._write_now: Callable[[int, Any], int] | None = None
+        # Where in _out the tight loop put views of the device's memory
+        # (see _simple and _flush_views).
+        self._view_pieces: list[int] = []
         self._out: list[Piece] = []
         self._out_bytes = 0
         # What transport.startTLS takes (see twisted_nbd.tls), and the
@@ -615,6 +629,14 @@ class NBDServerProtocol(Protocol):
         conn = self._conn
         next_event = conn.next_event
         dispatch = self._DISPATCH
+        # The tight loop for plain READs and WRITEs (see _simple); not while
+        # observers must hear of every request or the connection is winding down.
+        simple = (
+            self._device is not None
+            and not self._observers
+            and not self._freezing
+            and not self._disconnecting
+        )
         try:
             while not (
                 self._closed
@@ -624,6 +646,8 @@ class NBDServerProtocol(Protocol):
                 or (self._disconnecting and not conn.shutting_down)
                 or (self._freezing and conn.at_request_boundary())
             ):
+                if simple and self._simple():
+                    continue
                 try:
                     event = next_event()
                 except ProtocolViolation as e:
@@ -713,6 +737,8 @@ class NBDServerProtocol(Protocol):
         self._out = []
         self._out_bytes = 0
         self._out_views = False
+        if self._view_pieces:
+            self._view_pieces = []
         if self._closed or self._writer is None:
             return
         self._writer.write(out)
@@ -747,6 +773,9 @@ class NBDServerProtocol(Protocol):
         self._structured = self._conn.structured_replies
         device = attachment.device
         self._read_buffer = device.read_buffer if IBufferRead.providedBy(device) else None
+        if IImmediateIO.providedBy(device):
+            self._read_now = device.read_now
+            self._write_now = device.write_now
         self.info.export = export.name
         if self._guard is not None:
             self._guard.export_chosen()
@@ -951,6 +980,89 @@ class NBDServerProtocol(Protocol):
         self._finish(result, request, reply, size, started)
         return None
 
+    def _simple(self) -> bool:
+        """
+        Serve the plain READs and WRITEs at the front of what is buffered in
+        one tight loop, as long as the device answers them at once (from
+        memory, or the page cache: L{IBufferRead}, L{IImmediateIO}) and the
+        connection's limits allow; the usual case under load, where the
+        general path (an event object, a Deferred and several calls per
+        request) costs several times as much as the work itself. A request
+        the device cannot answer at once goes the general way from here;
+        anything that is not a plain READ or WRITE is left to L{_parse}.
+
+        @return: whether any request was taken.
+        """
+        device = self._device
+        assert device is not None
+        conn = self._conn
+        take = conn.take_simple
+        encode_ok = conn.encode_ok
+        read_head = conn.encode_read_head
+        read_buffer = self._read_buffer
+        read_now = self._read_now
+        write_now = self._write_now
+        # READs that the general path answers sparsely (see _sparse_read).
+        sparse_min = (
+            SPARSE_READ_MIN if self._structured and device.capabilities.can_extents else 1 << 64
+        )
+        info = self.info
+        out = self._out
+        taken_any = False
+        while not (
+            self._closed
+            or self._transport_paused
+            or self.in_flight >= self.max_queue_depth
+            or self.bytes_in_flight >= self.max_bytes_in_flight
+        ):
+            simple = take()
+            if simple is None:
+                break
+            taken_any = True
+            command, flags, cookie, offset, length, payload = simple
+            if payload is None:
+                data: Any = None
+                if length < sparse_min or flags & _DF:
+                    try:
+                        if read_buffer is not None:
+                            data = read_buffer(offset, length)
+                            if type(data) is memoryview:
+                                # Copied if a WRITE comes before it is sent.
+                                self._view_pieces.append(len(out) + 1)
+                        elif read_now is not None:
+                            data = read_now(offset, length)
+                    except Exception:
+                        data = None
+                if data is None or len(data) != length:
+                    if data is not None and read_buffer is not None and type(data) is memoryview:
+                        self._view_pieces.pop()
+                    self._read(ReadRequest(cookie, offset, length, flags))
+                    out = self._out
+                    continue
+                info.requests += 1
+                info.bytes_read += length
+                out.append(read_head(cookie, offset, length))
+                out.append(data)
+            else:
+                if self._view_pieces or self._out_views:
+                    self._flush_views()
+                    out = self._out
+                done = 0
+                if write_now is not None and not flags & _FUA:
+                    done = write_now(offset, payload)
+                if done != length:
+                    self._write(WriteRequest(cookie, offset, payload, bool(flags & _FUA)), done)
+                    out = self._out
+                    continue
+                info.requests += 1
+                info.bytes_written += length
+                out.append(encode_ok(cookie, offset))
+            self._out_bytes += length + 64
+            if self._out_bytes >= _CORK_LIMIT:
+                self._flush_out()
+                out = self._out
+        return taken_any
+
     def _read(self, request: ReadRequest) -> None:
         device = self._device
         assert device is not None
@@ -1000,14 +1112,25 @@ class NBDServerProtocol(Protocol):
 
     def _flush_views(self) -> None:
         """
-        Before a request changes data, write the replies still gathered that
-        may be views of the device's memory, so they carry the data as it
-        was when they were read.
+        Before a request changes data, make sure the replies still gathered
+        that may be views of the device's memory carry the data as it was
+        when they were read: copy those whose place is known (see L{_simple}),
+        write the others.
         """
+        pieces = self._view_pieces
+        if pieces:
+            out = self._out
+            for index in pieces:
+                out[index] = bytes(out[index])
+            self._view_pieces = []
         if self._out_views:
             self._flush_out()
 
-    def _write(self, request: WriteRequest) -> None:
+    def _write(self, request: WriteRequest, done: int = 0) -> None:
+        """
+        Serve a WRITE; the first C{done} bytes of its payload are already
+        written (see L{IImmediateIO.write_now}).
+        """
         self._flush_views()
         device = self._device
         assert device is not None
@@ -1019,7 +1142,11 @@ class NBDServerProtocol(Protocol):
         try:
             # The payload may be a bytearray (received straight into it);
             # every device accepts bytes-like data (the conformance tests say so).
-            result = device.write(request.offset, cast(bytes, request.data), request.fua)
+            if done:
+                rest = memoryview(request.data)[done:]
+                result = device.write(request.offset + done, cast(bytes, rest), request.fua)
+            else:
+                result = device.write(request.offset, cast(bytes, request.data), request.fua)
         except Exception:
             result = Failure()  # type: ignore[no-untyped-call]
         data = request.data

@@ -39,6 +39,7 @@ from twisted_nbd.interfaces import (
     Capabilities,
     Extent,
     IBlockDevice,
+    IImmediateIO,
     ISparseRead,
     Segment,
 )
@@ -257,7 +258,7 @@ def _device_size(fd: int, mode: int) -> int:
     return os.fstat(fd).st_size
 
 
-@implementer(IBlockDevice, ISparseRead)
+@implementer(IBlockDevice, ISparseRead, IImmediateIO)
 class FileBlockDevice:
     """
     An L{IBlockDevice} over one file descriptor, its blocking calls run in a
@@ -536,10 +537,35 @@ class FileBlockDevice:
         if length <= NOWAIT_READ_MAX and self._nowait and not self._closing:
             data = self._read_no_wait(offset, length)
             if data is not None:
-                return succeed(data)
+                return succeed(bytes(data))
         return self._run("read", offset, lambda: self._read_all(offset, length))
 
-    def _read_no_wait(self, offset: int, length: int) -> bytes | None:
+    def read_now(self, offset: int, length: int) -> bytearray | None:
+        """
+        The bytes at C{offset} if the page cache has them all (see
+        L{_read_no_wait}; L{IImmediateIO}), in a buffer of their own; else
+        C{None}.
+        """
+        if length > NOWAIT_READ_MAX or not self._nowait or self._closing:
+            return None
+        return self._read_no_wait(offset, length)
+
+    def write_now(self, offset: int, data: bytes | memoryview) -> int:
+        """
+        Write C{data} at C{offset} in the reactor thread where that cannot
+        wait on the disk (see L{_write_inline}; L{IImmediateIO}).
+
+        @return: how many bytes were written; 0 also when the write failed
+            (L{write} then reports why).
+        """
+        if not self._inline_writes or len(data) > INLINE_WRITE_MAX or self._closing:
+            return 0
+        try:
+            return self._write_inline(offset, data)  # type: ignore[arg-type]
+        except OSError:
+            return 0
+
+    def _read_no_wait(self, offset: int, length: int) -> bytearray | None:
         """
         Read from the page cache in the reactor thread, if the kernel can
         do it without waiting for the disk (C{preadv2} with C{RWF_NOWAIT},
@@ -564,7 +590,7 @@ class FileBlockDevice:
             return None
         # A short read means part of the range is not cached (or the file
         # shrank): let the pool do the whole read, which handles both.
-        return bytes(buffer) if got == length else None
+        return buffer if got == length else None
 
     def read_sparse(self, offset: int, length: int) -> Deferred[Sequence[Segment]]:
         """

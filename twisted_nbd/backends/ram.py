@@ -39,6 +39,7 @@ from twisted_nbd.interfaces import (
     Extent,
     IBlockDevice,
     IBufferRead,
+    IImmediateIO,
     ISparseRead,
     Segment,
 )
@@ -98,7 +99,7 @@ def _memfd(name: str, size: int) -> int:
     return fd
 
 
-@implementer(IBlockDevice, ISparseRead, IBufferRead)
+@implementer(IBlockDevice, ISparseRead, IBufferRead, IImmediateIO)
 class MappedMemoryDevice:
     """
     An L{IBlockDevice} in shared memory, sparse in chunks of L{CHUNK} bytes.
@@ -245,6 +246,26 @@ class MappedMemoryDevice:
 
     # Writing.
 
+    def read_now(self, offset: int, length: int) -> bytes:
+        """A copy of the bytes at C{offset} (L{IImmediateIO}); holes read as zeroes."""
+        return bytes(self.read_buffer(offset, length))
+
+    def write_now(self, offset: int, data: bytes | memoryview) -> int:
+        """
+        Copy C{data} to C{offset} (L{IImmediateIO}); always all of it.
+
+        @return: C{len(data)}.
+        """
+        length = len(data)
+        if length:
+            self._view[offset : offset + length] = data
+            first, last = offset >> _SHIFT, (offset + length - 1) >> _SHIFT
+            if first == last:
+                self._map[first] = _DATA_STATE
+            else:
+                self._map[first : last + 1] = b"\x01" * (last - first + 1)
+        return length
+
     def write(self, offset: int, data: bytes, fua: bool = False) -> Deferred[None]:
         """
         Copy C{data} to C{offset}. C{fua} changes nothing.
@@ -253,15 +274,7 @@ class MappedMemoryDevice:
         """
 
         def write() -> None:
-            length = len(data)
-            if not length:
-                return
-            self._view[offset : offset + length] = data
-            first, last = self._chunks(offset, length)
-            if first == last:
-                self._map[first] = _DATA_STATE
-            else:
-                self._map[first : last + 1] = b"\x01" * (last - first + 1)
+            self.write_now(offset, data)
 
         return _call(write)
 

@@ -1,0 +1,341 @@
+"""
+The server's tight loop for pipelined plain READs and WRITEs
+(L{NBDServerProtocol._simple}, L{ServerConnection.take_simple}) and every
+way out of it: a device that cannot answer at once, a partial write, FUA,
+a request that is not plain, the queue-depth limit, observers, and READ
+replies that are views of a RAM disk changed by a later WRITE in the same
+batch. Rule ids are from nbd-protocol.md.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+
+from tests import builders as b
+from twisted_nbd import _wire as w
+from twisted_nbd.backends.ram import MappedMemoryDevice
+from twisted_nbd.errors import NBDError
+from twisted_nbd.exports import Export, ExportRegistry
+from twisted_nbd.interfaces import IBlockDevice, IImmediateIO
+from twisted_nbd.observers import ServerObserver
+from twisted_nbd.protocol import NBDServerFactory, NBDServerProtocol
+from twisted_nbd.testing import ControllableBlockDevice
+
+SIZE = 1 << 20
+ADDRESS = IPv4Address("TCP", "127.0.0.1", 1)
+
+
+@implementer(IBlockDevice, IImmediateIO)
+class ImmediateDevice(ControllableBlockDevice):
+    """
+    A controllable device that also answers at once as told: C{read_now}
+    gives C{now_data} (or declines with C{None}), C{write_now} writes
+    C{now_written} bytes (C{None}: all of them). Every call is recorded.
+    """
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.now_data: bytes | None = None
+        self.now_written: int | None = None
+        self.now_calls: list[tuple[str, int, int]] = []
+
+    def read_now(self, offset: int, length: int) -> bytes | None:
+        self.now_calls.append(("read_now", offset, length))
+        return self.now_data
+
+    def write_now(self, offset: int, data: Any) -> int:
+        self.now_calls.append(("write_now", offset, len(data)))
+        return len(data) if self.now_written is None else self.now_written
+
+
+def serve(
+    device: IBlockDevice,
+    structured: bool = False,
+    extended: bool = False,
+    max_queue_depth: int = 16,
+    observers: tuple[Any, ...] = (),
+) -> tuple[NBDServerProtocol, StringTransport]:
+    """A connection to C{device} past NBD_OPT_GO, its output cleared."""
+    factory = NBDServerFactory(
+        ExportRegistry.of([Export("", device)]),
+        reactor=MemoryReactorClock(),
+        poll_max=0,
+        max_queue_depth=max_queue_depth,
+    )
+    for observer in observers:
+        factory.add_observer(observer)
+    proto = factory.buildProtocol(ADDRESS)
+    assert proto is not None
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    options = b""
+    if extended:
+        options += b.option(w.Opt.EXTENDED_HEADERS)
+    elif structured:
+        options += b.option(w.Opt.STRUCTURED_REPLY)
+    proto.dataReceived(b.client_flags() + options + b.go())
+    assert proto._device is not None, transport.value()
+    transport.clear()
+    return proto, transport
+
+
+def simple_replies(data: bytes, lengths: dict[int, int]) -> list[tuple[int, int, bytes]]:
+    """
+    Split simple replies into (error, cookie, data); C{lengths} gives the
+    data length of each successful READ's reply by cookie.
+    """
+    out = []
+    position = 0
+    while position < len(data):
+        magic, error, cookie = struct.unpack_from(">IIQ", data, position)
+        assert magic == w.SIMPLE_REPLY_MAGIC, hex(magic)
+        position += 16
+        size = 0 if error else lengths.get(cookie, 0)
+        out.append((error, cookie, data[position : position + size]))
+        position += size
+    return out
+
+
+class RamBatchTests(SynchronousTestCase):
+    """A RAM disk (replies straight from its memory) in the tight loop."""
+
+    def setUp(self) -> None:
+        self.device = MappedMemoryDevice(SIZE)
+        self.addCleanup(self.device.close)
+
+    def test_read_view_then_write_in_one_batch(self) -> None:
+        """
+        C-01, T-12: a READ answered with a view of the disk and a WRITE of
+        the same bytes later in the same batch: the READ's reply carries
+        the data as it was when it was read, and a READ after the WRITE
+        sees the new data.
+        """
+        old, new = b"o" * 4096, b"n" * 4096
+        self.device.write_now(8192, old)
+        proto, transport = serve(self.device)
+        proto.dataReceived(b.read(1, 8192, 4096) + b.write(2, 8192, new) + b.read(3, 8192, 4096))
+        replies = simple_replies(transport.value(), {1: 4096, 3: 4096})
+        self.assertEqual(replies, [(0, 1, old), (0, 2, b""), (0, 3, new)])
+
+    def test_counts(self) -> None:
+        """The connection's counts (its log line, /connections) include the batch."""
+        proto, transport = serve(self.device)
+        proto.dataReceived(
+            b.write(1, 0, b"x" * 4096) + b.read(2, 0, 8192) + b.write(3, 4096, b"y" * 512)
+        )
+        self.assertEqual(len(simple_replies(transport.value(), {2: 8192})), 3)
+        self.assertEqual(
+            (proto.info.requests, proto.info.bytes_read, proto.info.bytes_written),
+            (3, 8192, 4608),
+        )
+
+    def test_other_requests_between(self) -> None:
+        """
+        A FLUSH and an out-of-bounds READ in the middle of a batch take the
+        general path (the READ gets EINVAL, T-21) and the loop goes on after them.
+        """
+        proto, transport = serve(self.device)
+        proto.dataReceived(
+            b.write(1, 0, b"a" * 512)
+            + b.request(w.Cmd.FLUSH, 2)
+            + b.read(3, SIZE, 512)
+            + b.read(4, 0, 512)
+        )
+        replies = simple_replies(transport.value(), {4: 512})
+        self.assertEqual(
+            replies,
+            [(0, 1, b""), (0, 2, b""), (int(w.Errno.EINVAL), 3, b""), (0, 4, b"a" * 512)],
+        )
+
+    def test_request_across_chunks(self) -> None:
+        """A WRITE whose payload arrives in pieces is served all the same."""
+        proto, transport = serve(self.device)
+        message = b.write(1, 0, b"z" * 4096) + b.read(2, 0, 4096)
+        for start in range(0, len(message), 1000):
+            proto.dataReceived(message[start : start + 1000])
+        self.assertEqual(
+            simple_replies(transport.value(), {2: 4096}), [(0, 1, b""), (0, 2, b"z" * 4096)]
+        )
+
+    def test_structured_read(self) -> None:
+        """T-14: with structured replies a READ is one OFFSET_DATA chunk with DONE."""
+        self.device.write_now(4096, b"s" * 4096)
+        proto, transport = serve(self.device, structured=True)
+        proto.dataReceived(b.read(7, 4096, 4096))
+        chunks = b.parse_chunks(transport.value())
+        self.assertEqual(
+            chunks,
+            [
+                (
+                    int(w.ReplyFlags.DONE),
+                    int(w.ChunkType.OFFSET_DATA),
+                    7,
+                    struct.pack(">Q", 4096) + b"s" * 4096,
+                )
+            ],
+        )
+
+    def test_extended_headers(self) -> None:
+        """Extended headers: requests and replies of 32 bytes in the loop too."""
+        proto, transport = serve(self.device, extended=True)
+        proto.dataReceived(
+            b.ext_request(w.Cmd.WRITE, 1, 512, 512, int(w.CmdFlags.PAYLOAD_LEN), b"e" * 512)
+            + b.ext_request(w.Cmd.READ, 2, 512, 512)
+        )
+        chunks = b.parse_ext_chunks(transport.value())
+        done = int(w.ReplyFlags.DONE)
+        self.assertEqual(
+            chunks,
+            [
+                (done, int(w.ChunkType.NONE), 1, 512, b""),
+                (done, int(w.ChunkType.OFFSET_DATA), 2, 512, struct.pack(">Q", 512) + b"e" * 512),
+            ],
+        )
+
+    def test_large_read_is_sparse(self) -> None:
+        """
+        T-15: a large READ over a hole still goes the sparse way (an
+        OFFSET_HOLE chunk), not as a run of zero bytes.
+        """
+        proto, transport = serve(self.device, structured=True)
+        proto.dataReceived(b.read(1, 0, 512 * 1024))
+        chunks = b.parse_chunks(transport.value())
+        self.assertEqual([c[1] for c in chunks], [int(w.ChunkType.OFFSET_HOLE)])
+
+    def test_observers_see_every_request(self) -> None:
+        """With an observer, every request is reported (the general path)."""
+        seen: list[int] = []
+
+        class Seen(ServerObserver):
+            def request_started(self, info: Any, request: Any) -> None:
+                seen.append(request.cookie)
+
+        proto, transport = serve(self.device, observers=(Seen(),))
+        proto.dataReceived(b.write(1, 0, b"w" * 512) + b.read(2, 0, 512))
+        self.assertEqual(seen, [1, 2])
+        self.assertEqual(len(simple_replies(transport.value(), {2: 512})), 2)
+
+
+class FallbackTests(SynchronousTestCase):
+    """What the device cannot do at once goes the general way."""
+
+    def setUp(self) -> None:
+        self.device = ImmediateDevice(SIZE)
+
+    def test_read_declined(self) -> None:
+        """A READ that read_now declines is passed to read(); its reply waits for it."""
+        proto, transport = serve(self.device)
+        proto.dataReceived(b.read(1, 4096, 512))
+        self.assertEqual(self.device.now_calls, [("read_now", 4096, 512)])
+        call = self.device.take("read")
+        self.assertEqual(call.args, {"offset": 4096, "length": 512})
+        self.assertEqual(transport.value(), b"")
+        call.succeed(b"r" * 512)
+        self.assertEqual(simple_replies(transport.value(), {1: 512}), [(0, 1, b"r" * 512)])
+
+    def test_read_at_once(self) -> None:
+        """A READ that read_now answers never reaches read()."""
+        self.device.now_data = b"q" * 512
+        proto, transport = serve(self.device)
+        proto.dataReceived(b.read(1, 0, 512))
+        self.assertEqual(simple_replies(transport.value(), {1: 512}), [(0, 1, b"q" * 512)])
+        self.assertEqual(self.device.calls, [])
+
+    def test_read_wrong_length(self) -> None:
+        """Data of the wrong length from read_now is not sent: read() is asked."""
+        self.device.now_data = b"short"
+        proto, transport = serve(self.device)
+        proto.dataReceived(b.read(1, 0, 512))
+        self.device.take("read").succeed(b"k" * 512)
+        self.assertEqual(simple_replies(transport.value(), {1: 512}), [(0, 1, b"k" * 512)])
+
+    def test_write_declined(self) -> None:
+        """A WRITE that write_now declines goes to write() whole."""
+        self.device.now_written = 0
+        proto, transport = serve(self.device)
+        proto.dataReceived(b.write(1, 1024, b"d" * 1024))
+        call = self.device.take("write")
+        self.assertEqual((call.args["offset"], bytes(call.args["data"])), (1024, b"d" * 1024))
+        self.assertEqual(transport.value(), b"")
+        call.succeed(None)
+        self.assertEqual(simple_replies(transport.value(), {}), [(0, 1, b"")])
+
+    def test_write_partly_done(self) -> None:
+        """
+        A WRITE that write_now did in part: write() gets the rest, and the
+        reply (to the whole request) waits for it.
+        """
+        self.device.now_written = 1536
+        proto, transport = serve(self.device)
+        payload = bytes(range(256)) * 16
+        proto.dataReceived(b.write(9, 8192, payload))
+        call = self.device.take("write")
+        self.assertEqual(
+            (call.args["offset"], bytes(call.args["data"])), (8192 + 1536, payload[1536:])
+        )
+        self.assertEqual(transport.value(), b"")
+        call.succeed(None)
+        self.assertEqual(simple_replies(transport.value(), {}), [(0, 9, b"")])
+        self.assertEqual(proto.info.bytes_written, 4096)
+
+    def test_write_failure_reported(self) -> None:
+        """A WRITE that write() then fails gets its error (T-17), not OK."""
+        self.device.now_written = 0
+        proto, transport = serve(self.device)
+        proto.dataReceived(b.write(1, 0, b"f" * 512))
+        self.device.take("write").fail(NBDError(w.Errno.ENOSPC, "disk full"))
+        self.assertEqual(simple_replies(transport.value(), {}), [(int(w.Errno.ENOSPC), 1, b"")])
+
+    def test_fua_not_at_once(self) -> None:
+        """C-07: a WRITE with FUA is never done by write_now (it must reach stable storage)."""
+        proto, transport = serve(self.device)
+        proto.dataReceived(b.write(1, 0, b"u" * 512, flags=int(w.CmdFlags.FUA)))
+        self.assertNotIn("write_now", [c[0] for c in self.device.now_calls])
+        call = self.device.take("write")
+        self.assertTrue(call.args["fua"])
+
+    def test_queue_depth_holds(self) -> None:
+        """
+        Requests the device cannot answer at once count against the queue
+        depth: with 3 allowed, a batch of 6 declined WRITEs puts 3 in the
+        device and reading stops until one finishes.
+        """
+        self.device.now_written = 0
+        proto, transport = serve(self.device, max_queue_depth=3)
+        proto.dataReceived(b"".join(b.write(i, i * 512, b"q" * 512) for i in range(6)))
+        self.assertEqual(len(self.device.calls), 3)
+        self.assertEqual(proto.in_flight, 3)
+        self.assertEqual(transport.producerState, "paused")
+        self.device.take("write").succeed(None)
+        self.assertEqual(len(self.device.calls), 3)
+        for _ in range(5):
+            self.device.take("write").succeed(None)
+        self.assertEqual(len(simple_replies(transport.value(), {})), 6)
+        self.assertEqual(proto.in_flight, 0)
+        self.assertEqual(transport.producerState, "producing")
+
+
+class WireTests(SynchronousTestCase):
+    """The read reply head encoder matches the general encoders."""
+
+    def test_modes(self) -> None:
+        for structured, extended in ((False, False), (True, False), (True, True)):
+            encode = w.read_reply_head_encoder(structured, extended)
+            if not structured:
+                expected = w.encode_simple_reply(0, 5)
+            else:
+                expected = w.encode_chunk_header(
+                    int(w.ReplyFlags.DONE),
+                    int(w.ChunkType.OFFSET_DATA),
+                    5,
+                    8 + 4096,
+                    12288,
+                    extended,
+                ) + w.encode_offset_data_head(12288)
+            self.assertEqual(encode(5, 12288, 4096), expected, (structured, extended))
