@@ -991,7 +991,8 @@ class NBDServerProtocol(Protocol):
         the device cannot answer at once goes the general way from here;
         anything that is not a plain READ or WRITE is left to L{_parse}.
 
-        @return: whether any request was taken.
+        @return: whether it stopped for the connection's limits or state
+            (else the front is not a plain request: L{_parse} goes on with it).
         """
         device = self._device
         assert device is not None
@@ -1008,7 +1009,6 @@ class NBDServerProtocol(Protocol):
         )
         info = self.info
         out = self._out
-        taken_any = False
         while not (
             self._closed
             or self._transport_paused
@@ -1017,8 +1017,7 @@ class NBDServerProtocol(Protocol):
         ):
             simple = take()
             if simple is None:
-                break
-            taken_any = True
+                return False
             command, flags, cookie, offset, length, payload = simple
             if payload is None:
                 data: Any = None
@@ -1061,7 +1060,7 @@ class NBDServerProtocol(Protocol):
             if self._out_bytes >= _CORK_LIMIT:
                 self._flush_out()
                 out = self._out
-        return taken_any
+        return True
 
     def _read(self, request: ReadRequest) -> None:
         device = self._device
