@@ -217,7 +217,7 @@ class OptionsTests(TestCase):
         self.assertEqual(options["listen"], [DEFAULT_LISTEN])
         self.assertEqual(DEFAULT_LISTEN, "tcp:10809")
         self.assertEqual(options["max-queue-depth"], 64)
-        self.assertEqual(options["max-bytes-in-flight"], 64 * MiB)
+        self.assertEqual(options["max-bytes-in-flight"], 8 * MiB)
 
     def test_memory(self) -> None:
         """

@@ -252,7 +252,7 @@ class Options(usage.Options):
         [
             "max-bytes-in-flight",
             None,
-            "64M",
+            "8M",
             "Stop reading a connection's requests while their payloads in flight reach SIZE.",
         ],
         [

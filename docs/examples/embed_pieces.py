@@ -35,7 +35,7 @@ def make_service(reactor: Any, listen: str) -> NBDService:
         default_name="scratch",
     )
     factory = NBDServerFactory(
-        registry, max_queue_depth=64, max_bytes_in_flight=64 * MiB, reactor=reactor
+        registry, max_queue_depth=64, max_bytes_in_flight=8 * MiB, reactor=reactor
     )
     # NBDService stops in order: stop listening, let the connections finish
     # (at most shutdown_timeout seconds), then stop its child named "device".
