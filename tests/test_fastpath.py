@@ -9,16 +9,19 @@ batch. Rule ids are from nbd-protocol.md.
 
 from __future__ import annotations
 
+import os
 import struct
 from typing import Any
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from tests import builders as b
 from twisted_nbd import _wire as w
+from twisted_nbd.backends.file import FileBlockDevice, create_image
 from twisted_nbd.backends.ram import MappedMemoryDevice
 from twisted_nbd.errors import NBDError
 from twisted_nbd.exports import Export, ExportRegistry
@@ -28,6 +31,7 @@ from twisted_nbd.protocol import NBDServerFactory, NBDServerProtocol
 from twisted_nbd.testing import ControllableBlockDevice
 
 SIZE = 1 << 20
+MiB = 1 << 20
 ADDRESS = IPv4Address("TCP", "127.0.0.1", 1)
 
 
@@ -339,3 +343,41 @@ class WireTests(SynchronousTestCase):
                     extended,
                 ) + w.encode_offset_data_head(12288)
             self.assertEqual(encode(5, 12288, 4096), expected, (structured, extended))
+
+
+class FileReadNowTests(SynchronousTestCase):
+    """What the file device answers at once, and what it leaves to the pool."""
+
+    def make(self, data: bytes | None) -> FileBlockDevice:
+        """A file device on a new 2 MiB image: all C{data}, or all hole."""
+        directory = self.mktemp()
+        os.makedirs(directory)
+        path = os.path.join(directory, "disk.img")
+        create_image(path, 2 * MiB)
+        if data is not None:
+            with open(path, "r+b") as f:
+                f.write(data)
+        device = FileBlockDevice(path, threadpool=ThreadPool(0, 1))
+        self.addCleanup(device._really_close)
+        return device
+
+    def test_large_read_without_holes(self) -> None:
+        """
+        A 1 MiB READ of a file without holes that the page cache holds is
+        answered at once (no pool round trip), with the file's bytes.
+        """
+        data = os.urandom(2 * MiB)
+        device = self.make(data)
+        got = device.read_now(MiB // 2, MiB)
+        if device._nowait:
+            # Just written, so cached.
+            self.assertEqual(bytes(got or b""), data[MiB // 2 : MiB // 2 + MiB])
+        else:
+            # This kernel or file system cannot read without blocking.
+            self.assertIsNone(got)
+        self.assertIsNone(device.read_now(0, MiB + 4096), "over the inline maximum")
+
+    def test_large_read_of_sparse_file(self) -> None:
+        """T-15: a large READ of a file with holes is left to the sparse path."""
+        device = self.make(None)
+        self.assertIsNone(device.read_now(0, 512 * 1024))

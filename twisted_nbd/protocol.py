@@ -1021,17 +1021,19 @@ class NBDServerProtocol(Protocol):
             command, flags, cookie, offset, length, payload = simple
             if payload is None:
                 data: Any = None
-                if length < sparse_min or flags & _DF:
-                    try:
-                        if read_buffer is not None:
+                try:
+                    if read_buffer is not None:
+                        if length < sparse_min or flags & _DF:
                             data = read_buffer(offset, length)
                             if type(data) is memoryview:
                                 # Copied if a WRITE comes before it is sent.
                                 self._view_pieces.append(len(out) + 1)
-                        elif read_now is not None:
-                            data = read_now(offset, length)
-                    except Exception:
-                        data = None
+                    elif read_now is not None:
+                        # The device knows best whether a large READ would
+                        # be worth answering sparsely.
+                        data = read_now(offset, length)
+                except Exception:
+                    data = None
                 if data is None or len(data) != length:
                     if data is not None and read_buffer is not None and type(data) is memoryview:
                         self._view_pieces.pop()

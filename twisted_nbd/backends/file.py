@@ -131,6 +131,10 @@ NOWAIT_READ_MAX = 128 * 1024
 
 _RWF_NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)
 
+#: In a file without holes, reads up to this size are tried at once
+#: (L{FileBlockDevice.read_now}), there being nothing to answer sparsely.
+INLINE_READ_MAX = 1024 * 1024
+
 #: Writes up to this size are done in the reactor thread when they cannot
 #: wait on the disk (see L{FileBlockDevice._write_inline}); larger ones, and
 #: FUA writes, go to the pool. A 1 MiB write into the page cache takes a few
@@ -546,7 +550,11 @@ class FileBlockDevice:
         L{_read_no_wait}; L{IImmediateIO}), in a buffer of their own; else
         C{None}.
         """
-        if length > NOWAIT_READ_MAX or not self._nowait or self._closing:
+        if (
+            length > (NOWAIT_READ_MAX if self._maybe_sparse else INLINE_READ_MAX)
+            or not self._nowait
+            or self._closing
+        ):
             return None
         return self._read_no_wait(offset, length)
 
