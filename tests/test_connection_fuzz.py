@@ -19,6 +19,7 @@ from tests.test_connection import new_connection, registry
 from twisted_nbd._connection import NEED_DATA, ServerConnection
 from twisted_nbd._wire import Cmd, CmdFlags, Opt
 from twisted_nbd.errors import ProtocolViolation
+from twisted_nbd.events import ReadRequest, WriteRequest
 from twisted_nbd.interfaces import Capabilities
 
 SIZE = 1 << 20
@@ -134,9 +135,13 @@ class FuzzTests(SynchronousTestCase):
 
 
 def _session(
-    conn: ServerConnection, setup: bytes, data: bytes, shut: bool
+    conn: ServerConnection, setup: bytes, data: bytes, shut: bool, simple: bool = False
 ) -> tuple[list[object], bytes]:
-    """Events and output of C{data} sent after C{setup} (the handshake)."""
+    """
+    Events and output of C{data} sent after C{setup} (the handshake); with
+    C{simple}, taking what L{ServerConnection.take_simple} gives first, as
+    the server's tight loop does, turned into the events it stands for.
+    """
     events: list[object] = []
     conn.receive_data(setup)
     while conn.next_event() is not NEED_DATA:
@@ -146,6 +151,15 @@ def _session(
         conn.shutdown()
     conn.receive_data(data)
     while True:
+        if simple:
+            taken = conn.take_simple()
+            if taken is not None:
+                command, flags, cookie, offset, length, payload = taken
+                if payload is None:
+                    events.append(ReadRequest(cookie, offset, length, flags))
+                else:
+                    events.append(WriteRequest(cookie, offset, payload, bool(flags & CmdFlags.FUA)))
+                continue
         try:
             event = conn.next_event()
         except ProtocolViolation as e:
@@ -181,8 +195,9 @@ def _payload(length: int) -> bytes:
 
 class FastPathTests(SynchronousTestCase):
     """
-    The fast path for plain READs and WRITEs in L{ServerConnection._request}
-    decides exactly as the full path (L{check_request} and friends) does.
+    The fast path for plain READs and WRITEs in L{ServerConnection._request},
+    and L{ServerConnection.take_simple} for the server's tight loop, decide
+    exactly as the full path (L{check_request} and friends) does.
     """
 
     @settings(max_examples=600, suppress_health_check=[HealthCheck.too_slow])
@@ -226,7 +241,7 @@ class FastPathTests(SynchronousTestCase):
                     length = len(payload)
                 data += b.request(command, 7, offset & (2**64 - 1), length, flags, payload)
         outcomes = []
-        for fast in (True, False):
+        for fast, simple in ((True, True), (True, False), (False, False)):
             conn = new_connection(registry(caps=caps, read_only=read_only))
             conn.data_to_send()
             real_enter = conn._enter_transmission
@@ -241,5 +256,6 @@ class FastPathTests(SynchronousTestCase):
                 conn._fast = fast
 
             conn._enter_transmission = enter  # type: ignore[method-assign]
-            outcomes.append(_session(conn, hello, data, shut))
-        self.assertEqual(outcomes[0], outcomes[1])
+            outcomes.append(_session(conn, hello, data, shut, simple))
+        self.assertEqual(outcomes[1], outcomes[2])
+        self.assertEqual(outcomes[0], outcomes[2], "take_simple")

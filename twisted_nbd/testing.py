@@ -33,6 +33,7 @@ from twisted_nbd.interfaces import (
     Extent,
     IBlockDevice,
     IBufferRead,
+    IImmediateIO,
     ISparseRead,
 )
 
@@ -669,6 +670,33 @@ class BlockDeviceConformanceMixin(_ConformanceBase):
             except Exception:
                 continue
             self._assert_bytes(data, bytes(model[offset : offset + length]), "read_buffer")
+
+    async def test_immediate_io_agrees(self) -> None:
+        """
+        A device that provides L{IImmediateIO} returns from C{read_now}
+        what C{read} does (or declines with C{None}); what C{write_now}
+        says it wrote, C{read} then returns, and the rest is unchanged.
+        """
+        device = await self._open()
+        if not IImmediateIO.providedBy(device):
+            raise SkipTest("the device does not provide IImmediateIO")
+        model = await self._scatter(device)
+        step = device.capabilities.min_block
+        for offset, length in [(0, 4 * _KiB), (_MiB - 4 * _KiB, 64 * _KiB), (5 * _MiB, 4 * _KiB)]:
+            offset -= offset % step
+            data = device.read_now(offset, length)
+            if data is not None:
+                self._assert_bytes(data, bytes(model[offset : offset + length]), "read_now")
+        if not device.capabilities.can_write:
+            return
+        offset, payload = 2 * _MiB + step, _pattern(8 * _KiB, 99)
+        done = device.write_now(offset, memoryview(payload))
+        self._expect(0 <= done <= len(payload), f"write_now returned {done}")
+        model[offset : offset + done] = payload[:done]
+        data = await device.read(offset - step, len(payload) + 2 * step)
+        self._assert_bytes(
+            data, bytes(model[offset - step : offset + len(payload) + step]), "read after write_now"
+        )
 
     async def test_concurrent_requests(self) -> None:
         """
