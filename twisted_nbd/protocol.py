@@ -255,7 +255,6 @@ class NBDServerProtocol(Protocol):
         self._idle_since = 0.0
         self._now: Callable[[], float] = time.perf_counter
         self._socket: socket.socket | None = None
-        self._poll_buffer: bytearray | None = None
         # Payload buffers for large WRITEs, kept for reuse, by size.
         self._spare: dict[int, list[bytearray]] = {}
         self._spare_bytes = 0
@@ -354,6 +353,22 @@ class NBDServerProtocol(Protocol):
         if poll_max:
             self._idle_since = self._now()
 
+    def records_received(self, records: Sequence[bytes]) -> None:
+        """
+        Several TLS records' worth of plaintext at once (from
+        L{twisted_nbd._tls_socket.SocketTLS}): parsed together, so the
+        replies to the requests in them are written together.
+        """
+        if self._closed:
+            return
+        guard = self._guard
+        if guard is not None:
+            guard.active = True
+        receive = self._conn.receive_data
+        for data in records:
+            receive(data)
+        self._parse()
+
     def _poll(self) -> None:
         """
         Busy-poll the socket for the client's next request for a little
@@ -376,15 +391,13 @@ class NBDServerProtocol(Protocol):
         window = self._poll_window
         deadline = now() + window
         conn = self._conn
-        buffer = self._poll_buffer
-        if buffer is None:
-            buffer = self._poll_buffer = bytearray(POLL_BUFFER)
         for _ in range(POLL_REQUESTS):
             while True:
                 try:
-                    # Into a buffer kept for this: one system call per try,
-                    # and nothing allocated when nothing has come.
-                    count = sock.recv_into(buffer, POLL_BUFFER, socket.MSG_DONTWAIT)
+                    # Straight into a new bytes object, as Twisted's doRead
+                    # does: the payloads in it are not copied again in Python
+                    # (a try that finds nothing costs a malloc and a free).
+                    data = sock.recv(POLL_BUFFER, socket.MSG_DONTWAIT)
                 except BlockingIOError:
                     if now() >= deadline:
                         self._poll_window = window / 2 if window > POLL_MIN else 0.0
@@ -399,10 +412,10 @@ class NBDServerProtocol(Protocol):
                 except OSError:
                     return
                 break
-            if not count:
+            if not data:
                 return  # end of stream: the reactor will see it too
             self._poll_misses = 0
-            conn.receive_data(bytes(memoryview(buffer)[:count]))
+            conn.receive_data(data)
             self._parse()
             if self._closed or self._must_wait() or (receiver is not None and receiver.active):
                 return
