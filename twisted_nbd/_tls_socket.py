@@ -118,39 +118,57 @@ class SocketTLS:
             self._on_handshake()
             if self.transport.disconnecting or not self.transport.connected:
                 return None
+        # The records read now are handed over together (when the protocol
+        # takes several at once): a client sends each request in a record of
+        # its own, and parsing them together lets their replies share
+        # records and system calls.
         protocol = self.transport.protocol
+        deliver_many = getattr(protocol, "records_received", None)
+        records: list[bytes] = []
+        why: Any = None
         for _ in range(_MAX_RECORDS):
             try:
                 data = conn.recv(_READ_SIZE)
             except SSL.WantReadError:
-                return None
+                break
             except SSL.WantWriteError:
                 # A post-handshake message (a key update) must be sent first
                 # and the socket is full: try again shortly.
                 self._retry_soon(0.001)
-                return None
+                break
             except SSL.ZeroReturnError:
                 # The client's close_notify: a clean end.
-                return main.CONNECTION_DONE
+                why = main.CONNECTION_DONE
+                break
             except SSL.SysCallError as e:
                 if e.args and e.args[0] == -1:
                     # End of stream without close_notify: many clients just close.
-                    return main.CONNECTION_DONE
-                return self._failed(e)
+                    why = main.CONNECTION_DONE
+                else:
+                    why = self._failed(e)
+                break
             except SSL.Error as e:
-                return self._failed(e)
+                why = self._failed(e)
+                break
             if not data:
-                return main.CONNECTION_DONE
+                why = main.CONNECTION_DONE
+                break
+            if deliver_many is not None:
+                records.append(data)
+                continue
             protocol.dataReceived(data)
             if not self.transport.connected or self.transport.disconnecting:
                 return None
             if not self._reading():
                 # Paused: what OpenSSL still holds is read on resume_reading.
                 return None
-        # Records may remain in OpenSSL's buffer, which epoll cannot see:
-        # come back on the reactor's next turn.
-        self.resume_reading()
-        return None
+        else:
+            # Records may remain in OpenSSL's buffer, which epoll cannot see:
+            # come back on the reactor's next turn.
+            self.resume_reading()
+        if records and deliver_many is not None:
+            deliver_many(records)
+        return why
 
     def resume_reading(self) -> None:
         """
