@@ -238,11 +238,10 @@ class ServerConnection(SansIOConnection[Event]):
         self._extended = False
         self._structured = False
         self._header_size = w.request_size(False)
-        self._encode_ok = w.ok_reply_encoder(False, False)
-        #: For the caller's tight loop (see take_simple): the success reply
-        #: without data, C{(cookie, offset) -> bytes}, and what precedes a
+        #: The success reply without data, C{(cookie, offset) -> bytes}, and
+        #: (for the caller's tight loop, see take_simple) what precedes a
         #: READ's data, C{(cookie, offset, length) -> bytes}, in this mode.
-        self.encode_ok = self._encode_ok
+        self.encode_ok = w.ok_reply_encoder(False, False)
         self.encode_read_head = w.read_reply_head_encoder(False, False)
         self._request_struct = w.REQUEST
         self._send(w.encode_greeting(self.config.handshake_flags))
@@ -593,7 +592,7 @@ class ServerConnection(SansIOConnection[Event]):
         self._extended = negotiated.extended_headers
         self._structured = negotiated.structured_replies
         self._header_size = w.request_size(self._extended)
-        self._encode_ok = self.encode_ok = w.ok_reply_encoder(self._structured, self._extended)
+        self.encode_ok = w.ok_reply_encoder(self._structured, self._extended)
         # What the fast path of _request accepts without asking check_request:
         # a READ or WRITE whose flags are allowed (PAYLOAD_LEN aside), in
         # bounds, aligned and not over the maximum payload. Anything else,
@@ -967,7 +966,7 @@ class ServerConnection(SansIOConnection[Event]):
     # ------------------------------------------------------------ replies
 
     def _ok(self, cookie: int, offset: int) -> bytes:
-        return self._encode_ok(cookie, offset)
+        return self.encode_ok(cookie, offset)
 
     def _error(
         self, cookie: int, offset: int, errno: int, message: str, is_read: bool
@@ -983,7 +982,7 @@ class ServerConnection(SansIOConnection[Event]):
 
     def reply_ok(self, request: Request) -> list[bytes]:
         """The bytes of a success reply without data (anything but READ)."""
-        return [self._encode_ok(request.cookie, request.offset)]
+        return [self.encode_ok(request.cookie, request.offset)]
 
     def reply_read(self, request: ReadRequest, data: bytes) -> list[bytes]:
         """

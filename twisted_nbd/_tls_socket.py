@@ -118,12 +118,9 @@ class SocketTLS:
             self._on_handshake()
             if self.transport.disconnecting or not self.transport.connected:
                 return None
-        # The records read now are handed over together (when the protocol
-        # takes several at once): a client sends each request in a record of
-        # its own, and parsing them together lets their replies share
-        # records and system calls.
-        protocol = self.transport.protocol
-        deliver_many = getattr(protocol, "records_received", None)
+        # The records read now are handed over together: a client sends each
+        # request in a record of its own, and parsing them together lets
+        # their replies share records and system calls.
         records: list[bytes] = []
         why: Any = None
         for _ in range(_MAX_RECORDS):
@@ -153,21 +150,13 @@ class SocketTLS:
             if not data:
                 why = main.CONNECTION_DONE
                 break
-            if deliver_many is not None:
-                records.append(data)
-                continue
-            protocol.dataReceived(data)
-            if not self.transport.connected or self.transport.disconnecting:
-                return None
-            if not self._reading():
-                # Paused: what OpenSSL still holds is read on resume_reading.
-                return None
+            records.append(data)
         else:
             # Records may remain in OpenSSL's buffer, which epoll cannot see:
             # come back on the reactor's next turn.
             self.resume_reading()
-        if records and deliver_many is not None:
-            deliver_many(records)
+        if records:
+            self.transport.protocol.records_received(records)
         return why
 
     def resume_reading(self) -> None:

@@ -1038,9 +1038,6 @@ class NBDServerProtocol(Protocol):
                     if read_buffer is not None:
                         if length < sparse_min or flags & _DF:
                             data = read_buffer(offset, length)
-                            if type(data) is memoryview:
-                                # Copied if a WRITE comes before it is sent.
-                                self._view_pieces.append(len(out) + 1)
                     elif read_now is not None:
                         # The device knows best whether a large READ would
                         # be worth answering sparsely.
@@ -1048,14 +1045,16 @@ class NBDServerProtocol(Protocol):
                 except Exception:
                     data = None
                 if data is None or len(data) != length:
-                    if data is not None and read_buffer is not None and type(data) is memoryview:
-                        self._view_pieces.pop()
                     self._read(ReadRequest(cookie, offset, length, flags))
                     out = self._out
                     continue
                 info.requests += 1
                 info.bytes_read += length
                 out.append(read_head(cookie, offset, length))
+                if type(data) is memoryview:
+                    # A view of the device's memory: copied if a WRITE comes
+                    # before it is sent (see _flush_views).
+                    self._view_pieces.append(len(out))
                 out.append(data)
             else:
                 if self._view_pieces or self._out_views:

@@ -259,7 +259,7 @@ class MappedMemoryDevice:
         length = len(data)
         if length:
             self._view[offset : offset + length] = data
-            first, last = offset >> _SHIFT, (offset + length - 1) >> _SHIFT
+            first, last = self._chunks(offset, length)
             if first == last:
                 self._map[first] = _DATA_STATE
             else:
