@@ -37,7 +37,7 @@ import json
 import os
 import signal
 from dataclasses import asdict, replace
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -453,12 +453,9 @@ class ExportManager:
         """
         new = load_for_reload(self.config, self.config_path)
         wanted = {spec.name: spec for spec in new.exports}
-        added = [n for n in wanted if n not in self.registry.exports]
-        changed = [
-            n for n in wanted if n in self.registry.exports and self.specs.get(n) != wanted[n]
-        ]
-        removed = [n for n in self.registry.exports if n not in wanted]
-        unchanged = [n for n in wanted if n not in added and n not in changed]
+        added, changed, removed, unchanged = reload_plan(
+            {n: self.specs.get(n) for n in self.registry.exports}, wanted
+        )
         opened: dict[str, Export] = {}
         try:
             for name in added + changed:
@@ -516,6 +513,24 @@ def load_for_reload(config: Config, config_path: str | None) -> Config:
     except (ConfigError, SpecError) as e:
         raise AdminError(422, "invalid-config", str(e)) from None
     return new
+
+
+def reload_plan(
+    current: Mapping[str, ExportSpec | None], wanted: Mapping[str, ExportSpec]
+) -> tuple[list[str], list[str], list[str], list[str]]:
+    """
+    What a reload does, by export name: the names in C{wanted} that are
+    new, those whose spec differs from C{current}'s (an export served
+    without a spec, C{None}, always differs), those only in C{current},
+    and the rest of C{wanted}.
+
+    @return: C{(added, changed, removed, unchanged)}.
+    """
+    added = [n for n in wanted if n not in current]
+    changed = [n for n in wanted if n in current and current[n] != wanted[n]]
+    removed = [n for n in current if n not in wanted]
+    unchanged = [n for n in wanted if n not in added and n not in changed]
+    return added, changed, removed, unchanged
 
 
 def _then(value: Any, f: Callable[[Any], Any]) -> Any:

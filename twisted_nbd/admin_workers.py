@@ -46,6 +46,7 @@ from twisted_nbd.admin import (
     ExportManager,
     load_for_reload,
     parse_export_spec,
+    reload_plan,
 )
 from twisted_nbd.backends import OpenContext
 from twisted_nbd.config import Config, ConfigError, ExportSpec, SpecError
@@ -394,10 +395,7 @@ class SupervisorExports:
         except (ConfigError, SpecError, PluginError) as e:
             raise AdminError(422, "invalid-config", str(e)) from None
         wanted = {spec.name: spec for spec in new.exports}
-        added = [n for n in wanted if n not in self.specs]
-        changed = [n for n in wanted if n in self.specs and self.specs[n] != wanted[n]]
-        removed = [n for n in self.specs if n not in wanted]
-        unchanged = [n for n in wanted if n not in added and n not in changed]
+        added, changed, removed, unchanged = reload_plan(self.specs, wanted)
         opened: dict[str, IBlockDevice] = {}
         try:
             for name in added + changed:
