@@ -10,11 +10,14 @@ batch. Rule ids are from nbd-protocol.md.
 from __future__ import annotations
 
 import os
+import socket
 import struct
 from typing import Any
 
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
@@ -25,7 +28,7 @@ from twisted_nbd.backends.file import FileBlockDevice, create_image
 from twisted_nbd.backends.ram import MappedMemoryDevice
 from twisted_nbd.errors import NBDError
 from twisted_nbd.exports import Export, ExportRegistry
-from twisted_nbd.interfaces import IBlockDevice, IImmediateIO
+from twisted_nbd.interfaces import IBlockDevice, IBufferWrite, IImmediateIO
 from twisted_nbd.observers import ServerObserver
 from twisted_nbd.protocol import NBDServerFactory, NBDServerProtocol
 from twisted_nbd.testing import ControllableBlockDevice
@@ -64,6 +67,7 @@ def serve(
     extended: bool = False,
     max_queue_depth: int = 16,
     observers: tuple[Any, ...] = (),
+    transport: StringTransport | None = None,
 ) -> tuple[NBDServerProtocol, StringTransport]:
     """A connection to C{device} past NBD_OPT_GO, its output cleared."""
     factory = NBDServerFactory(
@@ -76,7 +80,8 @@ def serve(
         factory.add_observer(observer)
     proto = factory.buildProtocol(ADDRESS)
     assert proto is not None
-    transport = StringTransport()
+    if transport is None:
+        transport = StringTransport()
     proto.makeConnection(transport)
     options = b""
     if extended:
@@ -381,3 +386,221 @@ class FileReadNowTests(SynchronousTestCase):
         """T-15: a large READ of a file with holes is left to the sparse path."""
         device = self.make(None)
         self.assertIsNone(device.read_now(0, 512 * 1024))
+
+
+class SocketTransport(StringTransport):
+    """
+    A L{StringTransport} with a socket behind it, so that the server
+    receives large WRITE payloads from the socket (its C{PayloadReceiver}
+    replaces C{doRead}); L{feed} sends there and calls C{doRead} as a
+    reactor would.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(peerAddress=ADDRESS)
+        self.socket, self.peer = socket.socketpair()
+        self.socket.setblocking(False)
+
+    def doRead(self) -> object:  # noqa: N802 - FileDescriptor's name
+        raise AssertionError("doRead is only called while a payload is received directly")
+
+    def feed(self, data: bytes) -> None:
+        """Send C{data} through the socket, a piece at a time, reading each."""
+        for start in range(0, len(data), 65536):
+            assert "doRead" in self.__dict__, "the server is not receiving a payload"
+            self.peer.sendall(data[start : start + 65536])
+            self.doRead()
+
+    def close_sockets(self) -> None:
+        self.socket.close()
+        self.peer.close()
+
+
+@implementer(IBlockDevice, IBufferWrite)
+class BufferWriteDevice(ControllableBlockDevice):
+    """A controllable device whose memory can take payloads (or decline)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.memory = bytearray(size)
+        self.decline = False
+        self.buffer_calls: list[tuple[int, int]] = []
+
+    def write_buffer(self, offset: int, length: int) -> memoryview | None:
+        self.buffer_calls.append((offset, length))
+        return None if self.decline else memoryview(self.memory)[offset : offset + length]
+
+
+class InPlaceWriteTests(SynchronousTestCase):
+    """
+    Large WRITE payloads are received straight into the memory of a device
+    that provides L{IBufferWrite} (the RAM disk), and every way out of that.
+    """
+
+    def setUp(self) -> None:
+        self.transport = SocketTransport()
+        self.addCleanup(self.transport.close_sockets)
+
+    def ram(self) -> MappedMemoryDevice:
+        device = MappedMemoryDevice(4 * MiB)
+        self.addCleanup(device.close)
+        writes: list[int] = []
+        real = device.write
+
+        def write(offset: int, data: Any, fua: bool = False) -> Any:
+            writes.append(len(data))
+            return real(offset, data, fua)
+
+        device.write = write  # type: ignore[method-assign]
+        self.writes = writes
+        return device
+
+    def send_write(
+        self, proto: NBDServerProtocol, cookie: int, offset: int, payload: bytes, flags: int = 0
+    ) -> None:
+        """A WRITE: its header and first 1000 payload bytes, then the rest through the socket."""
+        message = b.write(cookie, offset, payload, flags=flags)
+        head = len(message) - len(payload) + 1000
+        proto.dataReceived(message[:head])
+        self.transport.feed(message[head:])
+
+    def test_received_in_place(self) -> None:
+        """
+        T-12: a 1 MiB WRITE to a RAM disk lands in its memory without a call
+        to C{write}; the bytes around it are unchanged, the chunks it
+        touches (some in part) are data, and the reply comes once it is all there.
+        """
+        device = self.ram()
+        proto, transport = serve(device, transport=self.transport)
+        payload = os.urandom(MiB)
+        offset = 100_000  # not on a chunk boundary at either end
+        self.send_write(proto, 7, offset, payload)
+        self.assertEqual(simple_replies(transport.value(), {}), [(0, 7, b"")])
+        self.assertEqual(self.writes, [])
+        self.assertEqual(bytes(device.read_buffer(offset, MiB)), payload)
+        self.assertEqual(bytes(device.read_buffer(0, offset)), bytes(offset))
+        self.assertEqual(bytes(device.read_buffer(offset + MiB, 4096)), bytes(4096))
+        extents = self.successResultOf(device.block_status(0, 2 * MiB))
+        # Data from the chunk the WRITE starts in to the one it ends in.
+        chunk = 64 * 1024
+        start, end = offset - offset % chunk, -(-(offset + MiB) // chunk) * chunk
+        self.assertEqual(
+            [(e.length, e.flags) for e in extents],
+            [(start, 3), (end - start, 0), (2 * MiB - end, 3)],
+        )
+        self.assertEqual(proto.info.bytes_written, MiB)
+        self.assertNotIn("doRead", transport.__dict__)
+        self.assertIsNone(proto._received_in_place)
+
+    def test_read_before_keeps_old_data(self) -> None:
+        """
+        C-01: a READ of the same bytes answered just before (its reply a
+        view of the disk) carries the data as it was, though the WRITE's
+        first bytes arrive in the same chunk.
+        """
+        device = self.ram()
+        old = b"o" * 4096
+        device.write_now(0, old)
+        proto, transport = serve(device, transport=self.transport)
+        payload = b"n" * (512 * 1024)
+        message = b.read(1, 0, 4096) + b.write(2, 0, payload)
+        head = len(message) - len(payload) + 4096
+        proto.dataReceived(message[:head])
+        self.transport.feed(message[head:])
+        proto.dataReceived(b.read(3, 0, 4096))
+        replies = simple_replies(transport.value(), {1: 4096, 3: 4096})
+        self.assertEqual(replies, [(0, 1, old), (0, 2, b""), (0, 3, payload[:4096])])
+        self.assertEqual(self.writes, [])
+
+    def test_fua_through_write(self) -> None:
+        """C-07: a WRITE with FUA goes to C{write} (which makes it durable), not in place."""
+        device = self.ram()
+        proto, transport = serve(device, transport=self.transport)
+        payload = os.urandom(512 * 1024)
+        self.send_write(proto, 3, 0, payload, flags=int(w.CmdFlags.FUA))
+        self.assertEqual(simple_replies(transport.value(), {}), [(0, 3, b"")])
+        self.assertEqual(self.writes, [len(payload)])
+        self.assertEqual(bytes(device.read_buffer(0, len(payload))), payload)
+
+    def test_observers_through_write(self) -> None:
+        """Observers see a request start before its data lands: no receiving in place."""
+        device = self.ram()
+        proto, transport = serve(device, transport=self.transport, observers=(ServerObserver(),))
+        payload = os.urandom(512 * 1024)
+        self.send_write(proto, 3, 0, payload)
+        self.assertEqual(simple_replies(transport.value(), {}), [(0, 3, b"")])
+        self.assertEqual(self.writes, [len(payload)])
+
+    def test_not_while_in_flight(self) -> None:
+        """
+        While an earlier request is still running (it must not see the new
+        bytes), the payload goes into a buffer of the server's.
+        """
+        device = BufferWriteDevice(4 * MiB)
+        proto, transport = serve(device, transport=self.transport)
+        proto.dataReceived(b.read(1, 0, 4096))
+        payload = os.urandom(512 * 1024)
+        self.send_write(proto, 2, 0, payload)
+        self.assertEqual(device.buffer_calls, [])
+        read = device.take("read")
+        write = device.take("write")
+        self.assertEqual(bytes(write.args["data"]), payload)
+        read.succeed(b"r" * 4096)
+        write.succeed(None)
+        self.assertEqual(
+            simple_replies(transport.value(), {1: 4096}), [(0, 1, b"r" * 4096), (0, 2, b"")]
+        )
+        self.assertEqual(bytes(device.memory[:16]), bytes(16))
+
+    def test_declined(self) -> None:
+        """A device that declines (C{None}) gets the payload through C{write}."""
+        device = BufferWriteDevice(4 * MiB)
+        device.decline = True
+        proto, transport = serve(device, transport=self.transport)
+        payload = os.urandom(512 * 1024)
+        self.send_write(proto, 2, 4096, payload)
+        self.assertEqual(device.buffer_calls, [(4096, len(payload))])
+        write = device.take("write")
+        self.assertEqual((write.args["offset"], bytes(write.args["data"])), (4096, payload))
+        write.succeed(None)
+        self.assertEqual(simple_replies(transport.value(), {}), [(0, 2, b"")])
+
+    def test_in_place_device(self) -> None:
+        """The device's view gets the payload; no C{write} call, and the reply is OK."""
+        device = BufferWriteDevice(4 * MiB)
+        proto, transport = serve(device, transport=self.transport, extended=True)
+        payload = os.urandom(300_000)
+        message = b.ext_request(
+            w.Cmd.WRITE, 5, 8192, len(payload), int(w.CmdFlags.PAYLOAD_LEN), payload
+        )
+        head = len(message) - len(payload)
+        proto.dataReceived(message[:head])
+        self.transport.feed(message[head:])
+        self.assertEqual(device.calls, [])
+        self.assertEqual(bytes(device.memory[8192 : 8192 + len(payload)]), payload)
+        done = int(w.ReplyFlags.DONE)
+        self.assertEqual(
+            b.parse_ext_chunks(transport.value()), [(done, int(w.ChunkType.NONE), 5, 8192, b"")]
+        )
+
+    def test_client_vanishes_mid_payload(self) -> None:
+        """
+        The client going away halfway through a payload received in place:
+        no reply, nothing held (the device closes: no view of its memory is
+        left), and the range is part new and part old, as a disk that lost
+        power in the middle of a write (the WRITE was never acknowledged).
+        """
+        device = self.ram()
+        device.write_now(0, b"o" * MiB)
+        proto, transport = serve(device, transport=self.transport)
+        payload = b"n" * MiB
+        message = b.write(4, 0, payload)
+        head = len(message) - len(payload)
+        proto.dataReceived(message[:head])
+        self.transport.feed(payload[: 256 * 1024])
+        proto.connectionLost(Failure(ConnectionDone("gone")))
+        self.assertEqual(transport.value(), b"")
+        self.assertNotIn("doRead", transport.__dict__)
+        self.assertEqual(bytes(device.read_buffer(0, 256 * 1024)), payload[: 256 * 1024])
+        self.assertEqual(bytes(device.read_buffer(256 * 1024, 4096)), b"o" * 4096)
+        self.assertIsNone(self.successResultOf(device.close()))

@@ -891,6 +891,18 @@ class ServerConnection(SansIOConnection[Event]):
         header = self._pending_write
         return 0 if header is None else header[5]
 
+    def payload_request(self) -> tuple[int, int, bool]:
+        """
+        The offset, length and FUA flag of the WRITE whose payload
+        L{payload_wanted} speaks of (already checked against the rules).
+
+        @raise ValueError: no WRITE is waiting for its payload.
+        """
+        header = self._pending_write
+        if header is None:
+            raise ValueError("no WRITE waits for its payload")
+        return header[4], header[5], bool(header[1] & _FUA)
+
     def take_payload_into(self, view: memoryview) -> int:
         """
         Move the part of the waiting WRITE's payload already buffered into

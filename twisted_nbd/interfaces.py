@@ -29,6 +29,7 @@ __all__ = [
     "Extent",
     "IBlockDevice",
     "IBufferRead",
+    "IBufferWrite",
     "IImmediateIO",
     "ISparseRead",
     "STATE_HOLE",
@@ -234,6 +235,30 @@ class IBufferRead(Interface):
         valid only until control returns to the reactor, since a later write
         changes it; the server writes it to the socket before then, or
         copies what the socket did not take.
+        """
+
+
+class IBufferWrite(Interface):
+    """
+    An optional companion of L{IBlockDevice} for devices that hold their
+    bytes in one piece of memory (the RAM disk): the server receives a large
+    WRITE's payload from the socket straight into the device's memory,
+    instead of into a buffer that is then copied there.
+    """
+
+    def write_buffer(offset: int, length: int) -> "memoryview | None":
+        """
+        A writable view of the C{length} bytes at C{offset} (a range the
+        server has checked), for the server to fill with a WRITE's payload;
+        or C{None} to decline (the server then calls L{IBlockDevice.write}).
+
+        From this call on the range counts as written: later reads must
+        return whatever the view holds. The server acknowledges the WRITE
+        only once it has filled the view. If the client goes away halfway
+        through the payload, the range is left part new and part old, as a
+        disk losing power in the middle of a write leaves it: the spec
+        promises nothing about a write that was never acknowledged. The
+        server releases the view when it is done with it.
         """
 
 

@@ -85,6 +85,7 @@ from twisted_nbd.interfaces import (
     Extent,
     IBlockDevice,
     IBufferRead,
+    IBufferWrite,
     IImmediateIO,
     ISparseRead,
     Segment,
@@ -266,6 +267,10 @@ class NBDServerProtocol(Protocol):
         # The device's IImmediateIO methods, if it has them (see _simple).
         self._read_now: Callable[[int, int], Any] | None = None
         self._write_now: Callable[[int, Any], int] | None = None
+        # The device's IBufferWrite.write_buffer, if it has one, and the view
+        # of its memory that the WRITE being parsed was received into.
+        self._write_buffer: Callable[[int, int], memoryview | None] | None = None
+        self._received_in_place: memoryview | None = None
         # Where in _out the tight loop put views of the device's memory
         # (see _simple and _flush_views).
         self._view_pieces: list[int] = []
@@ -692,6 +697,8 @@ class NBDServerProtocol(Protocol):
         if receiver is None or not receiver.possible or receiver.active:
             return
         conn = self._conn
+        if self._write_buffer is not None and self._receive_in_place(receiver):
+            return
         payload = self._payload_buffer(conn.payload_length())
         view = memoryview(payload)
         got = conn.take_payload_into(view)
@@ -702,6 +709,44 @@ class NBDServerProtocol(Protocol):
             self._parse()
 
         receiver.start(view[got:], received)
+
+    def _receive_in_place(self, receiver: PayloadReceiver) -> bool:
+        """
+        Receive the waiting WRITE's payload straight into the device's
+        memory (L{IBufferWrite}), sparing the copy from a payload buffer:
+        for a 1 MiB WRITE to a RAM disk, a third of the server's CPU.
+
+        Only for a plain WRITE (FUA goes through the device's C{write}),
+        with no observers (they see requests start before the data lands),
+        and with nothing else of this connection in flight (an earlier
+        request still running must not see the new bytes). Replies
+        gathered so far are sent first (what the socket does not take is
+        copied): some may be views of the bytes about to change.
+
+        @return: whether the payload is being received in place.
+        """
+        conn = self._conn
+        offset, length, fua = conn.payload_request()
+        if fua or self._observers or self.in_flight:
+            return False
+        assert self._write_buffer is not None
+        try:
+            view = self._write_buffer(offset, length)
+        except Exception:
+            self.log.failure("write_buffer failed; receiving into a buffer instead")
+            return False
+        if view is None:
+            return False
+        self._flush_out()
+        got = conn.take_payload_into(view)
+
+        def received() -> None:
+            self._received_in_place = view
+            conn.payload_received(view)
+            self._parse()
+
+        receiver.start(view[got:], received)
+        return True
 
     def _update_reading(self) -> None:
         """Pause or resume the transport's reading to match our state."""
@@ -786,6 +831,8 @@ class NBDServerProtocol(Protocol):
         self._structured = self._conn.structured_replies
         device = attachment.device
         self._read_buffer = device.read_buffer if IBufferRead.providedBy(device) else None
+        if IBufferWrite.providedBy(device):
+            self._write_buffer = device.write_buffer
         if IImmediateIO.providedBy(device):
             self._read_now = device.read_now
             self._write_now = device.write_now
@@ -1152,6 +1199,13 @@ class NBDServerProtocol(Protocol):
         info.requests += 1
         info.bytes_written += request.length
         result: Any
+        data = request.data
+        if data is self._received_in_place:
+            # Already in the device's memory (see _receive_in_place).
+            self._received_in_place = None
+            data.release()
+            self._emit(self._conn.reply_ok(request))
+            return
         try:
             # The payload may be a bytearray (received straight into it);
             # every device accepts bytes-like data (the conformance tests say so).
@@ -1162,7 +1216,6 @@ class NBDServerProtocol(Protocol):
                 result = device.write(request.offset, cast(bytes, request.data), request.fua)
         except Exception:
             result = Failure()  # type: ignore[no-untyped-call]
-        data = request.data
         if not self._observers and self._sync_value(result) is not _PENDING:
             if type(data) is bytearray:
                 self._spare_buffer(data)

@@ -33,6 +33,7 @@ from twisted_nbd.interfaces import (
     Extent,
     IBlockDevice,
     IBufferRead,
+    IBufferWrite,
     IImmediateIO,
     ISparseRead,
 )
@@ -697,6 +698,37 @@ class BlockDeviceConformanceMixin(_ConformanceBase):
         self._assert_bytes(
             data, bytes(model[offset - step : offset + len(payload) + step]), "read after write_now"
         )
+
+    async def test_buffer_write_agrees(self) -> None:
+        """
+        A device that provides L{IBufferWrite}: what is put into the view
+        C{write_buffer} gives (unless it declines with C{None}), C{read}
+        then returns, and the bytes around it are unchanged, holes included.
+        """
+        device = await self._open()
+        if not IBufferWrite.providedBy(device):
+            raise SkipTest("the device does not provide IBufferWrite")
+        self._require(device, "can_write")
+        model = await self._scatter(device)
+        step = device.capabilities.min_block
+        # Across a hole (the end of the device is never written by _scatter).
+        for offset, payload in [
+            (2 * _MiB + step, _pattern(300 * _KiB, 98)),
+            (device.size - 256 * _KiB - step, _pattern(256 * _KiB, 97)),
+        ]:
+            view = device.write_buffer(offset, len(payload))
+            if view is None:
+                continue
+            self._expect(len(view) == len(payload), f"write_buffer gave {len(view)} bytes")
+            view[:] = payload
+            view.release()
+            model[offset : offset + len(payload)] = payload
+            data = await device.read(offset - step, len(payload) + 2 * step)
+            self._assert_bytes(
+                data,
+                bytes(model[offset - step : offset + len(payload) + step]),
+                "read after write_buffer",
+            )
 
     async def test_concurrent_requests(self) -> None:
         """

@@ -39,6 +39,7 @@ from twisted_nbd.interfaces import (
     Extent,
     IBlockDevice,
     IBufferRead,
+    IBufferWrite,
     IImmediateIO,
     ISparseRead,
     Segment,
@@ -99,7 +100,7 @@ def _memfd(name: str, size: int) -> int:
     return fd
 
 
-@implementer(IBlockDevice, ISparseRead, IBufferRead, IImmediateIO)
+@implementer(IBlockDevice, ISparseRead, IBufferRead, IBufferWrite, IImmediateIO)
 class MappedMemoryDevice:
     """
     An L{IBlockDevice} in shared memory, sparse in chunks of L{CHUNK} bytes.
@@ -265,6 +266,21 @@ class MappedMemoryDevice:
             else:
                 self._map[first : last + 1] = b"\x01" * (last - first + 1)
         return length
+
+    def write_buffer(self, offset: int, length: int) -> memoryview | None:
+        """
+        The disk's own memory at C{offset}, for a WRITE's payload to be
+        received into (L{IBufferWrite}); C{None} when closed or empty.
+
+        The chunks it covers become data at once: holes in the memory file
+        read as zeroes there, so the parts of partly covered chunks that the
+        payload does not reach still read as zeroes.
+        """
+        if length <= 0 or self._closed or offset < 0 or offset + length > self.size:
+            return None
+        first, last = self._chunks(offset, length)
+        self._map[first : last + 1] = b"\x01" * (last - first + 1)
+        return self._view[offset : offset + length]
 
     def write(self, offset: int, data: bytes, fua: bool = False) -> Deferred[None]:
         """
