@@ -19,8 +19,12 @@ TLS support (before memory BIOs) did:
 
   - C{doRead}: finish the handshake, then C{SSL_read} records until OpenSSL
     has nothing more, handing plaintext to the protocol;
-  - C{writeSomeData}: C{SSL_write} (partial writes on, so a full socket
-    buffer leaves the rest queued in the transport as usual);
+  - C{writeSomeData}: C{SSL_write}. Server contexts have partial writes
+    off (L{twisted_nbd.tls.whole_writes}), so one call encrypts and sends a
+    whole reply; when the socket's buffer fills halfway through, the call
+    fails, the rest stays queued in the transport as usual, and the retry
+    passes at least as many bytes as the call that failed, starting with
+    the same ones, as OpenSSL requires;
   - C{_closeSocket}: send TLS's close_notify before an orderly close.
 
 Only plain TCP and Unix transports of the posix reactors qualify (see
@@ -91,6 +95,9 @@ class SocketTLS:
         self._reactor = transport.reactor
         self._retry: Any = None
         self._closing = False
+        # The length of the SSL_write that last failed for a full socket
+        # (OpenSSL may have sent part of it): the next must be as long.
+        self._retry_length = 0
         transport.doRead = self._do_read
         transport.writeSomeData = self._write_some_data
         self._close_socket: Callable[[bool], None] = transport._closeSocket
@@ -197,13 +204,17 @@ class SocketTLS:
                 return 0
         if not data:
             return 0
+        piece = memoryview(data)[: max(self.transport.SEND_LIMIT, self._retry_length)]
         try:
-            return self.connection.send(memoryview(data)[: self.transport.SEND_LIMIT])
+            count = self.connection.send(piece)
         except (SSL.WantWriteError, SSL.WantReadError):
+            self._retry_length = len(piece)
             return 0
         except (SSL.Error, OSError) as e:
             self._failed(e)
             return main.CONNECTION_LOST
+        self._retry_length = 0
+        return count
 
     def send_now(self, pieces: Any) -> int:
         """
@@ -227,8 +238,10 @@ class SocketTLS:
                 try:
                     count = self.connection.send(chunk[done:] if done else chunk)
                 except (SSL.WantWriteError, SSL.WantReadError, SSL.Error, OSError):
-                    # Full (the transport queues the rest and retries), or
-                    # broken (the transport's own write finds the error).
+                    # Full (the transport queues the rest, this chunk first,
+                    # and retries with at least all of it), or broken (the
+                    # transport's own write finds the error).
+                    self._retry_length = size - done
                     return sent + done
                 done += count
             sent += size

@@ -362,9 +362,12 @@ def psk_server_context(
     """
     if not keys:
         raise ValueError("a PSK server needs at least one key")
+    from twisted_nbd.tls import whole_writes
+
     context = SSL.Context(SSL.TLS_SERVER_METHOD)
     _configure(context, minimum_version, maximum_version, tls12_ciphers, tls13_ciphersuites)
     add_psk_server(context, keys)
+    whole_writes(context)
     return context
 
 
