@@ -18,10 +18,11 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests import builders as b
 from twisted_nbd._transport import PayloadReceiver, ReplyWriter
+from twisted_nbd.backends.memory import MemoryBlockDevice
 from twisted_nbd.backends.ram import MappedMemoryDevice
 from twisted_nbd.client import connect
 from twisted_nbd.exports import Export, ExportRegistry
-from twisted_nbd.protocol import NBDServerFactory
+from twisted_nbd.protocol import NBDServerFactory, NBDServerProtocol
 
 MiB = 1 << 20
 
@@ -350,3 +351,79 @@ class PollingTransport(FakeTCPTransport):
 
     def writeSequence(self, data: list[bytes]) -> None:  # noqa: N802
         self.socket.sendall(b"".join(data))
+
+
+class ReadingTransport(PollingTransport):
+    """A L{PollingTransport} whose C{doRead} a payload receiver may stand in for."""
+
+    def doRead(self) -> object:  # noqa: N802 - FileDescriptor's name
+        raise AssertionError("only the payload receiver's doRead is expected here")
+
+
+class ReadOnTests(SynchronousTestCase):
+    """
+    After a large payload received straight into its buffer, what the client
+    sent since (the next request) is taken at once, not after another turn
+    of the reactor (L{NBDServerProtocol._read_on}).
+    """
+
+    def setUp(self) -> None:
+        self.ours, self.theirs = socket.socketpair()
+        self.ours.setblocking(False)
+        self.addCleanup(self.ours.close)
+        self.addCleanup(self.theirs.close)
+
+    def serve(self, device: Any) -> tuple[NBDServerProtocol, ReadingTransport]:
+        # No busy-polling: only _read_on may read the socket on its own.
+        factory = NBDServerFactory(ExportRegistry.of([Export("", device)]), poll_max=0)
+        proto = factory.buildProtocol(None)
+        assert proto is not None
+        transport = ReadingTransport(self.ours)
+        proto.makeConnection(transport)
+        proto.dataReceived(b.client_flags() + b.go())
+        drain(self.theirs)
+        return proto, transport
+
+    def feed(self, transport: ReadingTransport, data: bytes) -> None:
+        """Send C{data} in pieces the socket holds, each read by the receiver's doRead."""
+        for start in range(0, len(data), 65536):
+            assert "doRead" in transport.__dict__, "the payload is not being received"
+            self.theirs.sendall(data[start : start + 65536])
+            transport.doRead()
+
+    def check(self, device: Any) -> None:
+        proto, transport = self.serve(device)
+        payload = os.urandom(512 * 1024)
+        message = b.write(1, 0, payload)
+        head = len(message) - len(payload) + 1000
+        proto.dataReceived(message[:head])
+        assert proto._receiver is not None and proto._receiver.active
+        # The READ comes in the same piece as the payload's last bytes.
+        self.feed(transport, message[head:] + b.read(2, 4096, 512))
+        replies = drain(self.theirs)
+        self.assertEqual(b.parse_simple_replies(replies[:16]), [(0, 1)])
+        self.assertEqual(b.parse_simple_replies(replies[16:32]), [(0, 2)])
+        self.assertEqual(replies[32:], payload[4096 : 4096 + 512])
+        self.assertNotIn("doRead", transport.__dict__)
+
+    def test_ram(self) -> None:
+        """T-12: into the RAM disk itself (IBufferWrite), then the READ behind it."""
+        device = MappedMemoryDevice(MiB)
+        self.addCleanup(device.close)
+        self.check(device)
+
+    def test_buffer(self) -> None:
+        """The same through a payload buffer (a device without IBufferWrite)."""
+        self.check(MemoryBlockDevice(MiB))
+
+    def test_nothing_waiting(self) -> None:
+        """Nothing sent since: nothing happens until the reactor sees more."""
+        device = MappedMemoryDevice(MiB)
+        self.addCleanup(device.close)
+        proto, transport = self.serve(device)
+        payload = os.urandom(512 * 1024)
+        message = b.write(1, 0, payload)
+        proto.dataReceived(message[:100])
+        self.feed(transport, message[100:])
+        self.assertEqual(b.parse_simple_replies(drain(self.theirs)), [(0, 1)])
+        self.assertNotIn("doRead", transport.__dict__)

@@ -707,8 +707,31 @@ class NBDServerProtocol(Protocol):
             view.release()
             conn.payload_received(payload)
             self._parse()
+            self._read_on()
 
         receiver.start(view[got:], received)
+
+    def _read_on(self) -> None:
+        """
+        After a payload received straight into its buffer: take what the
+        client has sent since (the next request, under load) now, instead of
+        after another turn of the reactor.
+        """
+        sock = self._socket
+        receiver = self._receiver
+        if (
+            sock is None
+            or self._closed
+            or self._reading_paused
+            or (receiver is not None and receiver.active)
+        ):
+            return
+        try:
+            data = sock.recv(POLL_BUFFER, socket.MSG_DONTWAIT)
+        except OSError:
+            return  # nothing yet (or an error, which the reactor will see)
+        if data:
+            self.dataReceived(data)
 
     def _receive_in_place(self, receiver: PayloadReceiver) -> bool:
         """
@@ -744,6 +767,7 @@ class NBDServerProtocol(Protocol):
             self._received_in_place = view
             conn.payload_received(view)
             self._parse()
+            self._read_on()
 
         receiver.start(view[got:], received)
         return True
