@@ -132,6 +132,38 @@ class RamBatchTests(SynchronousTestCase):
         replies = simple_replies(transport.value(), {1: 4096, 3: 4096})
         self.assertEqual(replies, [(0, 1, old), (0, 2, b""), (0, 3, new)])
 
+    def test_write_elsewhere_in_one_batch(self) -> None:
+        """
+        C-01: two READs answered with views of the disk, then a WRITE that
+        changes the bytes of the second only, in one batch: both replies
+        carry the data as it was.
+        """
+        first, second = b"1" * 4096, b"2" * 4096
+        self.device.write_now(0, first)
+        self.device.write_now(65536, second)
+        proto, transport = serve(self.device)
+        proto.dataReceived(
+            b.read(1, 0, 4096) + b.read(2, 65536, 4096) + b.write(3, 65536 + 4095, b"n")
+        )
+        replies = simple_replies(transport.value(), {1: 4096, 2: 4096})
+        self.assertEqual(replies, [(0, 1, first), (0, 2, second), (0, 3, b"")])
+
+    def test_only_views_of_changed_bytes_copied(self) -> None:
+        """
+        Before a change, only the gathered views that show the bytes it
+        changes are copied (a READ's reply ending where a WRITE begins is
+        not); the others stay views, to be sent without a copy.
+        """
+        proto, _ = serve(self.device)
+        memory = memoryview(bytearray(300))
+        proto._out = [b"h", memory[0:10], b"h", memory[100:110], b"h", memory[200:210]]
+        proto._view_pieces = [(1, 0, 10), (3, 100, 110), (5, 200, 210)]
+        proto._flush_views(10, 90)  # from the end of the first to the start of the second
+        self.assertEqual([type(p) for p in proto._out[1::2]], [memoryview] * 3)
+        proto._flush_views(109, 92)  # the last byte of the second to the first of the third
+        self.assertEqual([type(p) for p in proto._out[1::2]], [memoryview, bytes, bytes])
+        self.assertEqual(proto._view_pieces, [(1, 0, 10)])
+
     def test_counts(self) -> None:
         """The connection's counts (its log line, /connections) include the batch."""
         proto, transport = serve(self.device)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import serverFromString
@@ -22,7 +22,13 @@ from twisted_nbd.backends.memory import MemoryBlockDevice
 from twisted_nbd.backends.ram import MappedMemoryDevice
 from twisted_nbd.client import connect
 from twisted_nbd.exports import Export, ExportRegistry
-from twisted_nbd.protocol import NBDServerFactory, NBDServerProtocol
+from twisted_nbd.protocol import (
+    LARGE_READ_SIZE,
+    POLL_BUFFER,
+    READ_SIZE,
+    NBDServerFactory,
+    NBDServerProtocol,
+)
 
 MiB = 1 << 20
 
@@ -427,3 +433,55 @@ class ReadOnTests(SynchronousTestCase):
         self.feed(transport, message[100:])
         self.assertEqual(b.parse_simple_replies(drain(self.theirs)), [(0, 1)])
         self.assertNotIn("doRead", transport.__dict__)
+
+
+class ReadSizeTests(SynchronousTestCase):
+    """
+    The connection reads in larger pieces while its client sends mid-sized
+    WRITEs (so that a 64 KiB one seldom straddles two), and in the usual
+    ones otherwise (L{NBDServerProtocol._read_sizes}).
+    """
+
+    def setUp(self) -> None:
+        self.ours, self.theirs = socket.socketpair()
+        self.ours.setblocking(False)
+        self.addCleanup(self.ours.close)
+        self.addCleanup(self.theirs.close)
+        self.device = MappedMemoryDevice(4 * MiB)
+        self.addCleanup(self.device.close)
+        factory = NBDServerFactory(ExportRegistry.of([Export("", self.device)]), poll_max=0)
+        proto = factory.buildProtocol(None)
+        assert proto is not None
+        self.proto = proto
+        self.transport = ReadingTransport(self.ours)
+        proto.makeConnection(self.transport)
+        proto.dataReceived(b.client_flags() + b.go())
+        drain(self.theirs)
+
+    def sizes(self) -> tuple[int, int]:
+        return self.proto._read_size, cast(Any, self.transport).bufferSize
+
+    def test_follows_write_sizes(self) -> None:
+        """64 KiB WRITEs: large pieces; 4 KiB ones: the usual; each WRITE lands."""
+        small = (POLL_BUFFER, READ_SIZE)
+        self.assertEqual(self.sizes(), small)
+        self.proto.dataReceived(b.write(1, 0, b"a" * 65536))
+        self.assertEqual(self.sizes(), (LARGE_READ_SIZE, LARGE_READ_SIZE))
+        # Split across two pieces: the general path notices too.
+        message = b.write(2, 65536, b"b" * 65536)
+        self.proto.dataReceived(message[:1000])
+        self.proto.dataReceived(message[1000:])
+        self.assertEqual(self.sizes(), (LARGE_READ_SIZE, LARGE_READ_SIZE))
+        self.proto.dataReceived(b.write(3, 65536 * 3, b"c" * 4096))
+        self.assertEqual(self.sizes(), small)
+        message = b.write(4, 65536 * 2, b"d" * 65536)
+        self.proto.dataReceived(message[:1000])
+        self.proto.dataReceived(message[1000:])
+        self.assertEqual(self.sizes(), (LARGE_READ_SIZE, LARGE_READ_SIZE))
+        self.assertEqual(
+            b.parse_simple_replies(drain(self.theirs)), [(0, 1), (0, 2), (0, 3), (0, 4)]
+        )
+        self.assertEqual(bytes(self.device.read_buffer(0, 65536)), b"a" * 65536)
+        self.assertEqual(bytes(self.device.read_buffer(65536, 65536)), b"b" * 65536)
+        self.assertEqual(bytes(self.device.read_buffer(65536 * 3, 4096)), b"c" * 4096)
+        self.assertEqual(bytes(self.device.read_buffer(65536 * 2, 65536)), b"d" * 65536)

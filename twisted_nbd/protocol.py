@@ -127,6 +127,10 @@ POLL_MISSES = 3
 POLL_REST = 64
 #: What polling reads at most at once (more waits for the next round).
 POLL_BUFFER = 128 * 1024 - 1024
+#: What a TCP or Unix transport and polling read at once while the client
+#: sends mid-sized WRITEs (from MID_WRITE_MIN to DIRECT_PAYLOAD_MIN bytes).
+LARGE_READ_SIZE = 512 * 1024
+MID_WRITE_MIN = 32 * 1024
 
 #: At most this many bytes of payload buffers are kept for reuse per connection.
 SPARE_BUFFERS_MAX = 16 * 1024 * 1024
@@ -256,6 +260,10 @@ class NBDServerProtocol(Protocol):
         self._idle_since = 0.0
         self._now: Callable[[], float] = time.perf_counter
         self._socket: socket.socket | None = None
+        # How much to read at once, and whether that is the larger size (see
+        # _read_sizes).
+        self._read_size = POLL_BUFFER
+        self._large_reads = False
         # Payload buffers for large WRITEs, kept for reuse, by size.
         self._spare: dict[int, list[bytearray]] = {}
         self._spare_bytes = 0
@@ -271,9 +279,9 @@ class NBDServerProtocol(Protocol):
         # of its memory that the WRITE being parsed was received into.
         self._write_buffer: Callable[[int, int], memoryview | None] | None = None
         self._received_in_place: memoryview | None = None
-        # Where in _out the tight loop put views of the device's memory
-        # (see _simple and _flush_views).
-        self._view_pieces: list[int] = []
+        # Where in _out the tight loop put views of the device's memory, and
+        # the range of the device each shows (see _simple and _flush_views).
+        self._view_pieces: list[tuple[int, int, int]] = []
         self._out: list[Piece] = []
         self._out_bytes = 0
         # What transport.startTLS takes (see twisted_nbd.tls), and the
@@ -311,6 +319,7 @@ class NBDServerProtocol(Protocol):
             # Read (and buffer replies) in bigger pieces than Twisted's 64 KiB:
             # fewer system calls and dataReceived calls per request under load.
             cast(Any, transport).bufferSize = READ_SIZE
+            self._read_size = POLL_BUFFER
         self.info = ConnectionInfo(peer=self._peer(), started=self._clock())
         logs.connection_opened(self.info)
         factory = self.factory
@@ -402,7 +411,7 @@ class NBDServerProtocol(Protocol):
                     # Straight into a new bytes object, as Twisted's doRead
                     # does: the payloads in it are not copied again in Python
                     # (a try that finds nothing costs a malloc and a free).
-                    data = sock.recv(POLL_BUFFER, socket.MSG_DONTWAIT)
+                    data = sock.recv(self._read_size, socket.MSG_DONTWAIT)
                 except BlockingIOError:
                     if now() >= deadline:
                         self._poll_window = window / 2 if window > POLL_MIN else 0.0
@@ -727,7 +736,7 @@ class NBDServerProtocol(Protocol):
         ):
             return
         try:
-            data = sock.recv(POLL_BUFFER, socket.MSG_DONTWAIT)
+            data = sock.recv(self._read_size, socket.MSG_DONTWAIT)
         except OSError:
             return  # nothing yet (or an error, which the reactor will see)
         if data:
@@ -1123,14 +1132,16 @@ class NBDServerProtocol(Protocol):
                 info.bytes_read += length
                 out.append(read_head(cookie, offset, length))
                 if type(data) is memoryview:
-                    # A view of the device's memory: copied if a WRITE comes
-                    # before it is sent (see _flush_views).
-                    self._view_pieces.append(len(out))
+                    # A view of the device's memory: copied if a WRITE to
+                    # these bytes comes before it is sent (see _flush_views).
+                    self._view_pieces.append((len(out), offset, offset + length))
                 out.append(data)
             else:
                 if self._view_pieces or self._out_views:
-                    self._flush_views()
+                    self._flush_views(offset, length)
                     out = self._out
+                if self._large_reads is not (MID_WRITE_MIN <= length < DIRECT_PAYLOAD_MIN):
+                    self._read_sizes(length)
                 done = 0
                 if write_now is not None and not flags & _FUA:
                     done = write_now(offset, payload)
@@ -1146,6 +1157,20 @@ class NBDServerProtocol(Protocol):
                 self._flush_out()
                 out = self._out
         return True
+
+    def _read_sizes(self, length: int) -> None:
+        """
+        Read in larger pieces while the client sends mid-sized WRITEs: a
+        64 KiB WRITE then seldom straddles two pieces (which takes the
+        general path and a copy to join it); smaller and larger ones read
+        best in smaller pieces (buffers over glibc's mmap threshold cost
+        system calls, and large payloads are received into their buffers).
+        """
+        large = MID_WRITE_MIN <= length < DIRECT_PAYLOAD_MIN
+        self._large_reads = large
+        if self._socket is not None:
+            self._read_size = LARGE_READ_SIZE if large else POLL_BUFFER
+            cast(Any, self.transport).bufferSize = LARGE_READ_SIZE if large else READ_SIZE
 
     def _read(self, request: ReadRequest) -> None:
         device = self._device
@@ -1194,19 +1219,27 @@ class NBDServerProtocol(Protocol):
                 return
         self._await(result, request, NBDServerProtocol._reply_read, length, started)
 
-    def _flush_views(self) -> None:
+    def _flush_views(self, offset: int, length: int) -> None:
         """
-        Before a request changes data, make sure the replies still gathered
-        that may be views of the device's memory carry the data as it was
-        when they were read: copy those whose place is known (see L{_simple}),
-        write the others.
+        Before a request changes the C{length} bytes at C{offset}, make sure
+        the replies still gathered that may be views of the device's memory
+        carry the data as it was when they were read: copy those of the
+        tight loop that show any of those bytes (see L{_simple}; in a random
+        mix of READs and WRITEs, hardly any), and write the others, whose
+        ranges are not known.
         """
         pieces = self._view_pieces
         if pieces:
             out = self._out
-            for index in pieces:
-                out[index] = bytes(out[index])
-            self._view_pieces = []
+            end = offset + length
+            kept = []
+            for piece in pieces:
+                index, start, stop = piece
+                if start < end and offset < stop:
+                    out[index] = bytes(out[index])
+                else:
+                    kept.append(piece)
+            self._view_pieces = kept
         if self._out_views:
             self._flush_out()
 
@@ -1215,7 +1248,9 @@ class NBDServerProtocol(Protocol):
         Serve a WRITE; the first C{done} bytes of its payload are already
         written (see L{IImmediateIO.write_now}).
         """
-        self._flush_views()
+        self._flush_views(request.offset, request.length)
+        if self._large_reads is not (MID_WRITE_MIN <= request.length < DIRECT_PAYLOAD_MIN):
+            self._read_sizes(request.length)
         device = self._device
         assert device is not None
         started = self._started(request)
@@ -1296,7 +1331,7 @@ class NBDServerProtocol(Protocol):
         self._await(result, request, NBDServerProtocol._reply_ok, 0, started)
 
     def _trim(self, request: TrimRequest) -> None:
-        self._flush_views()
+        self._flush_views(request.offset, request.length)
         device = self._device
         assert device is not None
         started = self._started(request)
@@ -1305,7 +1340,7 @@ class NBDServerProtocol(Protocol):
         self._track_write(self._await(result, request, NBDServerProtocol._reply_ok, 0, started))
 
     def _write_zeroes(self, request: WriteZeroesRequest) -> None:
-        self._flush_views()
+        self._flush_views(request.offset, request.length)
         device = self._device
         assert device is not None
         started = self._started(request)
