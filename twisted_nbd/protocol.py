@@ -319,7 +319,6 @@ class NBDServerProtocol(Protocol):
             # Read (and buffer replies) in bigger pieces than Twisted's 64 KiB:
             # fewer system calls and dataReceived calls per request under load.
             cast(Any, transport).bufferSize = READ_SIZE
-            self._read_size = POLL_BUFFER
         self.info = ConnectionInfo(peer=self._peer(), started=self._clock())
         logs.connection_opened(self.info)
         factory = self.factory
