@@ -699,20 +699,28 @@ class NBDServerProtocol(Protocol):
     def _receive_payload(self) -> None:
         """
         Receive the rest of a large WRITE payload straight into the buffer
-        the device will be given (see L{PayloadReceiver}), then go on.
+        the device will be given (see L{PayloadReceiver}), or into the
+        device's own memory (see L{_in_place_view}), then go on.
         """
         receiver = self._receiver
         if receiver is None or not receiver.possible or receiver.active:
             return
         conn = self._conn
-        if self._write_buffer is not None and self._receive_in_place(receiver):
-            return
-        payload = self._payload_buffer(conn.payload_length())
-        view = memoryview(payload)
+        in_place = self._in_place_view() if self._write_buffer is not None else None
+        if in_place is not None:
+            payload: bytearray | memoryview = in_place
+            view = in_place
+        else:
+            payload = self._payload_buffer(conn.payload_length())
+            view = memoryview(payload)
         got = conn.take_payload_into(view)
 
         def received() -> None:
-            view.release()
+            if in_place is not None:
+                # _write knows it by this: nothing left to write.
+                self._received_in_place = in_place
+            else:
+                view.release()
             conn.payload_received(payload)
             self._parse()
             self._read_on()
@@ -741,11 +749,12 @@ class NBDServerProtocol(Protocol):
         if data:
             self.dataReceived(data)
 
-    def _receive_in_place(self, receiver: PayloadReceiver) -> bool:
+    def _in_place_view(self) -> memoryview | None:
         """
-        Receive the waiting WRITE's payload straight into the device's
-        memory (L{IBufferWrite}), sparing the copy from a payload buffer:
-        for a 1 MiB WRITE to a RAM disk, a third of the server's CPU.
+        The device's memory for the waiting WRITE's payload to be received
+        into (L{IBufferWrite}), sparing the copy from a payload buffer: for
+        a 1 MiB WRITE to a RAM disk, a third of the server's CPU; or
+        C{None} to use a payload buffer.
 
         Only for a plain WRITE (FUA goes through the device's C{write}),
         with no observers (they see requests start before the data lands),
@@ -753,32 +762,19 @@ class NBDServerProtocol(Protocol):
         request still running must not see the new bytes). Replies
         gathered so far are sent first (what the socket does not take is
         copied): some may be views of the bytes about to change.
-
-        @return: whether the payload is being received in place.
         """
-        conn = self._conn
-        offset, length, fua = conn.payload_request()
+        offset, length, fua = self._conn.payload_request()
         if fua or self._observers or self.in_flight:
-            return False
+            return None
         assert self._write_buffer is not None
         try:
             view = self._write_buffer(offset, length)
         except Exception:
             self.log.failure("write_buffer failed; receiving into a buffer instead")
-            return False
-        if view is None:
-            return False
-        self._flush_out()
-        got = conn.take_payload_into(view)
-
-        def received() -> None:
-            self._received_in_place = view
-            conn.payload_received(view)
-            self._parse()
-            self._read_on()
-
-        receiver.start(view[got:], received)
-        return True
+            return None
+        if view is not None:
+            self._flush_out()
+        return view
 
     def _update_reading(self) -> None:
         """Pause or resume the transport's reading to match our state."""
@@ -1139,8 +1135,9 @@ class NBDServerProtocol(Protocol):
                 if self._view_pieces or self._out_views:
                     self._flush_views(offset, length)
                     out = self._out
-                if self._large_reads is not (MID_WRITE_MIN <= length < DIRECT_PAYLOAD_MIN):
-                    self._read_sizes(length)
+                large = MID_WRITE_MIN <= length < DIRECT_PAYLOAD_MIN
+                if large is not self._large_reads:
+                    self._read_sizes(large)
                 done = 0
                 if write_now is not None and not flags & _FUA:
                     done = write_now(offset, payload)
@@ -1157,15 +1154,15 @@ class NBDServerProtocol(Protocol):
                 out = self._out
         return True
 
-    def _read_sizes(self, length: int) -> None:
+    def _read_sizes(self, large: bool) -> None:
         """
-        Read in larger pieces while the client sends mid-sized WRITEs: a
+        Read in larger pieces (C{large}) while the client sends mid-sized
+        WRITEs, from L{MID_WRITE_MIN} to L{DIRECT_PAYLOAD_MIN} bytes: a
         64 KiB WRITE then seldom straddles two pieces (which takes the
         general path and a copy to join it); smaller and larger ones read
         best in smaller pieces (buffers over glibc's mmap threshold cost
         system calls, and large payloads are received into their buffers).
         """
-        large = MID_WRITE_MIN <= length < DIRECT_PAYLOAD_MIN
         self._large_reads = large
         if self._socket is not None:
             self._read_size = LARGE_READ_SIZE if large else POLL_BUFFER
@@ -1248,8 +1245,9 @@ class NBDServerProtocol(Protocol):
         written (see L{IImmediateIO.write_now}).
         """
         self._flush_views(request.offset, request.length)
-        if self._large_reads is not (MID_WRITE_MIN <= request.length < DIRECT_PAYLOAD_MIN):
-            self._read_sizes(request.length)
+        large = MID_WRITE_MIN <= request.length < DIRECT_PAYLOAD_MIN
+        if large is not self._large_reads:
+            self._read_sizes(large)
         device = self._device
         assert device is not None
         started = self._started(request)
@@ -1259,7 +1257,7 @@ class NBDServerProtocol(Protocol):
         result: Any
         data = request.data
         if data is self._received_in_place:
-            # Already in the device's memory (see _receive_in_place).
+            # Already in the device's memory (see _in_place_view).
             self._received_in_place = None
             data.release()
             self._emit(self._conn.reply_ok(request))
@@ -1268,7 +1266,7 @@ class NBDServerProtocol(Protocol):
             # The payload may be a bytearray (received straight into it);
             # every device accepts bytes-like data (the conformance tests say so).
             if done:
-                rest = memoryview(request.data)[done:]
+                rest = memoryview(data)[done:]
                 result = device.write(request.offset + done, cast(bytes, rest), request.fua)
             else:
                 result = device.write(request.offset, cast(bytes, request.data), request.fua)
