@@ -499,6 +499,84 @@ class FileBlockDeviceTests(TestCase):
         self.assertEqual(error.errno, Errno.ENOSPC)
         self.assertIn("offset 0", str(error))
 
+    # Payloads moved from a pipe (IPipeWrite).
+
+    def piped(self, data: bytes) -> int:
+        """A pipe holding C{data}; its read end, both ends closed later."""
+        read, write = os.pipe2(os.O_NONBLOCK)
+        self.addCleanup(os.close, read)
+        self.addCleanup(os.close, write)
+        fcntl.fcntl(write, getattr(fcntl, "F_SETPIPE_SZ", 1031), 1024 * 1024)
+        self.assertEqual(os.write(write, data), len(data))
+        return read
+
+    def left_in(self, pipe: int) -> int:
+        try:
+            return len(os.read(pipe, 2 * MiB))
+        except BlockingIOError:
+            return 0
+
+    def test_pipe_write_inline(self) -> None:
+        """
+        A payload in a pipe moves to the file at once where a buffered write
+        may be done inline: no pool job, the pipe emptied, the bytes around
+        unchanged.
+        """
+        device, pool = self.inline_device()
+        data = os.urandom(MiB)
+        pipe = self.piped(data)
+        self.assertIsNone(self.successResultOf(device.write_from_pipe(pipe, 4096, MiB, False)))
+        self.assertEqual(pool.jobs, [])
+        self.assertEqual(self.left_in(pipe), 0)
+        with open(self.path, "rb") as f:
+            self.assertEqual(f.read(4096 + MiB + 4096), bytes(4096) + data + bytes(4096))
+
+    def test_pipe_write_in_pool(self) -> None:
+        """
+        Near the kernel's dirty limits, with FUA (which also syncs), or with
+        inline writes off, the pool does the move.
+        """
+        synced: list[int] = []
+        self.patch(file_module, "_fdatasync", synced.append)
+        for dirty_ok, fua, inline in [
+            (False, False, True),
+            (True, True, True),
+            (True, False, False),
+        ]:
+            device, pool = self.inline_device(dirty_ok=dirty_ok)
+            device._inline_writes = inline
+            data = os.urandom(256 * 1024)
+            pipe = self.piped(data)
+            d = device.write_from_pipe(pipe, 0, len(data), fua)
+            self.assertNoResult(d)
+            self.assertIsNone(self.run_(pool, d))
+            self.assertEqual(self.left_in(pipe), 0)
+            with open(self.path, "rb") as f:
+                self.assertEqual(f.read(len(data)), data)
+        self.assertEqual(len(synced), 1)
+
+    def test_pipe_write_error(self) -> None:
+        """A move that fails fails the Deferred with the mapped errno, inline or in the pool."""
+        device, pool = self.inline_device()
+
+        def full(*args: Any, **kwargs: Any) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        self.patch(device, "_splice", full)
+        pipe = self.piped(b"x" * 4096)
+        error = self.failureResultOf(device.write_from_pipe(pipe, 0, 4096, False), NBDError)
+        self.assertEqual(error.value.errno, Errno.ENOSPC)
+        self.assertIn("offset 0", str(error.value))
+        d = device.write_from_pipe(pipe, 8192, 4096, True)
+        pool.run_all()
+        self.assertEqual(self.failureResultOf(d, NBDError).value.errno, Errno.ENOSPC)
+
+    def test_pipe_runs_dry(self) -> None:
+        """A pipe holding less than it should fails the write rather than wait or spin."""
+        device, pool = self.inline_device()
+        pipe = self.piped(b"y" * 4096)
+        self.failureResultOf(device.write_from_pipe(pipe, 0, 8192, False), NBDError)
+
     def test_nowait_write(self) -> None:
         """
         Where the kernel takes RWF_NOWAIT for buffered writes, it decides:

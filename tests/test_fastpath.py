@@ -13,8 +13,10 @@ import os
 import socket
 import struct
 from typing import Any
+from unittest import SkipTest
 
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
@@ -24,11 +26,13 @@ from zope.interface import implementer
 
 from tests import builders as b
 from twisted_nbd import _wire as w
-from twisted_nbd.backends.file import FileBlockDevice, create_image
+from twisted_nbd._transport import PIPES_MAX
+from twisted_nbd._wire import Errno
+from twisted_nbd.backends.file import DirtyPageGuard, FileBlockDevice, create_image
 from twisted_nbd.backends.ram import MappedMemoryDevice
 from twisted_nbd.errors import NBDError
 from twisted_nbd.exports import Export, ExportRegistry
-from twisted_nbd.interfaces import IBlockDevice, IBufferWrite, IImmediateIO
+from twisted_nbd.interfaces import IBlockDevice, IBufferWrite, IImmediateIO, IPipeWrite
 from twisted_nbd.observers import ServerObserver
 from twisted_nbd.protocol import NBDServerFactory, NBDServerProtocol
 from twisted_nbd.testing import ControllableBlockDevice
@@ -636,3 +640,265 @@ class InPlaceWriteTests(SynchronousTestCase):
         self.assertEqual(bytes(device.read_buffer(0, 256 * 1024)), payload[: 256 * 1024])
         self.assertEqual(bytes(device.read_buffer(256 * 1024, 4096)), b"o" * 4096)
         self.assertIsNone(self.successResultOf(device.close()))
+
+
+@implementer(IBlockDevice, IPipeWrite)
+class PipeWriteDevice(ControllableBlockDevice):
+    """
+    A controllable device that takes payloads from pipes: each
+    C{write_from_pipe} call is recorded, and answered as C{pipe_answer}
+    says: C{"move"} reads the payload into C{memory} and succeeds;
+    C{"fail"} fails with ENOSPC, leaving the pipe full; C{"wait"} returns a
+    Deferred (in C{waiting}) that L{finish} fires after moving the payload.
+    """
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.memory = bytearray(size)
+        self.pipe_answer = "move"
+        self.pipe_calls: list[tuple[int, int, bool]] = []
+        self.waiting: list[tuple[Deferred[None], int, int, int]] = []
+
+    def move(self, source: int, offset: int, length: int) -> None:
+        got = 0
+        while got < length:
+            piece = os.read(source, length - got)
+            self.memory[offset + got : offset + got + len(piece)] = piece
+            got += len(piece)
+
+    def write_from_pipe(self, source: int, offset: int, length: int, fua: bool) -> Deferred[None]:
+        self.pipe_calls.append((offset, length, fua))
+        if self.pipe_answer == "fail":
+            return fail(NBDError(Errno.ENOSPC, "full"))
+        if self.pipe_answer == "wait":
+            d: Deferred[None] = Deferred()
+            self.waiting.append((d, source, offset, length))
+            return d
+        self.move(source, offset, length)
+        return succeed(None)
+
+    def finish(self) -> None:
+        waiting, self.waiting = self.waiting, []
+        for d, source, offset, length in waiting:
+            self.move(source, offset, length)
+            d.callback(None)
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+class PipeWriteTests(SynchronousTestCase):
+    """
+    Large WRITE payloads are spliced from the socket into a pipe for a
+    device that provides L{IPipeWrite} (a file), and every way out of that.
+    """
+
+    def setUp(self) -> None:
+        if not hasattr(os, "splice") or not os.path.isdir("/proc/self/fd"):
+            raise SkipTest("splice is Linux's")
+        self.transport = SocketTransport()
+        self.addCleanup(self.transport.close_sockets)
+
+    def file(self) -> FileBlockDevice:
+        """A 4 MiB file device that writes inline, its C{write} calls recorded."""
+        path = self.mktemp()
+        create_image(path, 4 * MiB)
+        device = FileBlockDevice(path)
+        self.addCleanup(device.close)
+        device._write_nowait = False
+        guard = DirtyPageGuard()
+        guard.allows = lambda: True  # type: ignore[method-assign]
+        device._dirty = guard
+        # No write counts as slow (which would send the next to the pool).
+        device._now = lambda: 0.0
+        self.path = path
+        writes: list[int] = []
+        real = device.write
+
+        def write(offset: int, data: Any, fua: bool = False) -> Any:
+            writes.append(len(data))
+            return real(offset, data, fua)
+
+        device.write = write  # type: ignore[method-assign]
+        self.writes = writes
+        return device
+
+    def contents(self, offset: int, length: int) -> bytes:
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            return f.read(length)
+
+    def send_write(
+        self, proto: NBDServerProtocol, cookie: int, offset: int, payload: bytes, flags: int = 0
+    ) -> None:
+        """A WRITE: its header and first 1000 payload bytes, then the rest through the socket."""
+        message = b.write(cookie, offset, payload, flags=flags)
+        head = len(message) - len(payload) + 1000
+        proto.dataReceived(message[:head])
+        self.transport.feed(message[head:])
+
+    def test_file_write_through_pipe(self) -> None:
+        """
+        T-12: a 1 MiB WRITE to a file is spliced into a pipe and moved to
+        the file by the device, with no call to C{write}; the bytes around
+        it are unchanged; the next one reuses the pipe.
+        """
+        device = self.file()
+        proto, transport = serve(device, transport=self.transport)
+        receiver = proto._receiver
+        assert receiver is not None
+        first, second = os.urandom(MiB), os.urandom(MiB)
+        self.send_write(proto, 1, 4096, first)
+        pipes = list(receiver._spare_pipes)
+        self.send_write(proto, 2, 4096 + MiB, second)
+        self.assertEqual(simple_replies(transport.value(), {}), [(0, 1, b""), (0, 2, b"")])
+        self.assertEqual(self.writes, [])
+        self.assertEqual(
+            self.contents(0, 2 * MiB + 8192), bytes(4096) + first + second + bytes(4096)
+        )
+        self.assertEqual(len(pipes), 1)
+        self.assertEqual(receiver._spare_pipes, pipes)
+        self.assertEqual(receiver.pipe_fallbacks, 0)
+        self.assertEqual(proto.info.bytes_written, 2 * MiB)
+        self.assertNotIn("doRead", transport.__dict__)
+
+    def test_pipe_out_of_slots(self) -> None:
+        """
+        A client sending in small pieces fills the pipe's slots before its
+        bytes: the server goes on with a payload buffer, in order (what the
+        pipe holds, then the rest), and the WRITE lands through C{write}.
+        """
+        device = self.file()
+        proto, transport = serve(device, transport=self.transport)
+        receiver = proto._receiver
+        assert receiver is not None
+        payload = os.urandom(MiB)
+        message = b.write(3, 0, payload)
+        head = len(message) - len(payload) + 1000
+        proto.dataReceived(message[:head])
+        peer = self.transport.peer
+        peer.setblocking(False)
+        rest = memoryview(message)[head:]
+        # Unix-socket buffers of 512 bytes each: one pipe slot each.
+        position = 0
+        for _ in range(100_000):
+            if position == len(rest):
+                break
+            try:
+                position += peer.send(rest[position : position + 512])
+            except BlockingIOError:
+                transport.doRead()  # type: ignore[attr-defined]
+        for _ in range(100):
+            if "doRead" not in transport.__dict__:
+                break
+            transport.doRead()  # type: ignore[attr-defined]
+        self.assertEqual(receiver.pipe_fallbacks, 1)
+        self.assertEqual(simple_replies(transport.value(), {}), [(0, 3, b"")])
+        self.assertEqual(self.writes, [MiB])
+        self.assertEqual(self.contents(0, MiB), payload)
+        # The emptied pipe is kept for the next payload.
+        self.assertEqual(len(receiver._spare_pipes), 1)
+
+    def test_client_vanishes_mid_payload(self) -> None:
+        """
+        The client going away halfway through a spliced payload: no reply,
+        the file untouched (unlike a RAM disk's in-place receive, nothing
+        is written before the whole payload is there), and no descriptor
+        left open.
+        """
+        device = self.file()
+        proto, transport = serve(device, transport=self.transport)
+        before = open_fds()
+        message = b.write(4, 0, b"n" * MiB)
+        proto.dataReceived(message[:1000])
+        self.transport.feed(message[1000 : 300 * 1024])
+        proto.connectionLost(Failure(ConnectionDone("gone")))
+        self.assertEqual(transport.value(), b"")
+        self.assertNotIn("doRead", transport.__dict__)
+        self.assertEqual(self.contents(0, MiB), bytes(MiB))
+        self.assertEqual(open_fds(), before)
+
+    def test_lost_with_payload_waiting(self) -> None:
+        """
+        A payload received into its pipe while the server may not start
+        work (here the transport's send buffer is full), and then the client
+        gone before its WRITE started: that pipe is closed too.
+        """
+        device = PipeWriteDevice(4 * MiB)
+        proto, transport = serve(device, transport=self.transport)
+        before = open_fds()
+        message = b.write(2, 0, os.urandom(512 * 1024))
+        proto.dataReceived(message[:1000])
+        proto.pauseProducing()
+        self.transport.feed(message[1000:])
+        self.assertEqual(device.pipe_calls, [])
+        self.assertIsNotNone(proto._piped)
+        proto.connectionLost(Failure(ConnectionDone("gone")))
+        self.assertEqual(device.pipe_calls, [])
+        self.assertEqual(open_fds(), before)
+
+    def test_device_fails(self) -> None:
+        """
+        A device that fails gets its error sent (ENOSPC); the pipe it left
+        bytes in is closed, not reused; the next WRITE gets a new one.
+        """
+        device = PipeWriteDevice(4 * MiB)
+        device.pipe_answer = "fail"
+        proto, transport = serve(device, transport=self.transport)
+        receiver = proto._receiver
+        assert receiver is not None
+        before = open_fds()
+        self.send_write(proto, 5, 0, os.urandom(512 * 1024))
+        self.assertEqual(simple_replies(transport.value(), {}), [(int(Errno.ENOSPC), 5, b"")])
+        self.assertEqual((receiver._pipes, receiver._spare_pipes, open_fds()), (0, [], before))
+        transport.clear()
+        device.pipe_answer = "move"
+        payload = os.urandom(512 * 1024)
+        self.send_write(proto, 6, 0, payload)
+        self.assertEqual(simple_replies(transport.value(), {}), [(0, 6, b"")])
+        self.assertEqual(bytes(device.memory[: len(payload)]), payload)
+
+    def test_pipes_capped(self) -> None:
+        """
+        While the device still moves payloads out of PIPES_MAX pipes, the
+        next payload goes into a buffer and through C{write}; once they are
+        done, the pipes are kept for reuse. FUA reaches the device.
+        """
+        device = PipeWriteDevice(8 * MiB)
+        device.pipe_answer = "wait"
+        proto, transport = serve(device, transport=self.transport)
+        receiver = proto._receiver
+        assert receiver is not None
+        payloads = [os.urandom(256 * 1024 + 4096) for _ in range(PIPES_MAX + 1)]
+        for i, payload in enumerate(payloads):
+            flags = int(w.CmdFlags.FUA) if i == 0 else 0
+            self.send_write(proto, i, i * MiB, payload, flags=flags)
+        self.assertEqual(
+            device.pipe_calls,
+            [(i * MiB, len(payloads[i]), i == 0) for i in range(PIPES_MAX)],
+        )
+        write = device.take("write")
+        self.assertEqual(
+            (write.args["offset"], bytes(write.args["data"])), (PIPES_MAX * MiB, payloads[-1])
+        )
+        write.succeed(None)
+        device.finish()
+        self.assertEqual(
+            sorted(r[1] for r in simple_replies(transport.value(), {})), list(range(PIPES_MAX + 1))
+        )
+        for i in range(PIPES_MAX):
+            self.assertEqual(
+                bytes(device.memory[i * MiB : i * MiB + len(payloads[i])]), payloads[i]
+            )
+        self.assertEqual((receiver._pipes, len(receiver._spare_pipes)), (PIPES_MAX, PIPES_MAX))
+
+    def test_observers_through_write(self) -> None:
+        """With observers (who may look at a WRITE's data), payloads go into buffers."""
+        device = self.file()
+        proto, transport = serve(device, transport=self.transport, observers=(ServerObserver(),))
+        payload = os.urandom(512 * 1024)
+        self.send_write(proto, 7, 0, payload)
+        self.assertEqual(simple_replies(transport.value(), {}), [(0, 7, b"")])
+        self.assertEqual(self.writes, [len(payload)])
+        self.assertEqual(self.contents(0, len(payload)), payload)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 from typing import Any, cast
+from unittest import SkipTest
 
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import serverFromString
@@ -18,12 +19,14 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests import builders as b
 from twisted_nbd._transport import PayloadReceiver, ReplyWriter
+from twisted_nbd.backends.file import FileBlockDevice, create_image
 from twisted_nbd.backends.memory import MemoryBlockDevice
 from twisted_nbd.backends.ram import MappedMemoryDevice
 from twisted_nbd.client import connect
 from twisted_nbd.exports import Export, ExportRegistry
 from twisted_nbd.protocol import (
     LARGE_READ_SIZE,
+    PIPE_READ_SIZE,
     POLL_BUFFER,
     READ_SIZE,
     NBDServerFactory,
@@ -435,6 +438,13 @@ class ReadOnTests(SynchronousTestCase):
         self.assertNotIn("doRead", transport.__dict__)
 
 
+class AllowingGuard:
+    """A dirty-page guard that always allows inline writes."""
+
+    def allows(self) -> bool:
+        return True
+
+
 class ReadSizeTests(SynchronousTestCase):
     """
     The connection reads in larger pieces while its client sends mid-sized
@@ -485,3 +495,46 @@ class ReadSizeTests(SynchronousTestCase):
         self.assertEqual(bytes(self.device.read_buffer(65536, 65536)), b"b" * 65536)
         self.assertEqual(bytes(self.device.read_buffer(65536 * 3, 4096)), b"c" * 4096)
         self.assertEqual(bytes(self.device.read_buffer(65536 * 2, 65536)), b"d" * 65536)
+
+    def test_small_while_piping(self) -> None:
+        """
+        While large WRITEs to a file are spliced into pipes, the connection
+        reads little at a time (so payload bytes are not copied to Python
+        and back first); a small WRITE puts the usual size back.
+        """
+        if not hasattr(os, "splice"):
+            raise SkipTest("splice is Linux's")
+        path = self.mktemp()
+        create_image(path, 4 * MiB)
+        device = FileBlockDevice(path)
+        self.addCleanup(device.close)
+        # Writes inline whatever the machine's state (this test has no pool).
+        device._write_nowait = False
+        device._dirty = cast(Any, AllowingGuard())
+        device._now = lambda: 0.0
+        factory = NBDServerFactory(ExportRegistry.of([Export("", device)]), poll_max=0)
+        proto = factory.buildProtocol(None)
+        assert proto is not None
+        ours, theirs = socket.socketpair()
+        ours.setblocking(False)
+        self.addCleanup(ours.close)
+        self.addCleanup(theirs.close)
+        transport = ReadingTransport(ours)
+        proto.makeConnection(transport)
+        proto.dataReceived(b.client_flags() + b.go())
+        drain(theirs)
+        sizes = lambda: (proto._read_size, cast(Any, transport).bufferSize)  # noqa: E731
+        payload = os.urandom(MiB)
+        message = b.write(1, 0, payload)
+        proto.dataReceived(message[:1000])
+        self.assertEqual(sizes(), (PIPE_READ_SIZE, PIPE_READ_SIZE))
+        for start in range(1000, len(message), 65536):
+            theirs.sendall(message[start : start + 65536])
+            transport.doRead()
+        self.assertNotIn("doRead", transport.__dict__)
+        self.assertEqual(sizes(), (PIPE_READ_SIZE, PIPE_READ_SIZE))
+        proto.dataReceived(b.write(2, MiB, b"s" * 4096))
+        self.assertEqual(sizes(), (POLL_BUFFER, READ_SIZE))
+        self.assertEqual(b.parse_simple_replies(drain(theirs)), [(0, 1), (0, 2)])
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(MiB), payload)

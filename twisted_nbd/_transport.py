@@ -24,12 +24,16 @@ C{writeSequence}, with memoryviews turned into bytes first.
 from __future__ import annotations
 
 import errno
+import fcntl
+import os
 import socket
+import termios
+from array import array
 from typing import Any, Callable, Sequence, Union
 
 from twisted.internet import main as _main
 
-__all__ = ["PayloadReceiver", "Piece", "ReplyWriter"]
+__all__ = ["PayloadReceiver", "Piece", "PipedPayload", "ReplyWriter"]
 
 #: What a reply is made of: header bytes, and payload views where possible.
 Piece = Union[bytes, memoryview, bytearray]
@@ -38,6 +42,20 @@ Piece = Union[bytes, memoryview, bytearray]
 _MAX_IOV = 512
 
 _RETRY = (errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS, errno.EINTR)
+
+#: How large the pipes are that payloads are spliced into (see
+#: L{PayloadReceiver.start_pipe}), and so the largest payload taken that
+#: way: Linux's limit for unprivileged processes (C{fs.pipe-max-size}).
+PIPE_SIZE = 1024 * 1024
+
+#: At most this many pipes per connection, in use or kept for reuse: each
+#: is two file descriptors, and while a device still moves a payload out of
+#: one, the next payload needs another. Past that, payloads go to buffers.
+PIPES_MAX = 4
+
+_SPLICE: Callable[..., int] | None = getattr(os, "splice", None)
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_NONBLOCK", 2) | getattr(os, "SPLICE_F_MOVE", 1)
+_F_SETPIPE_SZ: int = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 
 def _as_bytes(pieces: Sequence[Piece]) -> list[bytes]:
@@ -144,20 +162,48 @@ def _unsent(pieces: Sequence[Piece], sent: int) -> list[bytes]:
     return out
 
 
+class PipedPayload:
+    """
+    A WRITE's payload that waits in a pipe (see
+    L{PayloadReceiver.start_pipe}) for the device to move it to its file
+    (L{twisted_nbd.interfaces.IPipeWrite}).
+
+    @ivar pipe: the pipe (read end, write end).
+    @ivar source: its read end.
+    """
+
+    __slots__ = ("pipe", "source", "_length")
+
+    def __init__(self, pipe: tuple[int, int], length: int) -> None:
+        self.pipe = pipe
+        self.source = pipe[0]
+        self._length = length
+
+    def __len__(self) -> int:
+        return self._length
+
+
 class PayloadReceiver:
     """
     Receives a known number of bytes from a Twisted TCP or Unix transport
-    straight into a buffer of the caller's (C{recv_into}), instead of as
-    64 KiB C{bytes} objects that would then be joined: for a 1 MiB WRITE
-    that is one copy (and sixteen allocations) less.
+    without Twisted's C{doRead}: straight into a buffer of the caller's
+    (C{recv_into}), instead of as 64 KiB C{bytes} objects that would then
+    be joined, which for a 1 MiB WRITE is one copy (and sixteen
+    allocations) less; or into a pipe (C{splice}, which moves the socket's
+    pages without copying them) for a device that then moves them to its
+    file with one copy in the kernel (L{start_pipe}).
 
     While it receives, the transport's C{doRead} is replaced on the
-    instance; it is put back when the buffer is full or the connection is
+    instance; it is put back when all has arrived or the connection is
     lost. Pausing the transport pauses this too, as usual.
 
     @ivar possible: whether this transport allows it at all.
     @ivar received: how many bytes it has received, ever (data arriving here
         never reaches C{dataReceived}, so the idle timeout watches this).
+    @ivar pipes_possible: whether payloads can be spliced into pipes here
+        (cleared for good when the kernel refuses a pipe of L{PIPE_SIZE}).
+    @ivar pipe_fallbacks: how many spliced payloads went on into a buffer
+        because their pipe ran out of slots.
     """
 
     def __init__(self, transport: Any) -> None:
@@ -173,11 +219,21 @@ class PayloadReceiver:
         self._position = 0
         self._done: Callable[[], None] | None = None
         self.received = 0
+        # Splicing: the pipe being filled and how much is still to come, the
+        # pipes kept for reuse, how many exist, and what to call when the
+        # pipe runs out of slots.
+        self._pipe: tuple[int, int] | None = None
+        self._remaining = 0
+        self._spare_pipes: list[tuple[int, int]] = []
+        self._pipes = 0
+        self._full: Callable[[int], None] | None = None
+        self.pipes_possible = self.possible and _SPLICE is not None
+        self.pipe_fallbacks = 0
 
     @property
     def active(self) -> bool:
-        """Whether a buffer is being filled."""
-        return self._view is not None
+        """Whether a buffer or a pipe is being filled."""
+        return self._view is not None or self._pipe is not None
 
     def start(self, view: memoryview, done: Callable[[], None]) -> None:
         """
@@ -186,18 +242,143 @@ class PayloadReceiver:
         @raise RuntimeError: this transport does not allow it, or a buffer
             is already being filled.
         """
-        if not self.possible or self._view is not None:
+        if not self.possible or self.active:
             raise RuntimeError("cannot receive straight into a buffer here")
         self._view, self._position, self._done = view, 0, done
         self.transport.doRead = self._do_read
 
+    def pipe(self) -> tuple[int, int] | None:
+        """
+        An empty pipe (read end, write end) of L{PIPE_SIZE} bytes to splice
+        a payload into; or C{None}: there are L{PIPES_MAX} already, or
+        splicing is not possible here.
+        """
+        if self._spare_pipes:
+            return self._spare_pipes.pop()
+        if not self.pipes_possible or self._pipes >= PIPES_MAX:
+            return None
+        try:
+            read, write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return None  # out of descriptors: a buffer will do
+        try:
+            size = fcntl.fcntl(write, _F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:
+            # Over the per-user limit on pipe memory (EPERM), say.
+            size = 0
+        if size < PIPE_SIZE:
+            os.close(read)
+            os.close(write)
+            self.pipes_possible = False
+            return None
+        self._pipes += 1
+        return (read, write)
+
+    def return_pipe(self, pipe: tuple[int, int]) -> None:
+        """
+        Take back a pipe that L{pipe} gave: kept for reuse if it is empty
+        (a device that failed may have left bytes in it), else closed.
+        """
+        if self.pipes_possible:
+            waiting = array("i", [0])
+            try:
+                fcntl.ioctl(pipe[0], termios.FIONREAD, waiting)
+            except OSError:
+                waiting[0] = 1
+            if not waiting[0]:
+                self._spare_pipes.append(pipe)
+                return
+        self._pipes -= 1
+        os.close(pipe[0])
+        os.close(pipe[1])
+
+    def start_pipe(
+        self,
+        pipe: tuple[int, int],
+        length: int,
+        done: Callable[[], None],
+        full: Callable[[int], None],
+    ) -> None:
+        """
+        Splice C{length} bytes from the socket into C{pipe} (after what it
+        holds already); call C{done} once they are all there.
+
+        A pipe holds one piece of socket buffer per slot, and a peer that
+        sends in small pieces can fill its slots before its bytes. Then
+        C{full} is called with how many bytes are still to come; it takes
+        what the pipe holds and receives the rest another way (L{start}).
+
+        @raise RuntimeError: splicing is not possible here, or something is
+            being received already.
+        """
+        if not self.pipes_possible or self.active:
+            raise RuntimeError("cannot splice into a pipe here")
+        self._pipe, self._remaining, self._done, self._full = pipe, length, done, full
+        self.transport.doRead = self._do_splice
+
     def stop(self) -> None:
-        """Stop filling (the connection is going away); C{done} is not called."""
+        """
+        Stop filling (the connection is going away): C{done} is not called;
+        the pipe being filled, if any, and the spare ones are closed, and
+        no more are made.
+        """
         if self._view is not None:
             self._view.release()
             self._view = None
             self._done = None
             self.transport.__dict__.pop("doRead", None)
+        self.pipes_possible = False
+        if self._pipe is not None:
+            pipe, self._pipe = self._pipe, None
+            self._done = self._full = None
+            self.transport.__dict__.pop("doRead", None)
+            self.return_pipe(pipe)
+        spare, self._spare_pipes = self._spare_pipes, []
+        for pipe in spare:
+            self.return_pipe(pipe)
+
+    def _finished(self) -> Callable[[], None]:
+        """Stop receiving; what to call now that all has arrived."""
+        done = self._done
+        self._view = None
+        self._pipe = None
+        self._done = self._full = None
+        self.transport.__dict__.pop("doRead", None)
+        assert done is not None
+        return done
+
+    def _do_splice(self) -> Any:
+        pipe = self._pipe
+        sock = self._socket
+        splice = _SPLICE
+        assert pipe is not None and sock is not None and splice is not None
+        fd = sock.fileno()
+        while self._remaining:
+            try:
+                count = splice(fd, pipe[1], self._remaining, flags=_SPLICE_FLAGS)
+            except OSError as e:
+                if e.errno not in _RETRY:
+                    self.stop()
+                    return _main.CONNECTION_LOST
+                # Nothing more has arrived (wait for it); or the pipe is out
+                # of slots while the socket holds more, which would have the
+                # reactor call this again and again.
+                waiting = array("i", [0])
+                fcntl.ioctl(fd, termios.FIONREAD, waiting)
+                if waiting[0]:
+                    self.pipe_fallbacks += 1
+                    full, remaining = self._full, self._remaining
+                    self._finished()
+                    assert full is not None
+                    full(remaining)
+                return None
+            if not count:
+                self.stop()
+                return _main.CONNECTION_DONE
+            self._remaining -= count
+            self.received += count
+        self._finished()()
+        return None
 
     def _do_read(self) -> Any:
         view = self._view
@@ -219,10 +400,5 @@ class PayloadReceiver:
             self._position += count
             self.received += count
         if self._position == size:
-            done = self._done
-            self._view = None
-            self._done = None
-            self.transport.__dict__.pop("doRead", None)
-            assert done is not None
-            done()
+            self._finished()()
         return None

@@ -31,6 +31,7 @@ __all__ = [
     "IBufferRead",
     "IBufferWrite",
     "IImmediateIO",
+    "IPipeWrite",
     "ISparseRead",
     "STATE_HOLE",
     "STATE_ZERO",
@@ -259,6 +260,36 @@ class IBufferWrite(Interface):
         disk losing power in the middle of a write leaves it: the spec
         promises nothing about a write that was never acknowledged. The
         server releases the view when it is done with it.
+        """
+
+
+class IPipeWrite(Interface):
+    """
+    An optional companion of L{IBlockDevice} for devices over a file
+    descriptor (a file or block device): the server splices a large WRITE's
+    payload from the socket into a pipe, which moves the socket's pages
+    without copying them, and the device moves it from the pipe to its file
+    with C{splice}, one copy in the kernel. Received into a buffer and then
+    written, the payload would be copied twice.
+
+    The server only does this once the whole payload is in the pipe, and
+    in the request's turn, exactly where it would call L{IBlockDevice.write}:
+    a WRITE is all-or-nothing as usual.
+    """
+
+    def write_from_pipe(source: int, offset: int, length: int, fua: bool) -> "Deferred[None]":
+        """
+        Move the C{length} bytes waiting in the pipe C{source} (all of them
+        there already) to C{offset} (a range the server has checked); with
+        C{fua}, make them durable first, as L{IBlockDevice.write} does.
+
+        The pipe is the server's: the device must not use it once the
+        Deferred has fired (or after failing at once). The server reuses it
+        if the call succeeded and closes it otherwise, so a failure may
+        leave bytes in it.
+
+        @return: a Deferred that fires with C{None} once all has moved, or
+            fails with L{NBDError}.
         """
 
 

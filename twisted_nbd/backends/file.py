@@ -40,6 +40,7 @@ from twisted_nbd.interfaces import (
     Extent,
     IBlockDevice,
     IImmediateIO,
+    IPipeWrite,
     ISparseRead,
     Segment,
 )
@@ -218,6 +219,10 @@ def _no_preadv(fd: int, buffers: list[bytearray], offset: int, flags: int) -> in
     raise OSError(errno.ENOSYS, "preadv is not available")
 
 
+def _no_splice(*args: Any, **kwargs: Any) -> int:
+    raise OSError(errno.ENOSYS, "splice is not available here")
+
+
 def _no_pwritev(fd: int, buffers: list[Any], offset: int, flags: int) -> int:
     raise OSError(errno.ENOSYS, "pwritev is not available")
 
@@ -262,7 +267,7 @@ def _device_size(fd: int, mode: int) -> int:
     return os.fstat(fd).st_size
 
 
-@implementer(IBlockDevice, ISparseRead, IImmediateIO)
+@implementer(IBlockDevice, ISparseRead, IImmediateIO, IPipeWrite)
 class FileBlockDevice:
     """
     An L{IBlockDevice} over one file descriptor, its blocking calls run in a
@@ -368,6 +373,7 @@ class FileBlockDevice:
         self._pwritev: Callable[[int, list[Any], int, int], int] = getattr(
             os, "pwritev", _no_pwritev
         )
+        self._splice: Callable[..., int] = getattr(os, "splice", _no_splice)
         # Writes in the reactor thread (see _write_inline): whether they are
         # on, whether the kernel takes RWF_NOWAIT for buffered writes here,
         # and until when they are off after a slow one.
@@ -675,13 +681,28 @@ class FileBlockDevice:
                     raise
                 # Not for buffered writes on this file system: use the checks.
                 self._write_nowait = False
-        now = self._now()
-        if now < self._inline_off_until or not self._dirty.allows():
-            return 0
-        end = offset + len(data)
-        if (offset % _PAGE or end % _PAGE) and not self._edges_cached(offset, end):
+        now = self._inline_allowed(offset, offset + len(data))
+        if now is None:
             return 0
         self._write_all(offset, data)
+        self._inline_done(now)
+        return len(data)
+
+    def _inline_allowed(self, offset: int, end: int) -> float | None:
+        """
+        Whether a buffered write from C{offset} to C{end} may be done in the
+        reactor thread without asking the kernel (see L{_write_inline}): the
+        time now if so, else C{None}.
+        """
+        now = self._now()
+        if now < self._inline_off_until or not self._dirty.allows():
+            return None
+        if (offset % _PAGE or end % _PAGE) and not self._edges_cached(offset, end):
+            return None
+        return now
+
+    def _inline_done(self, now: float) -> None:
+        """An inline write that started at C{now} is done: was it slow?"""
         took = self._now() - now
         if took > SLOW_INLINE_WRITE:
             self._inline_off_until = now + took + INLINE_COOLDOWN
@@ -692,7 +713,50 @@ class FileBlockDevice:
                 ms=took * 1000,
                 cooldown=INLINE_COOLDOWN,
             )
-        return len(data)
+
+    def write_from_pipe(
+        self, source: int, offset: int, length: int, fua: bool = False
+    ) -> Deferred[None]:
+        """
+        Move the C{length} bytes waiting in the pipe C{source} to C{offset}
+        with C{splice} (L{IPipeWrite}); with C{fua}, C{fdatasync} after. In
+        the reactor thread where a buffered write may be done there (see
+        L{_write_inline}: the same checks, except C{RWF_NOWAIT}, which
+        C{splice} does not take), else in the pool.
+
+        @return: a Deferred that fires with C{None}, or fails with
+            L{NBDError} (C{ENOSPC} when the file system is full).
+        """
+        if not fua and self._inline_writes and length <= INLINE_WRITE_MAX and not self._closing:
+            now = self._inline_allowed(offset, offset + length)
+            if now is not None:
+                try:
+                    self._splice_all(source, offset, length)
+                except OSError as e:
+                    return fail(
+                        NBDError(
+                            errno_from_os_error(e),
+                            f"write at offset {offset}: {e.strerror or e}",
+                        )
+                    )
+                self._inline_done(now)
+                return succeed(None)
+
+        def write() -> None:
+            self._splice_all(source, offset, length)
+            if fua:
+                _fdatasync(self._fd)
+
+        return self._run("write", offset, write)
+
+    def _splice_all(self, source: int, offset: int, length: int) -> None:
+        moved = 0
+        while moved < length:
+            count = self._splice(source, self._fd, length - moved, offset_dst=offset + moved)
+            if count <= 0:
+                # The pipe holds less than it should: never spin on it.
+                raise OSError(errno.EIO, "the pipe ran dry")
+            moved += count
 
     def _edges_cached(self, offset: int, end: int) -> bool:
         """
