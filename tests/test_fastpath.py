@@ -870,7 +870,7 @@ class PipeWriteTests(SynchronousTestCase):
         proto, transport = serve(device, transport=self.transport)
         receiver = proto._receiver
         assert receiver is not None
-        payloads = [os.urandom(256 * 1024 + 4096) for _ in range(PIPES_MAX + 1)]
+        payloads = [os.urandom(512 * 1024 + 4096) for _ in range(PIPES_MAX + 1)]
         for i, payload in enumerate(payloads):
             flags = int(w.CmdFlags.FUA) if i == 0 else 0
             self.send_write(proto, i, i * MiB, payload, flags=flags)

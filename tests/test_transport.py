@@ -533,8 +533,20 @@ class ReadSizeTests(SynchronousTestCase):
             transport.doRead()
         self.assertNotIn("doRead", transport.__dict__)
         self.assertEqual(sizes(), (PIPE_READ_SIZE, PIPE_READ_SIZE))
-        proto.dataReceived(b.write(2, MiB, b"s" * 4096))
+        # A payload too small for a pipe: the usual size at once, not 4 KiB
+        # pieces for the rest of it.
+        middle = b.write(2, MiB, b"m" * (256 * 1024))
+        proto.dataReceived(middle[:1000])
         self.assertEqual(sizes(), (POLL_BUFFER, READ_SIZE))
-        self.assertEqual(b.parse_simple_replies(drain(theirs)), [(0, 1), (0, 2)])
+        proto.dataReceived(middle[1000:])
+        message = b.write(3, MiB, os.urandom(MiB))
+        proto.dataReceived(message[:1000])
+        self.assertEqual(sizes(), (PIPE_READ_SIZE, PIPE_READ_SIZE))
+        for start in range(1000, len(message), 65536):
+            theirs.sendall(message[start : start + 65536])
+            transport.doRead()
+        proto.dataReceived(b.write(4, 3 * MiB, b"s" * 4096))
+        self.assertEqual(sizes(), (POLL_BUFFER, READ_SIZE))
+        self.assertEqual(b.parse_simple_replies(drain(theirs)), [(0, 1), (0, 2), (0, 3), (0, 4)])
         with open(path, "rb") as f:
             self.assertEqual(f.read(MiB), payload)

@@ -235,6 +235,11 @@ class PayloadReceiver:
         """Whether a buffer or a pipe is being filled."""
         return self._view is not None or self._pipe is not None
 
+    @property
+    def piping(self) -> bool:
+        """Whether a pipe is being filled."""
+        return self._pipe is not None
+
     def start(self, view: memoryview, done: Callable[[], None]) -> None:
         """
         Fill C{view} from the socket; call C{done} once it is full.

@@ -138,6 +138,11 @@ MID_WRITE_MIN = 32 * 1024
 #: request's header, most of which is payload, is not first copied to
 #: Python and then back into the pipe.
 PIPE_READ_SIZE = 4096
+#: Payloads of at least this many bytes go into pipes for devices that take
+#: them from there (IPipeWrite). Measured with fio on a file: 512 KiB WRITEs
+#: +25 to 45%, 1 MiB +20%, but 256 KiB ones -10% (the pipe's system calls
+#: cost more than the copy they save).
+PIPE_PAYLOAD_MIN = 512 * 1024
 
 #: At most this many bytes of payload buffers are kept for reuse per connection.
 SPARE_BUFFERS_MAX = 16 * 1024 * 1024
@@ -700,8 +705,13 @@ class NBDServerProtocol(Protocol):
                 if conn.has_data_to_send():
                     self._flush_outbox()
                 if event is NEED_DATA:
-                    if conn.payload_wanted() >= DIRECT_PAYLOAD_MIN:
-                        self._receive_payload()
+                    wanted = conn.payload_wanted()
+                    if wanted:
+                        if wanted >= DIRECT_PAYLOAD_MIN:
+                            self._receive_payload()
+                        if self._large_reads is None and not self._piping():
+                            # Small reads suit spliced payloads only.
+                            self._read_sizes(False)
                     break
                 dispatch[event.__class__](self, event)
         finally:
@@ -713,9 +723,10 @@ class NBDServerProtocol(Protocol):
 
     def _receive_payload(self) -> None:
         """
-        Receive the rest of a large WRITE payload straight into the buffer
-        the device will be given (see L{PayloadReceiver}), or into the
-        device's own memory (see L{_in_place_view}), then go on.
+        Receive the rest of a large WRITE payload into a pipe (see
+        L{_receive_into_pipe}), or straight into the buffer the device will
+        be given (see L{PayloadReceiver}), or into the device's own memory
+        (see L{_in_place_view}), then go on.
         """
         receiver = self._receiver
         if receiver is None or not receiver.possible or receiver.active:
@@ -761,7 +772,7 @@ class NBDServerProtocol(Protocol):
         """
         conn = self._conn
         length = conn.payload_length()
-        if length > PIPE_SIZE:
+        if not PIPE_PAYLOAD_MIN <= length <= PIPE_SIZE:
             return False
         pipe = receiver.pipe()
         if pipe is None:
@@ -812,6 +823,11 @@ class NBDServerProtocol(Protocol):
         if self._large_reads is not None:
             self._read_sizes(None)
         return True
+
+    def _piping(self) -> bool:
+        """Whether a payload is being spliced into a pipe."""
+        receiver = self._receiver
+        return receiver is not None and receiver.piping
 
     def _read_on(self) -> None:
         """
