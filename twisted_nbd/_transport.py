@@ -279,17 +279,20 @@ class PayloadReceiver:
         self._pipes += 1
         return (read, write)
 
-    def return_pipe(self, pipe: tuple[int, int]) -> None:
+    def return_pipe(self, pipe: tuple[int, int], emptied: bool = False) -> None:
         """
         Take back a pipe that L{pipe} gave: kept for reuse if it is empty
-        (a device that failed may have left bytes in it), else closed.
+        (C{emptied} says it is: its payload all went where it should; else
+        it is checked, since a device that failed may have left bytes in
+        it), else closed.
         """
         if self.pipes_possible:
             waiting = array("i", [0])
-            try:
-                fcntl.ioctl(pipe[0], termios.FIONREAD, waiting)
-            except OSError:
-                waiting[0] = 1
+            if not emptied:
+                try:
+                    fcntl.ioctl(pipe[0], termios.FIONREAD, waiting)
+                except OSError:
+                    waiting[0] = 1
             if not waiting[0]:
                 self._spare_pipes.append(pipe)
                 return
@@ -358,6 +361,7 @@ class PayloadReceiver:
         splice = _SPLICE
         assert pipe is not None and sock is not None and splice is not None
         fd = sock.fileno()
+        moved = 0
         while self._remaining:
             try:
                 count = splice(fd, pipe[1], self._remaining, flags=_SPLICE_FLAGS)
@@ -367,9 +371,12 @@ class PayloadReceiver:
                     return _main.CONNECTION_LOST
                 # Nothing more has arrived (wait for it); or the pipe is out
                 # of slots while the socket holds more, which would have the
-                # reactor call this again and again.
+                # reactor call this again and again. The reactor calls this
+                # when the socket is readable, so only a call that moved
+                # nothing needs to ask which.
                 waiting = array("i", [0])
-                fcntl.ioctl(fd, termios.FIONREAD, waiting)
+                if not moved:
+                    fcntl.ioctl(fd, termios.FIONREAD, waiting)
                 if waiting[0]:
                     self.pipe_fallbacks += 1
                     full, remaining = self._full, self._remaining
@@ -382,6 +389,7 @@ class PayloadReceiver:
                 return _main.CONNECTION_DONE
             self._remaining -= count
             self.received += count
+            moved += count
         self._finished()()
         return None
 

@@ -1413,7 +1413,10 @@ class NBDServerProtocol(Protocol):
         except Exception:
             result = Failure()  # type: ignore[no-untyped-call]
         if not self._observers and self._sync_value(result) is not _PENDING:
-            self._return_pipe(None, payload)
+            # Succeeded: the pipe is empty.
+            receiver = self._receiver
+            assert receiver is not None
+            receiver.return_pipe(payload.pipe, True)
             self._emit(self._conn.reply_ok(request))
             return
         pending = self._await(result, request, NBDServerProtocol._reply_ok, request.length, started)
