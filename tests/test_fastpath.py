@@ -467,29 +467,25 @@ class BufferWriteDevice(ControllableBlockDevice):
         return None if self.decline else memoryview(self.memory)[offset : offset + length]
 
 
-class InPlaceWriteTests(SynchronousTestCase):
+class LargeWriteTestCase(SynchronousTestCase):
     """
-    Large WRITE payloads are received straight into the memory of a device
-    that provides L{IBufferWrite} (the RAM disk), and every way out of that.
+    Large WRITEs over a L{SocketTransport}, to a device whose C{write} calls
+    are recorded (their lengths in C{writes}).
     """
 
     def setUp(self) -> None:
         self.transport = SocketTransport()
         self.addCleanup(self.transport.close_sockets)
+        self.writes: list[int] = []
 
-    def ram(self) -> MappedMemoryDevice:
-        device = MappedMemoryDevice(4 * MiB)
-        self.addCleanup(device.close)
-        writes: list[int] = []
+    def record_writes(self, device: Any) -> None:
         real = device.write
 
         def write(offset: int, data: Any, fua: bool = False) -> Any:
-            writes.append(len(data))
+            self.writes.append(len(data))
             return real(offset, data, fua)
 
-        device.write = write  # type: ignore[method-assign]
-        self.writes = writes
-        return device
+        device.write = write
 
     def send_write(
         self, proto: NBDServerProtocol, cookie: int, offset: int, payload: bytes, flags: int = 0
@@ -499,6 +495,19 @@ class InPlaceWriteTests(SynchronousTestCase):
         head = len(message) - len(payload) + 1000
         proto.dataReceived(message[:head])
         self.transport.feed(message[head:])
+
+
+class InPlaceWriteTests(LargeWriteTestCase):
+    """
+    Large WRITE payloads are received straight into the memory of a device
+    that provides L{IBufferWrite} (the RAM disk), and every way out of that.
+    """
+
+    def ram(self) -> MappedMemoryDevice:
+        device = MappedMemoryDevice(4 * MiB)
+        self.addCleanup(device.close)
+        self.record_writes(device)
+        return device
 
     def test_received_in_place(self) -> None:
         """
@@ -688,7 +697,7 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-class PipeWriteTests(SynchronousTestCase):
+class PipeWriteTests(LargeWriteTestCase):
     """
     Large WRITE payloads are spliced from the socket into a pipe for a
     device that provides L{IPipeWrite} (a file), and every way out of that.
@@ -697,8 +706,7 @@ class PipeWriteTests(SynchronousTestCase):
     def setUp(self) -> None:
         if not hasattr(os, "splice") or not os.path.isdir("/proc/self/fd"):
             raise SkipTest("splice is Linux's")
-        self.transport = SocketTransport()
-        self.addCleanup(self.transport.close_sockets)
+        super().setUp()
 
     def file(self) -> FileBlockDevice:
         """A 4 MiB file device that writes inline, its C{write} calls recorded."""
@@ -713,30 +721,13 @@ class PipeWriteTests(SynchronousTestCase):
         # No write counts as slow (which would send the next to the pool).
         device._now = lambda: 0.0
         self.path = path
-        writes: list[int] = []
-        real = device.write
-
-        def write(offset: int, data: Any, fua: bool = False) -> Any:
-            writes.append(len(data))
-            return real(offset, data, fua)
-
-        device.write = write  # type: ignore[method-assign]
-        self.writes = writes
+        self.record_writes(device)
         return device
 
     def contents(self, offset: int, length: int) -> bytes:
         with open(self.path, "rb") as f:
             f.seek(offset)
             return f.read(length)
-
-    def send_write(
-        self, proto: NBDServerProtocol, cookie: int, offset: int, payload: bytes, flags: int = 0
-    ) -> None:
-        """A WRITE: its header and first 1000 payload bytes, then the rest through the socket."""
-        message = b.write(cookie, offset, payload, flags=flags)
-        head = len(message) - len(payload) + 1000
-        proto.dataReceived(message[:head])
-        self.transport.feed(message[head:])
 
     def test_file_write_through_pipe(self) -> None:
         """
