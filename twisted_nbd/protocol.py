@@ -461,7 +461,7 @@ class NBDServerProtocol(Protocol):
             self._receiver.stop()
             if self._piped is not None:
                 # Its WRITE will never run (the queue was full): close its pipe.
-                self._return_pipe(None, self._piped)
+                self._receiver.return_pipe(self._piped.pipe)
                 self._piped = None
         self._device = None
         layers, self._layers = self._layers, ()
@@ -754,11 +754,15 @@ class NBDServerProtocol(Protocol):
                 self._received_in_place = in_place
             else:
                 view.release()
-            conn.payload_received(payload)
-            self._parse()
-            self._read_on()
+            self._payload_arrived(payload)
 
         receiver.start(view[got:], received)
+
+    def _payload_arrived(self, payload: Any) -> None:
+        """A payload received outside the parser is all there: go on."""
+        self._conn.payload_received(payload)
+        self._parse()
+        self._read_on()
 
     def _receive_into_pipe(self, receiver: PayloadReceiver) -> bool:
         """
@@ -786,10 +790,8 @@ class NBDServerProtocol(Protocol):
         written = os.write(pipe[1], head) if head else 0
 
         def received() -> None:
-            payload = self._piped = PipedPayload(pipe, length)
-            conn.payload_received(cast(bytes, payload))
-            self._parse()
-            self._read_on()
+            self._piped = PipedPayload(pipe, length)
+            self._payload_arrived(self._piped)
 
         def full(remaining: int) -> None:
             # The pipe ran out of slots: go on with a payload buffer, holding
@@ -807,9 +809,7 @@ class NBDServerProtocol(Protocol):
 
             def received_rest() -> None:
                 view.release()
-                conn.payload_received(payload)
-                self._parse()
-                self._read_on()
+                self._payload_arrived(payload)
 
             # The socket is readable still: the reactor (level-triggered)
             # calls the receiver next.
@@ -1354,13 +1354,12 @@ class NBDServerProtocol(Protocol):
         """
         self._flush_views(request.offset, request.length)
         data = request.data
-        if type(cast(Any, data)) is PipedPayload:
-            # In a pipe, not in memory (see _receive_into_pipe).
-            self._write_from_pipe(request, cast(PipedPayload, data))
-            return
-        large = MID_WRITE_MIN <= request.length < DIRECT_PAYLOAD_MIN
-        if large is not self._large_reads:
-            self._read_sizes(large)
+        # In a pipe, not in memory (see _receive_into_pipe).
+        piped = type(cast(Any, data)) is PipedPayload
+        if not piped:
+            large = MID_WRITE_MIN <= request.length < DIRECT_PAYLOAD_MIN
+            if large is not self._large_reads:
+                self._read_sizes(large)
         device = self._device
         assert device is not None
         started = self._started(request)
@@ -1375,9 +1374,14 @@ class NBDServerProtocol(Protocol):
             self._emit(self._conn.reply_ok(request))
             return
         try:
+            if piped:
+                self._piped = None
+                assert self._pipe_write is not None
+                source = cast(PipedPayload, data).source
+                result = self._pipe_write(source, request.offset, request.length, request.fua)
             # The payload may be a bytearray (received straight into it);
             # every device accepts bytes-like data (the conformance tests say so).
-            if done:
+            elif done:
                 rest = memoryview(data)[done:]
                 result = device.write(request.offset + done, cast(bytes, rest), request.fua)
             else:
@@ -1385,59 +1389,31 @@ class NBDServerProtocol(Protocol):
         except Exception:
             result = Failure()  # type: ignore[no-untyped-call]
         if not self._observers and self._sync_value(result) is not _PENDING:
-            if type(data) is bytearray:
-                self._spare_buffer(data)
+            # Succeeded: a pipe is empty now.
+            self._payload_done(None, data, True)
             self._emit(self._conn.reply_ok(request))
             return
         pending = self._await(result, request, NBDServerProtocol._reply_ok, request.length, started)
-        if type(data) is bytearray:
-            # The payload buffer is ours again once the device is done with it.
-            if pending is None:
-                self._spare_buffer(data)
-            else:
-                pending.addBoth(self._spare_after, data)
+        # The payload's buffer or pipe is ours again once the device is done with it.
+        if pending is None:
+            self._payload_done(None, data)
+        else:
+            pending.addBoth(self._payload_done, data)
         self._track_write(pending)
 
-    def _write_from_pipe(self, request: WriteRequest, payload: PipedPayload) -> None:
-        """Serve a WRITE whose payload waits in a pipe (see _receive_into_pipe)."""
-        self._piped = None
-        started = self._started(request)
-        info = self.info
-        info.requests += 1
-        info.bytes_written += request.length
-        pipe_write = self._pipe_write
-        assert pipe_write is not None
-        result: Any
-        try:
-            result = pipe_write(payload.source, request.offset, request.length, request.fua)
-        except Exception:
-            result = Failure()  # type: ignore[no-untyped-call]
-        if not self._observers and self._sync_value(result) is not _PENDING:
-            # Succeeded: the pipe is empty.
+    def _payload_done(self, result: object, payload: object, emptied: bool = False) -> object:
+        """
+        The device is done with a WRITE's payload: keep a payload buffer for
+        reuse (see L{_payload_buffer}); give a pipe back for reuse if it is
+        empty (C{emptied}, or checked: a failed move may have left bytes in
+        it), else close it.
+        """
+        if type(payload) is bytearray:
+            self._spare_buffer(payload)
+        elif type(payload) is PipedPayload:
             receiver = self._receiver
             assert receiver is not None
-            receiver.return_pipe(payload.pipe, True)
-            self._emit(self._conn.reply_ok(request))
-            return
-        pending = self._await(result, request, NBDServerProtocol._reply_ok, request.length, started)
-        if pending is None:
-            self._return_pipe(None, payload)
-        else:
-            pending.addBoth(self._return_pipe, payload)
-        self._track_write(pending)
-
-    def _return_pipe(self, result: object, payload: PipedPayload) -> object:
-        """
-        The device is done with a payload's pipe: reuse it if it is empty
-        (a failed move may have left bytes in it), else close it.
-        """
-        receiver = self._receiver
-        assert receiver is not None
-        receiver.return_pipe(payload.pipe)
-        return result
-
-    def _spare_after(self, result: object, buffer: bytearray) -> object:
-        self._spare_buffer(buffer)
+            receiver.return_pipe(payload.pipe, emptied)
         return result
 
     def _spare_buffer(self, buffer: bytearray) -> None:

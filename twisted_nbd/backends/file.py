@@ -219,6 +219,12 @@ def _no_preadv(fd: int, buffers: list[bytearray], offset: int, flags: int) -> in
     raise OSError(errno.ENOSYS, "preadv is not available")
 
 
+def _nbd_error(operation: str, offset: int | None, error: OSError) -> NBDError:
+    """The L{NBDError} for a system call that failed: its errno mapped, and where."""
+    where = "" if offset is None else f" at offset {offset}"
+    return NBDError(errno_from_os_error(error), f"{operation}{where}: {error.strerror or error}")
+
+
 def _no_splice(*args: Any, **kwargs: Any) -> int:
     raise OSError(errno.ENOSYS, "splice is not available here")
 
@@ -406,9 +412,7 @@ class FileBlockDevice:
             try:
                 return job()
             except OSError as e:
-                where = "" if offset is None else f" at offset {offset}"
-                reason = e.strerror or str(e)
-                raise NBDError(errno_from_os_error(e), f"{operation}{where}: {reason}") from e
+                raise _nbd_error(operation, offset, e) from e
 
         runner = self._runner
         if runner is None:
@@ -637,12 +641,7 @@ class FileBlockDevice:
             try:
                 done = self._write_inline(offset, data)
             except OSError as e:
-                return fail(
-                    NBDError(
-                        errno_from_os_error(e),
-                        f"write at offset {offset}: {e.strerror or e}",
-                    )
-                )
+                return fail(_nbd_error("write", offset, e))
             if done == len(data):
                 return succeed(None)
             if done:
@@ -733,12 +732,7 @@ class FileBlockDevice:
                 try:
                     self._splice_all(source, offset, length)
                 except OSError as e:
-                    return fail(
-                        NBDError(
-                            errno_from_os_error(e),
-                            f"write at offset {offset}: {e.strerror or e}",
-                        )
-                    )
+                    return fail(_nbd_error("write", offset, e))
                 self._inline_done(now)
                 return succeed(None)
 
