@@ -215,6 +215,13 @@ class PayloadReceiver:
             and callable(getattr(type(transport), "doRead", None))
         )
         self._socket: socket.socket | None = sock if self.possible else None
+        # What fills a buffer: the socket's recv_into, or TLS's (use_tls).
+        self._recv_into: Callable[[memoryview], int] | None = (
+            self._socket.recv_into if self._socket is not None else None
+        )
+        # The transport's own doRead while this one stands in for it: the
+        # class's (None), or the one TLS on the socket put on the instance.
+        self._saved_read: Any = None
         self._view: memoryview | None = None
         self._position = 0
         self._done: Callable[[], None] | None = None
@@ -240,6 +247,17 @@ class PayloadReceiver:
         """Whether a pipe is being filled."""
         return self._pipe is not None
 
+    def use_tls(self, recv_into: Callable[[memoryview], int]) -> None:
+        """
+        The socket now carries TLS (L{twisted_nbd._tls_socket.SocketTLS}):
+        fill buffers with C{recv_into}, which decrypts what has arrived into
+        a buffer (at most one record's worth a call; C{BlockingIOError} when
+        there is nothing yet), and splice nothing (a pipe would get the
+        encrypted bytes).
+        """
+        self._recv_into = recv_into
+        self.pipes_possible = False
+
     def start(self, view: memoryview, done: Callable[[], None]) -> None:
         """
         Fill C{view} from the socket; call C{done} once it is full.
@@ -250,7 +268,22 @@ class PayloadReceiver:
         if not self.possible or self.active:
             raise RuntimeError("cannot receive straight into a buffer here")
         self._view, self._position, self._done = view, 0, done
-        self.transport.doRead = self._do_read
+        self._stand_in(self._do_read)
+
+    def _stand_in(self, read: Callable[[], Any]) -> None:
+        """Have the reactor call C{read} instead of the transport's C{doRead}."""
+        transport = self.transport
+        self._saved_read = transport.__dict__.get("doRead")
+        transport.doRead = read
+
+    def _put_back(self) -> None:
+        """Give the transport its own C{doRead} back."""
+        transport = self.transport
+        if self._saved_read is not None:
+            transport.doRead = self._saved_read
+            self._saved_read = None
+        else:
+            transport.__dict__.pop("doRead", None)
 
     def pipe(self) -> tuple[int, int] | None:
         """
@@ -322,7 +355,7 @@ class PayloadReceiver:
         if not self.pipes_possible or self.active:
             raise RuntimeError("cannot splice into a pipe here")
         self._pipe, self._remaining, self._done, self._full = pipe, length, done, full
-        self.transport.doRead = self._do_splice
+        self._stand_in(self._do_splice)
 
     def stop(self) -> None:
         """
@@ -334,12 +367,12 @@ class PayloadReceiver:
             self._view.release()
             self._view = None
             self._done = None
-            self.transport.__dict__.pop("doRead", None)
+            self._put_back()
         self.pipes_possible = False
         if self._pipe is not None:
             pipe, self._pipe = self._pipe, None
             self._done = self._full = None
-            self.transport.__dict__.pop("doRead", None)
+            self._put_back()
             self.return_pipe(pipe)
         spare, self._spare_pipes = self._spare_pipes, []
         for pipe in spare:
@@ -351,7 +384,7 @@ class PayloadReceiver:
         self._view = None
         self._pipe = None
         self._done = self._full = None
-        self.transport.__dict__.pop("doRead", None)
+        self._put_back()
         assert done is not None
         return done
 
@@ -395,13 +428,13 @@ class PayloadReceiver:
 
     def _do_read(self) -> Any:
         view = self._view
-        sock = self._socket
-        assert view is not None and sock is not None
+        recv_into = self._recv_into
+        assert view is not None and recv_into is not None
         size = len(view)
         # Take all that has arrived, not one piece per turn of the reactor.
         while self._position < size:
             try:
-                count = sock.recv_into(view[self._position :])
+                count = recv_into(view[self._position :])
             except OSError as e:
                 if e.errno in _RETRY:
                     return None

@@ -837,6 +837,11 @@ class NBDServerProtocol(Protocol):
         """
         sock = self._socket
         receiver = self._receiver
+        if self._socket_tls is not None and not self._closed and not self._reading_paused:
+            # OpenSSL may hold the start of the next record already, where
+            # epoll cannot see it.
+            self._socket_tls.resume_reading()
+            return
         if (
             sock is None
             or self._closed
@@ -1026,8 +1031,9 @@ class NBDServerProtocol(Protocol):
         self._flush_out()
         if self._writer is not None:
             self._writer.stop_direct()
-        if self._receiver is not None:
-            self._receiver.possible = False
+        receiver = self._receiver
+        if receiver is not None:
+            receiver.possible = False
         self._socket = None
         self._tls_started = True
         self.info.tls = True
@@ -1048,6 +1054,10 @@ class NBDServerProtocol(Protocol):
                 lambda: not self._reading_paused,
             )
             self._writer.tls = self._socket_tls
+            if receiver is not None and receiver._socket is not None:
+                # Large payloads are decrypted straight into their buffers.
+                receiver.use_tls(self._socket_tls.recv_into)
+                receiver.possible = True
             return
         # Twisted sends what is already buffered before the handshake starts.
         cast(Any, transport).startTLS(self._tls)
