@@ -273,3 +273,44 @@ class TLSBenchSmokeTests(SynchronousTestCase):
         for target in targets:
             self.assertIn(target["status"], ("PASS", "FAIL"))
         self.assertIn("TARGETS", output)
+
+
+class FloorTests(SynchronousTestCase):
+    """
+    bench/floor.py (the measuring stick for queue depth 1 in
+    docs/benchmarks.md) still serves real clients: libnbd's handshake, and
+    qemu-io's WRITEs, READs and FLUSH, one connection after another.
+    """
+
+    def test_real_clients(self) -> None:
+        require_tool("nbdinfo")
+        require_tool("qemu-io")
+        server = subprocess.Popen(
+            [sys.executable, str(REPO_ROOT / "bench" / "floor.py"), "--port", "0", "--size", "4M"]
+            + ["--connections", "2"],
+            stdout=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+        )
+        self.addCleanup(server.wait, 30)
+        self.addCleanup(server.kill)
+        assert server.stdout is not None
+        line = server.stdout.readline()
+        self.assertTrue(line.startswith("listening on 127.0.0.1:"), line)
+        uri = f"nbd://{line.split()[-1]}"
+        size = subprocess.run(
+            ["nbdinfo", "--size", uri], capture_output=True, text=True, timeout=60, check=True
+        )
+        self.assertEqual(size.stdout.strip(), str(4 << 20))
+        io = subprocess.run(
+            ["qemu-io", "-f", "raw"]
+            + ["-c", "write -P 0x5a 1M 64k", "-c", "flush", "-c", "read -P 0x5a 1M 64k"]
+            + ["-c", "read -P 0 0 4k", uri],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        self.assertEqual(io.returncode, 0, io.stdout + io.stderr)
+        self.assertNotIn("Pattern verification failed", io.stdout + io.stderr)
+        self.assertEqual(server.wait(30), 0)
