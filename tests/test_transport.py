@@ -18,6 +18,7 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests import builders as b
+from twisted_nbd import _wire as w
 from twisted_nbd._transport import PayloadReceiver, ReplyWriter
 from twisted_nbd.backends.file import FileBlockDevice, create_image
 from twisted_nbd.backends.memory import MemoryBlockDevice
@@ -327,6 +328,60 @@ class PollingTests(SynchronousTestCase):
         self.proto._now = later
         self.proto._poll()
         self.assertEqual(self.proto._poll_window, window / 2)
+
+    def count_parses(self) -> list[int]:
+        calls = [0]
+        real = self.proto._parse
+
+        def parse() -> None:
+            calls[0] += 1
+            real()
+
+        self.proto._parse = parse  # type: ignore[method-assign]
+        return calls
+
+    def test_plain_requests_without_parse(self) -> None:
+        """
+        Plain READs and WRITEs taken by polling are served by the tight loop
+        alone (see _lean_step), without a round of _parse each.
+        """
+        self.clock[0] += 50e-6
+        self.proto.dataReceived(b.read(1, 0, 512))
+        self.assertGreater(self.proto._poll_window, 0)
+        drain(self.theirs)
+        calls = self.count_parses()
+        self.theirs.sendall(b.write(2, 4096, b"w" * 512))
+        self.proto._poll()
+        self.theirs.sendall(b.read(3, 4096, 512))
+        self.proto._poll()
+        replies = drain(self.theirs)
+        self.assertEqual(b.parse_simple_replies(replies[:16]), [(0, 2)])
+        self.assertEqual(b.parse_simple_replies(replies[16:32]), [(0, 3)])
+        self.assertEqual(replies[32:], b"w" * 512)
+        self.assertEqual(calls[0], 0)
+
+    def test_other_requests_parsed(self) -> None:
+        """
+        Anything else taken by polling (a FLUSH, half a request) goes to
+        _parse, and is served as ever.
+        """
+        self.clock[0] += 50e-6
+        self.proto.dataReceived(b.read(1, 0, 512))
+        drain(self.theirs)
+        calls = self.count_parses()
+        self.theirs.sendall(b.request(w.Cmd.FLUSH, 2))
+        self.proto._poll()
+        self.assertEqual(b.parse_simple_replies(drain(self.theirs)), [(0, 2)])
+        self.assertGreater(calls[0], 0)
+        before = calls[0]
+        request = b.write(3, 0, b"h" * 100)
+        self.theirs.sendall(request[:20])
+        self.proto._poll()
+        self.assertGreater(calls[0], before)
+        self.theirs.sendall(request[20:])
+        self.proto._poll()
+        self.assertEqual(b.parse_simple_replies(drain(self.theirs)), [(0, 3)])
+        self.assertEqual(bytes(self.device.read_buffer(0, 100)), b"h" * 100)
 
     def test_off(self) -> None:
         """poll_max 0 never polls."""

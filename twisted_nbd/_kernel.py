@@ -269,6 +269,10 @@ class SansIOConnection(Generic[_E]):
             # After DISC or ABORT anything more is the peer's error: never act on it (C-06).
             self._buffer.append(data)
 
+    def buffered(self) -> int:
+        """How many received bytes are buffered, not yet parsed."""
+        return len(self._buffer)
+
     def data_to_send(self) -> list[bytes]:
         """Take the bytes queued for the peer."""
         out, self._outbox = self._outbox, []

@@ -445,10 +445,43 @@ class NBDServerProtocol(Protocol):
                 return  # end of stream: the reactor will see it too
             self._poll_misses = 0
             conn.receive_data(data)
-            self._parse()
+            if not self._lean_step():
+                self._parse()
             if self._closed or self._must_wait() or (receiver is not None and receiver.active):
                 return
             deadline = now() + window
+
+    def _lean_step(self) -> bool:
+        """
+        What the poll loop just received, served by L{_simple} alone when it
+        is nothing but plain READs and WRITEs the device answers at once:
+        the replies are sent, and L{_parse}'s rounds (an event, the checks
+        around it, the reading state) are skipped. A client at queue depth
+        1 sends exactly that, one request per round trip.
+
+        @return: whether all of it was served; if not, L{_parse} goes on
+            with what is left (having lost nothing).
+        """
+        if (
+            self._parsing
+            or self._device is None
+            or self._observers
+            or self._freezing
+            or self._disconnecting
+            or self._out
+        ):
+            return False
+        self._parsing = True
+        try:
+            stopped = self._simple()
+        finally:
+            self._parsing = False
+        if stopped or self.in_flight or self._conn.buffered() or self._conn.has_data_to_send():
+            return False
+        self._flush_out()
+        if self._transport_paused:
+            self._update_reading()
+        return True
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._tls_started and not self._tls_done:
