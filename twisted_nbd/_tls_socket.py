@@ -197,10 +197,10 @@ class SocketTLS:
                 transport = self.transport
                 if not transport.connected or transport.disconnecting:
                     return None
-                read = transport.__dict__.get("doRead")
+                read = transport.doRead
                 if read != self._do_read:
                     # It did (twisted_nbd._transport.PayloadReceiver).
-                    return read() if read is not None else None
+                    return read()
             bulk = full
         else:
             # Records may remain in OpenSSL's buffer, which epoll cannot see:

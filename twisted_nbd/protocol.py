@@ -462,14 +462,7 @@ class NBDServerProtocol(Protocol):
         @return: whether all of it was served; if not, L{_parse} goes on
             with what is left (having lost nothing).
         """
-        if (
-            self._parsing
-            or self._device is None
-            or self._observers
-            or self._freezing
-            or self._disconnecting
-            or self._out
-        ):
+        if self._parsing or self._out or not self._tight_loop_allowed():
             return False
         self._parsing = True
         try:
@@ -710,12 +703,7 @@ class NBDServerProtocol(Protocol):
         dispatch = self._DISPATCH
         # The tight loop for plain READs and WRITEs (see _simple); not while
         # observers must hear of every request or the connection is winding down.
-        simple = (
-            self._device is not None
-            and not self._observers
-            and not self._freezing
-            and not self._disconnecting
-        )
+        simple = self._tight_loop_allowed()
         try:
             while not (
                 self._closed
@@ -753,6 +741,19 @@ class NBDServerProtocol(Protocol):
         self._update_reading()
         if self._frozen is not None:
             self._check_frozen()
+
+    def _tight_loop_allowed(self) -> bool:
+        """
+        Whether plain READs and WRITEs may be served by L{_simple}: not
+        while observers must hear of every request or the connection is
+        winding down.
+        """
+        return (
+            self._device is not None
+            and not self._observers
+            and not self._freezing
+            and not self._disconnecting
+        )
 
     def _receive_payload(self) -> None:
         """
@@ -1055,8 +1056,9 @@ class NBDServerProtocol(Protocol):
         """
         STARTTLS was accepted and its ACK is queued: send it in plaintext,
         then switch the transport to TLS (S-06). The direct socket paths
-        (sendmsg replies, recv_into payloads, polling) would bypass TLS, so
-        they end here.
+        (sendmsg replies, recv_into payloads, splicing, polling) would bypass
+        TLS, so they end here; with TLS on the socket, replies are encrypted
+        from their pieces and large payloads decrypted into their buffers.
         """
         transport = self.transport
         assert transport is not None and self._tls is not None
@@ -1065,8 +1067,6 @@ class NBDServerProtocol(Protocol):
         if self._writer is not None:
             self._writer.stop_direct()
         receiver = self._receiver
-        if receiver is not None:
-            receiver.possible = False
         self._socket = None
         self._tls_started = True
         self.info.tls = True
@@ -1087,11 +1087,13 @@ class NBDServerProtocol(Protocol):
                 lambda: not self._reading_paused,
             )
             self._writer.tls = self._socket_tls
-            if receiver is not None and receiver._socket is not None:
+            if receiver is not None and receiver.possible:
                 # Large payloads are decrypted straight into their buffers.
                 receiver.use_tls(self._socket_tls.recv_into)
-                receiver.possible = True
             return
+        if receiver is not None:
+            # Twisted's TLS reads the socket itself: the receiver would bypass it.
+            receiver.possible = False
         # Twisted sends what is already buffered before the handshake starts.
         cast(Any, transport).startTLS(self._tls)
 
