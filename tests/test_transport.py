@@ -50,6 +50,7 @@ class FakeTCPTransport:
         self.dataBuffer = b""
         self.offset = 0
         self._tempDataLen = 0
+        self._writeDisconnected = False
         self.queued: list[bytes] = []
 
     def writeSequence(self, data: list[bytes]) -> None:  # noqa: N802 - Twisted's name

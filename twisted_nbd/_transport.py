@@ -79,6 +79,7 @@ class ReplyWriter:
             and hasattr(transport, "dataBuffer")
             and hasattr(transport, "_tempDataLen")
             and hasattr(transport, "offset")
+            and hasattr(transport, "_writeDisconnected")
             and hasattr(sock, "sendmsg")
         )
         self._socket: socket.socket | None = sock if self.direct else None
@@ -118,12 +119,21 @@ class ReplyWriter:
                 self.transport.writeSequence(_as_bytes(pieces))
                 return
             sent = tls.send_now(pieces)
-            if sent < sum(len(p) for p in pieces):
+            if sent < sum(map(len, pieces)):
                 self.transport.writeSequence(_unsent(pieces, sent))
             return
         sock = self._socket
-        if sock is None or not self._idle():
-            self.transport.writeSequence(_as_bytes(pieces))
+        t = self.transport
+        # _idle, inline: this runs for every batch of replies.
+        if (
+            sock is None
+            or not t.connected
+            or t.disconnecting
+            or t._tempDataLen
+            or len(t.dataBuffer) != t.offset
+            or t._writeDisconnected
+        ):
+            t.writeSequence(_as_bytes(pieces))
             return
         rest: Sequence[Piece] = pieces
         while rest:
@@ -137,7 +147,7 @@ class ReplyWriter:
                     self.transport.writeSequence(_as_bytes(rest))
                     return
                 sent = 0
-            total = sum(len(p) for p in batch)
+            total = sum(map(len, batch))
             if sent < total:
                 # Queue what the kernel did not take: copies of those bytes
                 # only, since the caller may reuse its buffers once we return.

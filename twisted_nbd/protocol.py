@@ -156,6 +156,18 @@ _CORK_LIMIT = 256 * 1024
 SPARSE_READ_MIN = 256 * 1024
 
 _DF = int(CmdFlags.DF)
+
+#: What NBDServerProtocol._simple works with (see _make_simple_kit).
+_SimpleKit = tuple[
+    Callable[[], "tuple[int, int, int, int, int, memoryview | None] | None"],
+    Callable[[int, int], bytes],
+    Callable[[int, int, int], bytes],
+    "Callable[[int, int], memoryview | bytes] | None",
+    "Callable[[int, int], Any] | None",
+    "Callable[[int, Any], int] | None",
+    int,
+    ConnectionInfo,
+]
 _FUA = int(CmdFlags.FUA)
 
 
@@ -285,6 +297,9 @@ class NBDServerProtocol(Protocol):
         self._read_buffer: Callable[[int, int], Any] | None = None
         self._out_views = False
         # The device's IImmediateIO methods, if it has them (see _simple).
+        #: See _make_simple_kit; None until needed, and whenever what it
+        #: holds changes.
+        self._simple_kit: _SimpleKit | None = None
         self._read_now: Callable[[int, int], Any] | None = None
         self._write_now: Callable[[int, Any], int] | None = None
         # The device's IBufferWrite.write_buffer, if it has one, and the view
@@ -336,6 +351,7 @@ class NBDServerProtocol(Protocol):
             # fewer system calls and dataReceived calls per request under load.
             cast(Any, transport).bufferSize = READ_SIZE
         self.info = ConnectionInfo(peer=self._peer(), started=self._clock())
+        self._simple_kit = None
         logs.connection_opened(self.info)
         factory = self.factory
         if isinstance(factory, NBDServerFactory):
@@ -483,6 +499,7 @@ class NBDServerProtocol(Protocol):
             self._tls_failed(describe_tls_error(value) if value is not None else "lost")
         # Late backend results are dropped from here on (see _send).
         self._closed = True
+        self._simple_kit = None
         if self._receiver is not None:
             self._receiver.stop()
             if self._piped is not None:
@@ -593,6 +610,7 @@ class NBDServerProtocol(Protocol):
         """
         old = self._conn
         self._conn = ServerConnection.resume(old._exports, old.config, state)
+        self._simple_kit = None
         self._resumed = True
 
     def detach(self) -> None:
@@ -713,8 +731,14 @@ class NBDServerProtocol(Protocol):
                 or (self._disconnecting and not conn.shutting_down)
                 or (self._freezing and conn.at_request_boundary())
             ):
-                if simple and self._simple():
-                    continue
+                if simple:
+                    if self._simple():
+                        continue
+                    if conn.drained():
+                        # All served: what next_event would find out the long way.
+                        if conn.has_data_to_send():
+                            self._flush_outbox()
+                        break
                 try:
                     event = next_event()
                 except ProtocolViolation as e:
@@ -996,6 +1020,7 @@ class NBDServerProtocol(Protocol):
             )
         )
         self._device = attachment.device
+        self._simple_kit = None
         self._layers = attachment.layers
         self._structured = self._conn.structured_replies
         device = attachment.device
@@ -1231,20 +1256,10 @@ class NBDServerProtocol(Protocol):
         @return: whether it stopped for the connection's limits or state
             (else the front is not a plain request: L{_parse} goes on with it).
         """
-        device = self._device
-        assert device is not None
-        conn = self._conn
-        take = conn.take_simple
-        encode_ok = conn.encode_ok
-        read_head = conn.encode_read_head
-        read_buffer = self._read_buffer
-        read_now = self._read_now
-        write_now = self._write_now
-        # READs that the general path answers sparsely (see _sparse_read).
-        sparse_min = (
-            SPARSE_READ_MIN if self._structured and device.capabilities.can_extents else 1 << 64
-        )
-        info = self.info
+        kit = self._simple_kit
+        if kit is None:
+            kit = self._simple_kit = self._make_simple_kit()
+        take, encode_ok, read_head, read_buffer, read_now, write_now, sparse_min, info = kit
         out = self._out
         while not (
             self._closed
@@ -1302,6 +1317,29 @@ class NBDServerProtocol(Protocol):
                 self._flush_out()
                 out = self._out
         return True
+
+    def _make_simple_kit(self) -> _SimpleKit:
+        """
+        What L{_simple} works with, gathered once per export: the same for
+        every request, and loading it costs as much as serving a READ.
+        """
+        device = self._device
+        assert device is not None
+        conn = self._conn
+        # READs that the general path answers sparsely (see _sparse_read).
+        sparse_min = (
+            SPARSE_READ_MIN if self._structured and device.capabilities.can_extents else 1 << 64
+        )
+        return (
+            conn.take_simple,
+            conn.encode_ok,
+            conn.encode_read_head,
+            self._read_buffer,
+            self._read_now,
+            self._write_now,
+            sparse_min,
+            self.info,
+        )
 
     def _read_sizes(self, large: bool | None) -> None:
         """
