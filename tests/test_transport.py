@@ -19,6 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests import builders as b
 from twisted_nbd import _wire as w
+from twisted_nbd._buffer import NEED_DATA
 from twisted_nbd._transport import PayloadReceiver, ReplyWriter
 from twisted_nbd.backends.file import FileBlockDevice, create_image
 from twisted_nbd.backends.memory import MemoryBlockDevice
@@ -390,6 +391,75 @@ class PollingTests(SynchronousTestCase):
         self.theirs.sendall(b.read(2, 0, 512))
         self.proto.dataReceived(b.read(1, 0, 512))
         self.assertEqual(len(drain(self.theirs)), 16 + 512)
+
+
+class DrainedTests(SynchronousTestCase):
+    """
+    When everything buffered has been served, L{NBDServerProtocol._parse}
+    stops without asking L{ServerConnection.next_event} to find that out
+    (L{ServerConnection.drained}); whenever anything is left, it asks.
+    """
+
+    def setUp(self) -> None:
+        self.ours, self.theirs = socket.socketpair()
+        self.ours.setblocking(False)
+        self.addCleanup(self.ours.close)
+        self.addCleanup(self.theirs.close)
+        self.device = MappedMemoryDevice(MiB)
+        self.addCleanup(self.device.close)
+        factory = NBDServerFactory(ExportRegistry.of([Export("", self.device)]), poll_max=0)
+        proto = factory.buildProtocol(None)
+        assert proto is not None
+        self.proto = proto
+        self.proto.makeConnection(PollingTransport(self.ours))
+        self.conn = self.proto._conn
+        self.assertFalse(self.conn.drained())  # still haggling over options
+        self.proto.dataReceived(b.client_flags() + b.go())
+        drain(self.theirs)
+        self.events = [0]
+        real = self.conn.next_event
+
+        def next_event() -> Any:
+            self.events[0] += 1
+            return real()
+
+        self.conn.next_event = next_event  # type: ignore[method-assign]
+
+    def test_drained(self) -> None:
+        """Only at a request boundary with nothing buffered."""
+        self.assertTrue(self.conn.drained())
+        request = b.write(1, 0, b"d" * 100)
+        self.conn.receive_data(request[:20])
+        self.assertFalse(self.conn.drained())  # half a header
+        self.conn.receive_data(request[20:28])
+        self.assertEqual(self.conn.next_event(), NEED_DATA)
+        self.assertEqual(self.conn.buffered(), 0)
+        self.assertFalse(self.conn.drained())  # a WRITE waits for its payload
+        self.conn.receive_data(request[28:])
+        self.assertFalse(self.conn.drained())
+
+    def test_served_without_next_event(self) -> None:
+        """Plain requests served by the tight loop: no next_event round."""
+        self.proto.dataReceived(b.write(1, 0, b"d" * 512) + b.read(2, 0, 512))
+        replies = drain(self.theirs)
+        self.assertEqual(b.parse_simple_replies(replies[:16]), [(0, 1)])
+        self.assertEqual(b.parse_simple_replies(replies[16:32]), [(0, 2)])
+        self.assertEqual(replies[32:], b"d" * 512)
+        self.assertEqual(self.events[0], 0)
+
+    def test_rest_goes_to_next_event(self) -> None:
+        """A FLUSH after them, or half a request, is still parsed the long way."""
+        self.proto.dataReceived(b.read(1, 0, 512) + b.request(w.Cmd.FLUSH, 2))
+        replies = drain(self.theirs)
+        self.assertEqual(b.parse_simple_replies(replies[528:]), [(0, 2)])
+        self.assertGreater(self.events[0], 0)
+        before = self.events[0]
+        request = b.write(3, 0, b"h" * 100)
+        self.proto.dataReceived(request[:20])
+        self.assertGreater(self.events[0], before)
+        self.proto.dataReceived(request[20:])
+        self.assertEqual(b.parse_simple_replies(drain(self.theirs)), [(0, 3)])
+        self.assertEqual(bytes(self.device.read_buffer(0, 100)), b"h" * 100)
 
 
 class PollingTransport(FakeTCPTransport):
