@@ -135,12 +135,19 @@ class FuzzTests(SynchronousTestCase):
 
 
 def _session(
-    conn: ServerConnection, setup: bytes, data: bytes, shut: bool, simple: bool = False
+    conn: ServerConnection,
+    setup: bytes,
+    data: bytes,
+    shut: bool,
+    simple: bool = False,
+    lone: list[bytes] | None = None,
 ) -> tuple[list[object], bytes]:
     """
     Events and output of C{data} sent after C{setup} (the handshake); with
     C{simple}, taking what L{ServerConnection.take_simple} gives first, as
-    the server's tight loop does, turned into the events it stands for.
+    the server's tight loop does, turned into the events it stands for;
+    with C{lone}, C{data} cut into those requests, each arriving alone and
+    offered to L{ServerConnection.take_lone_read} first, as polling does.
     """
     events: list[object] = []
     conn.receive_data(setup)
@@ -149,6 +156,22 @@ def _session(
     conn.data_to_send()
     if shut:
         conn.shutdown()
+    if lone is not None:
+        assert b"".join(lone) == data
+        for piece in lone:
+            lone_taken = conn.take_lone_read(piece)
+            if lone_taken is not None:
+                flags, cookie, offset, length = lone_taken
+                events.append(ReadRequest(cookie, offset, length, flags))
+                continue
+            conn.receive_data(piece)
+            try:
+                while (event := conn.next_event()) is not NEED_DATA:
+                    events.append(event)
+            except ProtocolViolation as e:
+                events.append(("violation", str(e)))
+                break
+        return events, b"".join(conn.data_to_send())
     conn.receive_data(data)
     while True:
         if simple:
@@ -168,6 +191,28 @@ def _session(
         if event is NEED_DATA:
             break
         events.append(event)
+    return events, b"".join(conn.data_to_send())
+
+
+def _session_pieces(
+    conn: ServerConnection, setup: bytes, pieces: list[bytes], shut: bool
+) -> tuple[list[object], bytes]:
+    """L{_session} with the requests arriving one by one, all on the full path."""
+    events: list[object] = []
+    conn.receive_data(setup)
+    while conn.next_event() is not NEED_DATA:
+        pass
+    conn.data_to_send()
+    if shut:
+        conn.shutdown()
+    for piece in pieces:
+        conn.receive_data(piece)
+        try:
+            while (event := conn.next_event()) is not NEED_DATA:
+                events.append(event)
+        except ProtocolViolation as e:
+            events.append(("violation", str(e)))
+            break
     return events, b"".join(conn.data_to_send())
 
 
@@ -228,20 +273,26 @@ class FastPathTests(SynchronousTestCase):
         elif structured:
             hello += b.option(Opt.STRUCTURED_REPLY)
         hello += b.go("disk")
-        data = b""
+        pieces = []
         for command, flags, offset, length in headers:
             if extended:
                 payload = _payload(length) if flags & CmdFlags.PAYLOAD_LEN else b""
                 if payload:
                     length = len(payload)
-                data += b.ext_request(command, 7, offset, length, flags, payload)
+                pieces.append(b.ext_request(command, 7, offset, length, flags, payload))
             else:
                 payload = _payload(length) if command == Cmd.WRITE else b""
                 if payload:
                     length = len(payload)
-                data += b.request(command, 7, offset & (2**64 - 1), length, flags, payload)
+                pieces.append(b.request(command, 7, offset & (2**64 - 1), length, flags, payload))
+        data = b"".join(pieces)
         outcomes = []
-        for fast, simple in ((True, True), (True, False), (False, False)):
+        for fast, simple, lone in (
+            (True, True, None),
+            (True, False, None),
+            (False, False, None),
+            (True, False, pieces),
+        ):
             conn = new_connection(registry(caps=caps, read_only=read_only))
             conn.data_to_send()
             real_enter = conn._enter_transmission
@@ -256,6 +307,18 @@ class FastPathTests(SynchronousTestCase):
                 conn._fast = fast
 
             conn._enter_transmission = enter  # type: ignore[method-assign]
-            outcomes.append(_session(conn, hello, data, shut, simple))
+            outcomes.append(_session(conn, hello, data, shut, simple, lone))
         self.assertEqual(outcomes[1], outcomes[2])
         self.assertEqual(outcomes[0], outcomes[2], "take_simple")
+        # Each request alone is what the full path does with them one by one.
+        alone = new_connection(registry(caps=caps, read_only=read_only))
+        alone.data_to_send()
+        real_enter = alone._enter_transmission
+
+        def slow(export: Any) -> None:
+            real_enter(export)
+            alone._fast = False
+
+        alone._enter_transmission = slow  # type: ignore[method-assign]
+        expected = _session_pieces(alone, hello, pieces, shut)
+        self.assertEqual(outcomes[3], expected, "take_lone_read")

@@ -362,6 +362,82 @@ class PollingTests(SynchronousTestCase):
         self.assertEqual(replies[32:], b"w" * 512)
         self.assertEqual(calls[0], 0)
 
+    def count_buffered(self) -> list[int]:
+        calls = [0]
+        conn = self.proto._conn
+        real = conn.receive_data
+
+        def receive_data(data: bytes) -> None:
+            calls[0] += 1
+            real(data)
+
+        conn.receive_data = receive_data  # type: ignore[method-assign]
+        return calls
+
+    def test_lone_read_not_buffered(self) -> None:
+        """
+        A READ that arrives alone is served straight from what was received
+        (see _lone_read): not buffered, no tight loop, no _parse.
+        """
+        self.device.write_now(8192, b"r" * 512)
+        self.clock[0] += 50e-6
+        self.proto.dataReceived(b.read(1, 0, 512))
+        drain(self.theirs)
+        parses, buffered = self.count_parses(), self.count_buffered()
+        simple = [0]
+        real_simple = self.proto._simple
+
+        def count_simple() -> bool:
+            simple[0] += 1
+            return real_simple()
+
+        self.proto._simple = count_simple  # type: ignore[method-assign]
+        for cookie in (2, 3):
+            self.theirs.sendall(b.read(cookie, 8192, 512))
+            self.proto._poll()
+            replies = drain(self.theirs)
+            self.assertEqual(b.parse_simple_replies(replies[:16]), [(0, cookie)])
+            self.assertEqual(replies[16:], b"r" * 512)
+        self.assertEqual((parses[0], buffered[0], simple[0]), (0, 0, 0))
+        self.assertEqual(self.proto.info.requests, 3)
+        self.assertEqual(self.proto.info.bytes_read, 3 * 512)
+
+    def test_lone_read_general_way(self) -> None:
+        """
+        A lone READ the device cannot answer at once goes the general way,
+        answered all the same.
+        """
+        self.device.write_now(0, b"g" * 512)
+        self.clock[0] += 50e-6
+        self.proto.dataReceived(b.read(1, 0, 512))
+        drain(self.theirs)
+        asked = []
+
+        def not_now(offset: int, length: int) -> None:
+            asked.append((offset, length))
+            return None
+
+        self.proto._read_buffer = not_now
+        self.proto._simple_kit = None
+        self.theirs.sendall(b.read(2, 0, 512))
+        self.proto._poll()
+        replies = drain(self.theirs)
+        self.assertEqual(b.parse_simple_replies(replies[:16]), [(0, 2)])
+        self.assertEqual(replies[16:], b"g" * 512)
+        self.assertEqual(asked, [(0, 512), (0, 512)])  # by _lone_read, then by _read
+
+    def test_lone_read_refused(self) -> None:
+        """A lone READ past the end is refused by the full path, and the client goes on."""
+        self.clock[0] += 50e-6
+        self.proto.dataReceived(b.read(1, 0, 512))
+        drain(self.theirs)
+        self.theirs.sendall(b.read(2, MiB, 512))
+        self.proto._poll()
+        self.assertEqual(b.parse_simple_replies(drain(self.theirs)), [(22, 2)])
+        self.theirs.sendall(b.read(3, 0, 512))
+        self.proto._poll()
+        self.assertEqual(b.parse_simple_replies(drain(self.theirs)[:16]), [(0, 3)])
+
     def test_other_requests_parsed(self) -> None:
         """
         Anything else taken by polling (a FLUSH, half a request) goes to

@@ -829,6 +829,41 @@ class ServerConnection(SansIOConnection[Event]):
                 return event
         return super().next_event()
 
+    def take_lone_read(self, data: bytes) -> tuple[int, int, int, int] | None:
+        """
+        When C{data}, just received, is exactly one plain READ request and
+        nothing is buffered before it, take it (as L{take_simple} would have
+        after L{receive_data}) without buffering it; otherwise take nothing
+        and return C{None}, and the caller passes C{data} to L{receive_data}
+        as usual. A client at queue depth 1 sends just that, once per round
+        trip.
+
+        @return: C{(flags, cookie, offset, length)}.
+        """
+        if (
+            len(data) != self._header_size
+            or self._buffer._length
+            or not self._fast
+            or self._pending_write is not None
+            or self._discard
+            or self.shutting_down
+            or self.phase is not Phase.TRANSMISSION
+        ):
+            return None
+        magic, flags, command, cookie, offset, length = self._request_struct.unpack(data)
+        if (
+            command != _READ
+            or flags & self._fast_read_refused
+            # The same checks as take_simple's and _request's fast path.
+            or magic != self._request_magic
+            or offset > self._fast_size
+            or length > self._fast_size - offset
+            or length > self._fast_max
+            or (offset | length) & self._fast_mask
+        ):
+            return None
+        return flags, cookie, offset, length
+
     def take_simple(self) -> tuple[int, int, int, int, int, memoryview | None] | None:
         """
         Take the next request if it is a plain READ or WRITE that lies

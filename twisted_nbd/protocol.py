@@ -460,12 +460,69 @@ class NBDServerProtocol(Protocol):
             if not data:
                 return  # end of stream: the reactor will see it too
             self._poll_misses = 0
-            conn.receive_data(data)
-            if not self._lean_step():
-                self._parse()
+            if not self._lone_read(data):
+                conn.receive_data(data)
+                if not self._lean_step():
+                    self._parse()
             if self._closed or self._must_wait() or (receiver is not None and receiver.active):
                 return
             deadline = now() + window
+
+    def _lone_read(self, data: bytes) -> bool:
+        """
+        What the poll loop just received, served at once if it is a lone
+        plain READ (L{ServerConnection.take_lone_read}) that the device
+        answers at once: the queue depth 1 case, in fewer steps than even
+        L{_lean_step} (the bytes are not buffered, the reply is written
+        as soon as it is made).
+
+        @return: whether C{data} was taken; if not, it is the caller's to
+            buffer and parse as usual.
+        """
+        if (
+            self.in_flight
+            or self._out
+            or self._parsing
+            or self._transport_paused
+            or self._closed
+            or self._conn.has_data_to_send()
+            or not self._tight_loop_allowed()
+        ):
+            return False
+        fields = self._conn.take_lone_read(data)
+        if fields is None:
+            return False
+        flags, cookie, offset, length = fields
+        kit = self._simple_kit
+        if kit is None:
+            kit = self._simple_kit = self._make_simple_kit()
+        _, _, read_head, read_buffer, read_now, _, sparse_min, info = kit
+        value: Any = None
+        # As in _simple.
+        try:
+            if read_buffer is not None:
+                if length < sparse_min or flags & _DF:
+                    value = read_buffer(offset, length)
+            elif read_now is not None:
+                value = read_now(offset, length)
+        except Exception:
+            value = None
+        if value is None or len(value) != length:
+            # Taken, so served the general way, as _simple does.
+            self._read(ReadRequest(cookie, offset, length, flags))
+            self._parse()
+            return True
+        info.requests += 1
+        info.bytes_read += length
+        writer = self._writer
+        if writer is not None:
+            # Written before control leaves: the view of the device's memory
+            # cannot change first (what the kernel does not take is copied).
+            writer.write([read_head(cookie, offset, length), value])
+        # The write may have paused the transport (pauseProducing).
+        if self._transport_paused:
+            self._update_reading()  # type: ignore[unreachable]
+        return True
 
     def _lean_step(self) -> bool:
         """
