@@ -460,12 +460,16 @@ class NBDServerProtocol(Protocol):
             if not data:
                 return  # end of stream: the reactor will see it too
             self._poll_misses = 0
-            if not self._lone_read(data):
+            if self._lone_read(data):
+                # Served then and there: nothing else can have changed.
+                if self.in_flight or self._transport_paused or self._closed:
+                    return
+            else:
                 conn.receive_data(data)
                 if not self._lean_step():
                     self._parse()
-            if self._closed or self._must_wait() or (receiver is not None and receiver.active):
-                return
+                if self._closed or self._must_wait() or (receiver is not None and receiver.active):
+                    return
             deadline = now() + window
 
     def _lone_read(self, data: bytes) -> bool:
@@ -486,7 +490,11 @@ class NBDServerProtocol(Protocol):
             or self._transport_paused
             or self._closed
             or self._conn.has_data_to_send()
-            or not self._tight_loop_allowed()
+            # _tight_loop_allowed, inline.
+            or self._device is None
+            or self._observers
+            or self._freezing
+            or self._disconnecting
         ):
             return False
         fields = self._conn.take_lone_read(data)
