@@ -24,7 +24,7 @@ MMAP_THRESHOLD = 4 << 20
 
 #: Free memory at the top of the heap is given back to the kernel only past
 #: this much.
-TRIM_THRESHOLD = 32 << 20
+TRIM_THRESHOLD = 8 << 20
 
 #: The environment variables (and glibc's tunables) that an administrator
 #: may set instead; any of them leaves the matching setting alone.
