@@ -164,12 +164,7 @@ def _session(
                 flags, cookie, offset, length = lone_taken
                 events.append(ReadRequest(cookie, offset, length, flags))
                 continue
-            conn.receive_data(piece)
-            try:
-                while (event := conn.next_event()) is not NEED_DATA:
-                    events.append(event)
-            except ProtocolViolation as e:
-                events.append(("violation", str(e)))
+            if not _full_path(conn, piece, events):
                 break
         return events, b"".join(conn.data_to_send())
     conn.receive_data(data)
@@ -206,14 +201,21 @@ def _session_pieces(
     if shut:
         conn.shutdown()
     for piece in pieces:
-        conn.receive_data(piece)
-        try:
-            while (event := conn.next_event()) is not NEED_DATA:
-                events.append(event)
-        except ProtocolViolation as e:
-            events.append(("violation", str(e)))
+        if not _full_path(conn, piece, events):
             break
     return events, b"".join(conn.data_to_send())
+
+
+def _full_path(conn: ServerConnection, piece: bytes, events: list[object]) -> bool:
+    """Receive C{piece} and add its events; C{False} after a protocol violation."""
+    conn.receive_data(piece)
+    try:
+        while (event := conn.next_event()) is not NEED_DATA:
+            events.append(event)
+    except ProtocolViolation as e:
+        events.append(("violation", str(e)))
+        return False
+    return True
 
 
 header_fields = st.tuples(
