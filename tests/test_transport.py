@@ -262,25 +262,41 @@ class LargeWriteTests(TestCase):
         self.assertLessEqual(max(started), 32 * MiB)
 
 
-class PollingTests(SynchronousTestCase):
+class _SocketServerCase(SynchronousTestCase):
     """
-    A connection busy-polls for its client's next request for a while
-    (L{NBDServerProtocol._poll}) when the client has been answering fast.
+    Tests of a server protocol on one end of a socket pair (C{ours}; the
+    client's end is C{theirs}) serving a 1 MiB memory device (C{device}).
     """
 
-    def setUp(self) -> None:
+    ours: socket.socket
+    theirs: socket.socket
+    device: MappedMemoryDevice
+
+    def serve(self, poll_max: float) -> NBDServerProtocol:
+        """
+        @return: the protocol, connected but not yet past the handshake.
+        """
         self.ours, self.theirs = socket.socketpair()
         self.ours.setblocking(False)
         self.addCleanup(self.ours.close)
         self.addCleanup(self.theirs.close)
         self.device = MappedMemoryDevice(MiB)
         self.addCleanup(self.device.close)
-        factory = NBDServerFactory(ExportRegistry.of([Export("", self.device)]), poll_max=1e-3)
+        factory = NBDServerFactory(ExportRegistry.of([Export("", self.device)]), poll_max=poll_max)
         proto = factory.buildProtocol(None)
-        assert proto is not None
-        self.proto = proto
-        transport = PollingTransport(self.ours)
-        self.proto.makeConnection(transport)
+        assert isinstance(proto, NBDServerProtocol)
+        proto.makeConnection(PollingTransport(self.ours))
+        return proto
+
+
+class PollingTests(_SocketServerCase):
+    """
+    A connection busy-polls for its client's next request for a while
+    (L{NBDServerProtocol._poll}) when the client has been answering fast.
+    """
+
+    def setUp(self) -> None:
+        self.proto = self.serve(poll_max=1e-3)
         self.clock = [0.0]
 
         def now() -> float:
@@ -469,7 +485,7 @@ class PollingTests(SynchronousTestCase):
         self.assertEqual(len(drain(self.theirs)), 16 + 512)
 
 
-class DrainedTests(SynchronousTestCase):
+class DrainedTests(_SocketServerCase):
     """
     When everything buffered has been served, L{NBDServerProtocol._parse}
     stops without asking L{ServerConnection.next_event} to find that out
@@ -477,17 +493,7 @@ class DrainedTests(SynchronousTestCase):
     """
 
     def setUp(self) -> None:
-        self.ours, self.theirs = socket.socketpair()
-        self.ours.setblocking(False)
-        self.addCleanup(self.ours.close)
-        self.addCleanup(self.theirs.close)
-        self.device = MappedMemoryDevice(MiB)
-        self.addCleanup(self.device.close)
-        factory = NBDServerFactory(ExportRegistry.of([Export("", self.device)]), poll_max=0)
-        proto = factory.buildProtocol(None)
-        assert proto is not None
-        self.proto = proto
-        self.proto.makeConnection(PollingTransport(self.ours))
+        self.proto = self.serve(poll_max=0)
         self.conn = self.proto._conn
         self.assertFalse(self.conn.drained())  # still haggling over options
         self.proto.dataReceived(b.client_flags() + b.go())
