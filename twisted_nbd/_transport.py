@@ -29,11 +29,11 @@ import os
 import socket
 import termios
 from array import array
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Callable, Sequence, Union, cast
 
 from twisted.internet import main as _main
 
-__all__ = ["PayloadReceiver", "Piece", "PipedPayload", "ReplyWriter"]
+__all__ = ["PayloadReceiver", "Piece", "PipedPayload", "PipedRead", "ReplyWriter"]
 
 #: What a reply is made of: header bytes, and payload views where possible.
 Piece = Union[bytes, memoryview, bytearray]
@@ -48,6 +48,16 @@ _RETRY = (errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS, errno.EINTR)
 #: way: Linux's limit for unprivileged processes (C{fs.pipe-max-size}).
 PIPE_SIZE = 1024 * 1024
 
+_PAGE_MASK = (os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096) - 1
+
+#: READs of at least this size (and at most L{PIPE_SIZE}) are offered to
+#: devices that can splice them (L{ReplyWriter.piped_read}). Measured with
+#: fio on a page-cached file (random reads at QD16 unless said): 16 KiB
+#: reads 28% slower spliced (the extra system calls cost more than the
+#: copy), 32 KiB within noise, 64 KiB 10% faster (and the 64 KiB
+#: read/write mix 15-20%), 256 KiB and 1 MiB (sequential, QD8) 11-35%.
+PIPE_READ_MIN = 64 * 1024
+
 #: At most this many pipes per connection, in use or kept for reuse: each
 #: is two file descriptors, and while a device still moves a payload out of
 #: one, the next payload needs another. Past that, payloads go to buffers.
@@ -60,6 +70,69 @@ _F_SETPIPE_SZ: int = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 def _as_bytes(pieces: Sequence[Piece]) -> list[bytes]:
     return [p if type(p) is bytes else bytes(p) for p in pieces]
+
+
+def _new_pipe() -> tuple[int, int] | None:
+    """
+    A new non-blocking pipe (read end, write end) of L{PIPE_SIZE} bytes.
+
+    @return: the pipe; C{None} when out of descriptors (try again later).
+    @raise PermissionError: the kernel will not make a pipe that large here
+        (over C{fs.pipe-max-size} or the per-user pipe memory): do not ask
+        again.
+    """
+    try:
+        read, write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        size = fcntl.fcntl(write, _F_SETPIPE_SZ, PIPE_SIZE)
+    except OSError:
+        # Over the per-user limit on pipe memory (EPERM), say.
+        size = 0
+    if size < PIPE_SIZE:
+        os.close(read)
+        os.close(write)
+        raise PermissionError("no pipes of PIPE_SIZE bytes here")
+    return (read, write)
+
+
+def _drain(source: int, length: int) -> bytes:
+    """
+    Read the C{length} bytes waiting in the pipe C{source}, as one bytes
+    object; fewer only if the pipe holds fewer (it should not).
+    """
+    chunks = []
+    while length:
+        try:
+            chunk = os.read(source, length)
+        except OSError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+        length -= len(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+class PipedRead:
+    """
+    A READ's payload waiting in the reply writer's pipe (see
+    L{ReplyWriter.piped_read}), sent with C{splice} as the last piece of a
+    L{ReplyWriter.write}.
+
+    @ivar pipe: the pipe (read end, write end).
+    @ivar length: how many bytes it holds.
+    """
+
+    __slots__ = ("pipe", "length")
+
+    def __init__(self, pipe: tuple[int, int], length: int) -> None:
+        self.pipe = pipe
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
 
 
 class ReplyWriter:
@@ -86,6 +159,12 @@ class ReplyWriter:
         #: With TLS on the socket (L{twisted_nbd._tls_socket.SocketTLS}),
         #: replies go through it instead.
         self.tls: Any = None
+        #: Whether READ payloads can be spliced to the socket (L{piped_read}).
+        self.splice = self.direct and _SPLICE is not None
+        #: How many spliced payloads the socket could not take at once, so
+        #: that what was left in the pipe was read out and queued instead.
+        self.splice_fallbacks = 0
+        self._pipe: tuple[int, int] | None = None
 
     def stop_direct(self) -> None:
         """
@@ -94,6 +173,61 @@ class ReplyWriter:
         """
         self.direct = False
         self._socket = None
+        self.splice = False
+        self.close()
+
+    def close(self) -> None:
+        """Close the pipe, if any (the connection is going away)."""
+        pipe, self._pipe = self._pipe, None
+        if pipe is not None:
+            os.close(pipe[0])
+            os.close(pipe[1])
+
+    def piped_read(
+        self, read_to_pipe: Callable[[int, int, int], int], offset: int, length: int
+    ) -> PipedRead | None:
+        """
+        Have a device put the C{length} bytes at C{offset} in this writer's
+        pipe (C{read_to_pipe}: L{twisted_nbd.interfaces.IPipeRead}), to be
+        sent as the last piece of the next L{write}, which must come before
+        anything else uses the pipe or writes to those bytes.
+
+        The page cache's pages go through the pipe to the socket by
+        reference: no copy in the server at all, where reading into a
+        buffer and sending it is two (one into the buffer, one into the
+        socket).
+
+        @return: the payload, or C{None}: the device declined or moved only
+            part (the pipe is then emptied), or splicing is not possible here.
+        """
+        if (offset & _PAGE_MASK) + length > PIPE_SIZE:
+            # The pipe takes at most one page per slot: an unaligned 1 MiB
+            # spans a page more than its slots.
+            return None
+        pipe = self._pipe
+        if pipe is None:
+            if not self.splice:
+                return None
+            try:
+                pipe = self._pipe = _new_pipe()
+            except PermissionError:
+                self.splice = False
+                return None
+            if pipe is None:
+                return None
+        try:
+            moved = read_to_pipe(pipe[1], offset, length)
+        except Exception:
+            # It should not raise; what it may have moved must not be sent
+            # ahead of the next payload.
+            moved = -1
+        if moved == length:
+            return PipedRead(pipe, length)
+        if moved:
+            # Part of it (or unknown): a new pipe is cheaper than reading
+            # this one out.
+            self.close()
+        return None
 
     def _idle(self) -> bool:
         """Nothing is queued in the transport, and it is open for writing."""
@@ -106,13 +240,18 @@ class ReplyWriter:
             and not getattr(t, "_writeDisconnected", False)
         )
 
-    def write(self, pieces: Sequence[Piece]) -> None:
+    def write(self, message: Sequence[Piece | PipedRead]) -> None:
         """
-        Write C{pieces} as one message, in order after everything written
-        before.
+        Write the pieces of C{message} as one message, in order after
+        everything written before; a L{PipedRead} may come last.
         """
-        if not pieces:
+        if not message:
             return
+        # A spliced READ payload comes last (see piped_read).
+        if type(message[-1]) is PipedRead:
+            self._write_piped(message)
+            return
+        pieces = cast(Sequence[Piece], message)
         tls = self.tls
         if tls is not None:
             if not self._idle():
@@ -154,6 +293,55 @@ class ReplyWriter:
                 self.transport.writeSequence(_unsent(rest, sent))
                 return
             rest = rest[len(batch) :]
+
+    def _write_piped(self, pieces: Sequence[Any]) -> None:
+        """
+        L{write} for pieces whose last is a L{PipedRead}: the others with
+        C{MSG_MORE}, then the pipe spliced to the socket. Whatever the
+        socket does not take at once, and everything when the transport
+        has bytes queued, goes to the transport (read out of the pipe: the
+        one copy the direct way saves), so the pipe is empty on return.
+        """
+        piped: PipedRead = pieces[-1]
+        source = piped.pipe[0]
+        head = pieces[:-1]
+        sock = self._socket
+        if sock is None or not self._idle():
+            self.transport.writeSequence(_as_bytes(head) + [_drain(source, piped.length)])
+            return
+        rest: Sequence[Piece] = head
+        while rest:
+            batch = rest[:_MAX_IOV] if len(rest) > _MAX_IOV else rest
+            try:
+                sent = sock.sendmsg(batch, (), socket.MSG_MORE)
+            except OSError as e:
+                if e.errno not in _RETRY:
+                    sent = -1
+                else:
+                    sent = 0
+            if sent < sum(map(len, batch)):
+                self.splice_fallbacks += 1
+                unsent = _as_bytes(rest) if sent < 0 else _unsent(rest, sent)
+                self.transport.writeSequence(unsent + [_drain(source, piped.length)])
+                return
+            rest = rest[len(batch) :]
+        splice = _SPLICE
+        assert splice is not None
+        fd = sock.fileno()
+        left = piped.length
+        while left:
+            try:
+                count = splice(source, fd, left, flags=_SPLICE_FLAGS)
+            except OSError:
+                # The socket is full (or failed: the transport finds out
+                # on its own write, as in write).
+                break
+            if not count:
+                break
+            left -= count
+        if left:
+            self.splice_fallbacks += 1
+            self.transport.writeSequence([_drain(source, left)])
 
 
 def _unsent(pieces: Sequence[Piece], sent: int) -> list[bytes]:
@@ -306,21 +494,14 @@ class PayloadReceiver:
         if not self.pipes_possible or self._pipes >= PIPES_MAX:
             return None
         try:
-            read, write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError:
-            return None  # out of descriptors: a buffer will do
-        try:
-            size = fcntl.fcntl(write, _F_SETPIPE_SZ, PIPE_SIZE)
-        except OSError:
-            # Over the per-user limit on pipe memory (EPERM), say.
-            size = 0
-        if size < PIPE_SIZE:
-            os.close(read)
-            os.close(write)
+            pipe = _new_pipe()
+        except PermissionError:
             self.pipes_possible = False
             return None
+        if pipe is None:
+            return None  # out of descriptors: a buffer will do
         self._pipes += 1
-        return (read, write)
+        return pipe
 
     def return_pipe(self, pipe: tuple[int, int], emptied: bool = False) -> None:
         """

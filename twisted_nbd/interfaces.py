@@ -31,6 +31,7 @@ __all__ = [
     "IBufferRead",
     "IBufferWrite",
     "IImmediateIO",
+    "IPipeRead",
     "IPipeWrite",
     "ISparseRead",
     "STATE_HOLE",
@@ -290,6 +291,38 @@ class IPipeWrite(Interface):
 
         @return: a Deferred that fires with C{None} once all has moved, or
             fails with L{NBDError}.
+        """
+
+
+class IPipeRead(Interface):
+    """
+    An optional companion of L{IBlockDevice} for devices over a file
+    descriptor (a page-cached file): the server has the device splice a
+    large READ's bytes into a pipe, which takes the page cache's pages by
+    reference, and splices the pipe to the socket: no copy in the server
+    at all, where L{IImmediateIO.read_now} and sending the buffer make two.
+
+    The server offers READs from C{twisted_nbd._transport.PIPE_READ_MIN}
+    (64 KiB) to the pipe's size (1 MiB), in the reactor thread, when the
+    connection has a plain socket (not TLS) and no observers. The device
+    must decline whatever it cannot move at once (C{splice} from a file
+    has no non-blocking mode: a page not in the cache would be read from
+    disk).
+    """
+
+    def read_to_pipe(sink: int, offset: int, length: int) -> int:
+        """
+        Move the C{length} bytes at C{offset} (a range the server has
+        checked) into the pipe C{sink}, which is empty and holds at least
+        C{length} bytes, if that can be done at once; raise nothing.
+
+        A range that may hold holes should be declined: the server sends
+        what it splices as one piece of data, where it would have answered
+        a sparse range with holes (L{ISparseRead}).
+
+        @return: how many bytes were moved. Anything but C{length} is a
+            refusal: the server empties the pipe and reads the usual way
+            (L{IImmediateIO.read_now}, then L{IBlockDevice.read}).
         """
 
 

@@ -73,7 +73,14 @@ from twisted_nbd._connection import (
     WriteZeroesRequest,
     plan_sparse_read,
 )
-from twisted_nbd._transport import PIPE_SIZE, PayloadReceiver, Piece, PipedPayload, ReplyWriter
+from twisted_nbd._transport import (
+    PIPE_READ_MIN,
+    PIPE_SIZE,
+    PayloadReceiver,
+    Piece,
+    PipedPayload,
+    ReplyWriter,
+)
 from twisted_nbd._wire import CmdFlags, Errno
 from twisted_nbd.config import (
     DEFAULT_MAX_BYTES_IN_FLIGHT,
@@ -88,6 +95,7 @@ from twisted_nbd.interfaces import (
     IBufferRead,
     IBufferWrite,
     IImmediateIO,
+    IPipeRead,
     IPipeWrite,
     ISparseRead,
     Segment,
@@ -167,6 +175,7 @@ _SimpleKit = tuple[
     "Callable[[int, Any], int] | None",
     int,
     ConnectionInfo,
+    "Callable[[int, int, int], int] | None",
 ]
 _FUA = int(CmdFlags.FUA)
 
@@ -504,15 +513,18 @@ class NBDServerProtocol(Protocol):
         kit = self._simple_kit
         if kit is None:
             kit = self._simple_kit = self._make_simple_kit()
-        _, _, read_head, read_buffer, read_now, _, sparse_min, info = kit
+        _, _, read_head, read_buffer, read_now, _, sparse_min, info, pipe_read = kit
         value: Any = None
         # As in _simple.
         try:
-            if read_buffer is not None:
-                if length < sparse_min or flags & _DF:
-                    value = read_buffer(offset, length)
-            elif read_now is not None:
-                value = read_now(offset, length)
+            if pipe_read is not None and length >= PIPE_READ_MIN:
+                value = self._writer.piped_read(pipe_read, offset, length)  # type: ignore[union-attr]
+            if value is None:
+                if read_buffer is not None:
+                    if length < sparse_min or flags & _DF:
+                        value = read_buffer(offset, length)
+                elif read_now is not None:
+                    value = read_now(offset, length)
         except Exception:
             value = None
         if value is None or len(value) != length:
@@ -565,6 +577,8 @@ class NBDServerProtocol(Protocol):
         # Late backend results are dropped from here on (see _send).
         self._closed = True
         self._simple_kit = None
+        if self._writer is not None:
+            self._writer.close()
         if self._receiver is not None:
             self._receiver.stop()
             if self._piped is not None:
@@ -1055,7 +1069,11 @@ class NBDServerProtocol(Protocol):
         self._out_views = False
         if self._view_pieces:
             self._view_pieces = []
-        if self._closed or self._writer is None:
+        if self._writer is None:
+            return
+        if self._closed:
+            # Not sent, so a spliced READ's pipe is not empty.
+            self._writer.close()
             return
         self._writer.write(out)
 
@@ -1324,7 +1342,17 @@ class NBDServerProtocol(Protocol):
         kit = self._simple_kit
         if kit is None:
             kit = self._simple_kit = self._make_simple_kit()
-        take, encode_ok, read_head, read_buffer, read_now, write_now, sparse_min, info = kit
+        (
+            take,
+            encode_ok,
+            read_head,
+            read_buffer,
+            read_now,
+            write_now,
+            sparse_min,
+            info,
+            pipe_read,
+        ) = kit
         out = self._out
         while not (
             self._closed
@@ -1339,6 +1367,22 @@ class NBDServerProtocol(Protocol):
             if payload is None:
                 data: Any = None
                 try:
+                    if pipe_read is not None and length >= PIPE_READ_MIN:
+                        # Declined where there are holes, so never a READ
+                        # the general path would rather answer sparsely.
+                        data = self._writer.piped_read(  # type: ignore[union-attr]
+                            pipe_read, offset, length
+                        )
+                        if data is not None:
+                            # Sent now: the pipe holds the device's pages,
+                            # which a later WRITE would change.
+                            info.requests += 1
+                            info.bytes_read += length
+                            out.append(read_head(cookie, offset, length))
+                            out.append(data)
+                            self._flush_out()
+                            out = self._out
+                            continue
                     if read_buffer is not None:
                         if length < sparse_min or flags & _DF:
                             data = read_buffer(offset, length)
@@ -1404,6 +1448,10 @@ class NBDServerProtocol(Protocol):
             self._write_now,
             sparse_min,
             self.info,
+            # Large READs spliced from the page cache to the socket.
+            device.read_to_pipe
+            if IPipeRead.providedBy(device) and self._writer is not None and self._writer.splice
+            else None,
         )
 
     def _read_sizes(self, large: bool | None) -> None:

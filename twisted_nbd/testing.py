@@ -16,6 +16,7 @@ ordering and connections that close with requests in flight.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
 from unittest import SkipTest
@@ -35,6 +36,7 @@ from twisted_nbd.interfaces import (
     IBufferRead,
     IBufferWrite,
     IImmediateIO,
+    IPipeRead,
     ISparseRead,
 )
 
@@ -698,6 +700,38 @@ class BlockDeviceConformanceMixin(_ConformanceBase):
         self._assert_bytes(
             data, bytes(model[offset - step : offset + len(payload) + step]), "read after write_now"
         )
+
+    async def test_pipe_read_agrees(self) -> None:
+        """
+        A device that provides L{IPipeRead} puts into the pipe what C{read}
+        returns, or declines; it never moves more than asked, and says how
+        much it moved.
+        """
+        device = await self._open()
+        if not IPipeRead.providedBy(device):
+            raise SkipTest("the device does not provide IPipeRead")
+        model = await self._scatter(device)
+        if not hasattr(os, "pipe2"):
+            raise SkipTest("no pipes to splice into here")
+        source, sink = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            try:
+                import fcntl  # not on every system; pipe2 implies it
+
+                # As large as the server's (F_SETPIPE_SZ: Linux's).
+                fcntl.fcntl(sink, getattr(fcntl, "F_SETPIPE_SZ", 1031), _MiB)
+            except OSError:
+                pass
+            for offset, length in [(0, 64 * _KiB), (_MiB, 256 * _KiB), (3 * _MiB, 64 * _KiB)]:
+                moved = device.read_to_pipe(sink, offset, length)
+                self._expect(0 <= moved <= length, f"read_to_pipe moved {moved} of {length}")
+                data = b""
+                while len(data) < moved:
+                    data += os.read(source, moved - len(data))
+                self._assert_bytes(data, bytes(model[offset : offset + moved]), "read_to_pipe")
+        finally:
+            os.close(source)
+            os.close(sink)
 
     async def test_buffer_write_agrees(self) -> None:
         """

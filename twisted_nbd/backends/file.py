@@ -40,6 +40,7 @@ from twisted_nbd.interfaces import (
     Extent,
     IBlockDevice,
     IImmediateIO,
+    IPipeRead,
     IPipeWrite,
     ISparseRead,
     Segment,
@@ -125,6 +126,62 @@ def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
             raise OSError(code, os.strerror(code))
 
 
+class _CachestatRange(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+class _Cachestat(ctypes.Structure):
+    _fields_ = [
+        ("nr_cache", ctypes.c_uint64),
+        ("nr_dirty", ctypes.c_uint64),
+        ("nr_writeback", ctypes.c_uint64),
+        ("nr_evicted", ctypes.c_uint64),
+        ("nr_recently_evicted", ctypes.c_uint64),
+    ]
+
+
+#: cachestat(2)'s number: the same on every architecture (it came after
+#: the tables were unified), Linux 6.5 and later.
+_NR_CACHESTAT = 451
+_cachestat_function: list[Callable[..., int] | None] = []
+
+
+def _libc_syscall() -> Callable[..., int] | None:
+    """libc's C{syscall}, set up for cachestat; C{None} off Linux."""
+    if not _cachestat_function:
+        function: Callable[..., int] | None = None
+        if sys.platform.startswith("linux"):
+            try:
+                raw = ctypes.CDLL(None, use_errno=True).syscall
+            except (OSError, AttributeError):
+                raw = None
+            if raw is not None:
+                raw.restype = ctypes.c_long
+                function = cast(Callable[..., int], raw)
+        _cachestat_function.append(function)
+    return _cachestat_function[0]
+
+
+def cached_pages(fd: int, offset: int, length: int) -> int:
+    """
+    How many of the pages that hold the C{length} bytes at C{offset} of
+    C{fd} are in the page cache (C{cachestat(2)}), counting every page of
+    a large folio in the range.
+
+    @raise OSError: the call failed; C{ENOSYS} where there is no
+        cachestat (Linux before 6.5, other systems).
+    """
+    function = _libc_syscall()
+    if function is None:
+        raise OSError(errno.ENOSYS, "cachestat is not available on this platform")
+    span = _CachestatRange(offset, length)
+    result = _Cachestat()
+    if function(_NR_CACHESTAT, fd, ctypes.byref(span), ctypes.byref(result), 0) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+    return int(result.nr_cache)
+
+
 #: Reads up to this size are tried in the reactor thread first, without
 #: blocking (see L{FileBlockDevice._read_no_wait}); larger ones always go to the
 #: pool, where copying them does not hold up other connections.
@@ -135,6 +192,8 @@ _RWF_NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)
 #: In a file without holes, reads up to this size are tried at once
 #: (L{FileBlockDevice.read_now}), there being nothing to answer sparsely.
 INLINE_READ_MAX = 1024 * 1024
+
+_NONBLOCK: int = getattr(os, "SPLICE_F_NONBLOCK", 2)
 
 #: Writes up to this size are done in the reactor thread when they cannot
 #: wait on the disk (see L{FileBlockDevice._write_inline}); larger ones, and
@@ -273,7 +332,7 @@ def _device_size(fd: int, mode: int) -> int:
     return os.fstat(fd).st_size
 
 
-@implementer(IBlockDevice, ISparseRead, IImmediateIO, IPipeWrite)
+@implementer(IBlockDevice, ISparseRead, IImmediateIO, IPipeRead, IPipeWrite)
 class FileBlockDevice:
     """
     An L{IBlockDevice} over one file descriptor, its blocking calls run in a
@@ -375,6 +434,10 @@ class FileBlockDevice:
         )
         # Whether to try non-blocking reads from the page cache (Linux 4.14+).
         self._nowait = _RWF_NOWAIT != 0
+        # Whether to splice READs into pipes (read_to_pipe): needs splice
+        # and cachestat (Linux 6.5+); off for good once either fails.
+        self._splice_reads = sys.platform.startswith("linux") and hasattr(os, "splice")
+        self._cached_pages: Callable[[int, int, int], int] = cached_pages
         self._pwrite: Callable[[int, memoryview, int], int] = os.pwrite
         self._pwritev: Callable[[int, list[Any], int, int], int] = getattr(
             os, "pwritev", _no_pwritev
@@ -567,6 +630,52 @@ class FileBlockDevice:
         ):
             return None
         return self._read_no_wait(offset, length)
+
+    def read_to_pipe(self, sink: int, offset: int, length: int) -> int:
+        """
+        Splice the C{length} bytes at C{offset} into the pipe C{sink}
+        (L{IPipeRead}) when the file has no holes (else the server may
+        answer sparsely) and the page cache holds every page of the range (C{cachestat}: a splice
+        from the file would otherwise wait for the disk in the reactor
+        thread).
+
+        A page evicted between the check and the splice is read from disk
+        there after all: rare, and bounded by one read of at most the
+        pipe's size.
+
+        @return: how many bytes were moved; 0 when declined.
+        """
+        if (
+            self._maybe_sparse
+            or not self._splice_reads
+            or self._closing
+            or offset + length > self.size
+        ):
+            return 0
+        fd = self._fd
+        first = offset // _PAGE
+        try:
+            cached = self._cached_pages(fd, offset, length)
+        except OSError:
+            # No cachestat here (or it is forbidden): never splice.
+            self._splice_reads = False
+            return 0
+        if cached < (offset + length - 1) // _PAGE - first + 1:
+            return 0
+        moved = 0
+        splice = self._splice
+        try:
+            while moved < length:
+                # Non-blocking on the pipe's side, should it not be empty.
+                count = splice(fd, sink, length - moved, offset_src=offset + moved, flags=_NONBLOCK)
+                if count <= 0:
+                    break  # the file shrank
+                moved += count
+        except OSError as e:
+            if e.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                # This file system cannot splice: stop trying.
+                self._splice_reads = False
+        return moved
 
     def write_now(self, offset: int, data: bytes | memoryview) -> int:
         """
