@@ -26,7 +26,7 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests import builders as b
-from tests.test_transport import AllowingGuard, FakeTCPTransport, drain
+from tests.test_transport import AllowingGuard, FakeTCPTransport, PollingTransport, drain
 from twisted_nbd import _transport
 from twisted_nbd import _wire as w
 from twisted_nbd._transport import PIPE_READ_MIN, PIPE_SIZE, PipedRead, ReplyWriter
@@ -417,23 +417,10 @@ class PipedReplyTests(SynchronousTestCase):
         self.assertRaises(OSError, os.fstat, pipe[0])
 
 
-class QueueingTransport(FakeTCPTransport):
-    """What the server protocol needs of a TCP transport; queues what it is given."""
+class QueueingTransport(PollingTransport):
+    """A L{PollingTransport} that queues what it is given, as Twisted's does."""
 
-    def registerProducer(self, producer: Any, streaming: bool) -> None:  # noqa: N802
-        pass
-
-    def unregisterProducer(self) -> None:  # noqa: N802
-        pass
-
-    def pauseProducing(self) -> None:  # noqa: N802
-        pass
-
-    def resumeProducing(self) -> None:  # noqa: N802
-        pass
-
-    def getPeer(self) -> Any:  # noqa: N802
-        return "peer"
+    writeSequence = FakeTCPTransport.writeSequence  # noqa: N815 - Twisted's name
 
     def loseConnection(self) -> None:  # noqa: N802
         pass
