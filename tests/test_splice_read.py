@@ -26,7 +26,13 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests import builders as b
-from tests.test_transport import AllowingGuard, FakeTCPTransport, PollingTransport, drain
+from tests.test_transport import (
+    AllowingGuard,
+    FakeTCPTransport,
+    PollingTransport,
+    drain,
+    socket_pair,
+)
 from twisted_nbd import _transport
 from twisted_nbd import _wire as w
 from twisted_nbd._transport import PIPE_READ_MIN, PIPE_SIZE, PipedRead, ReplyWriter
@@ -220,10 +226,7 @@ class PipedReplyTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         splice_or_skip()
-        self.ours, self.theirs = socket.socketpair()
-        self.ours.setblocking(False)
-        self.addCleanup(self.ours.close)
-        self.addCleanup(self.theirs.close)
+        self.ours, self.theirs = socket_pair(self)
         self.transport = FakeTCPTransport(self.ours)
         self.writer = ReplyWriter(self.transport)
         self.addCleanup(self.writer.close)
@@ -451,10 +454,7 @@ class SplicedServerTests(SynchronousTestCase):
             return moved
 
         self.device.read_to_pipe = spy  # type: ignore[method-assign]
-        self.ours, self.theirs = socket.socketpair()
-        self.ours.setblocking(False)
-        self.addCleanup(self.ours.close)
-        self.addCleanup(self.theirs.close)
+        self.ours, self.theirs = socket_pair(self)
 
     def serve(self, structured: bool = False) -> NBDServerProtocol:
         factory = NBDServerFactory(ExportRegistry.of([Export("", self.device)]), poll_max=0)

@@ -61,6 +61,18 @@ class FakeTCPTransport:
         self._tempDataLen += sum(len(p) for p in data)
 
 
+def socket_pair(case: SynchronousTestCase) -> tuple[socket.socket, socket.socket]:
+    """
+    A connected socket pair, closed after the test: ours (non-blocking,
+    the server's end) and theirs (the client's).
+    """
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    case.addCleanup(ours.close)
+    case.addCleanup(theirs.close)
+    return ours, theirs
+
+
 def drain(sock: socket.socket) -> bytes:
     """Everything readable from C{sock} right now."""
     out = b""
@@ -77,10 +89,7 @@ def drain(sock: socket.socket) -> bytes:
 
 class ReplyWriterTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.ours, self.theirs = socket.socketpair()
-        self.ours.setblocking(False)
-        self.addCleanup(self.ours.close)
-        self.addCleanup(self.theirs.close)
+        self.ours, self.theirs = socket_pair(self)
         self.transport = FakeTCPTransport(self.ours)
         self.writer = ReplyWriter(self.transport)
 
@@ -158,10 +167,7 @@ class FakeReadingTransport(FakeTCPTransport):
 
 class PayloadReceiverTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.ours, self.theirs = socket.socketpair()
-        self.ours.setblocking(False)
-        self.addCleanup(self.ours.close)
-        self.addCleanup(self.theirs.close)
+        self.ours, self.theirs = socket_pair(self)
         self.transport = FakeReadingTransport(self.ours)
         self.receiver = PayloadReceiver(self.transport)
 
@@ -276,10 +282,7 @@ class _SocketServerCase(SynchronousTestCase):
         """
         @return: the protocol, connected but not yet past the handshake.
         """
-        self.ours, self.theirs = socket.socketpair()
-        self.ours.setblocking(False)
-        self.addCleanup(self.ours.close)
-        self.addCleanup(self.theirs.close)
+        self.ours, self.theirs = socket_pair(self)
         self.device = MappedMemoryDevice(MiB)
         self.addCleanup(self.device.close)
         factory = NBDServerFactory(ExportRegistry.of([Export("", self.device)]), poll_max=poll_max)
@@ -585,10 +588,7 @@ class ReadOnTests(SynchronousTestCase):
     """
 
     def setUp(self) -> None:
-        self.ours, self.theirs = socket.socketpair()
-        self.ours.setblocking(False)
-        self.addCleanup(self.ours.close)
-        self.addCleanup(self.theirs.close)
+        self.ours, self.theirs = socket_pair(self)
 
     def serve(self, device: Any) -> tuple[NBDServerProtocol, ReadingTransport]:
         # No busy-polling: only _read_on may read the socket on its own.
@@ -661,10 +661,7 @@ class ReadSizeTests(SynchronousTestCase):
     """
 
     def setUp(self) -> None:
-        self.ours, self.theirs = socket.socketpair()
-        self.ours.setblocking(False)
-        self.addCleanup(self.ours.close)
-        self.addCleanup(self.theirs.close)
+        self.ours, self.theirs = socket_pair(self)
         self.device = MappedMemoryDevice(4 * MiB)
         self.addCleanup(self.device.close)
         factory = NBDServerFactory(ExportRegistry.of([Export("", self.device)]), poll_max=0)
