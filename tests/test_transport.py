@@ -34,6 +34,7 @@ from twisted_nbd.protocol import (
     NBDServerFactory,
     NBDServerProtocol,
 )
+from twisted_nbd.testing import ControllableBlockDevice
 
 MiB = 1 << 20
 
@@ -755,3 +756,65 @@ class ReadSizeTests(SynchronousTestCase):
         self.assertEqual(b.parse_simple_replies(drain(theirs)), [(0, 1), (0, 2), (0, 3), (0, 4)])
         with open(path, "rb") as f:
             self.assertEqual(f.read(MiB), payload)
+
+
+class ClosingTransport(PollingTransport):
+    """A L{PollingTransport} that records being closed."""
+
+    def loseConnection(self) -> None:  # noqa: N802
+        self.disconnecting = True
+
+
+class LateRequestTests(SynchronousTestCase):
+    """
+    C-07: when the server shuts down, requests the client sent while
+    reading was paused (still in the socket when the last request in flight
+    ends) are answered with ESHUTDOWN before the connection closes, not cut
+    off (L{NBDServerProtocol._late_requests}).
+    """
+
+    def setUp(self) -> None:
+        self.ours, self.theirs = socket_pair(self)
+        self.device = ControllableBlockDevice(MiB)
+        factory = NBDServerFactory(ExportRegistry.of([Export("", self.device)]), poll_max=0)
+        proto = factory.buildProtocol(None)
+        assert isinstance(proto, NBDServerProtocol)
+        self.proto = proto
+        self.transport = ClosingTransport(self.ours)
+        proto.makeConnection(self.transport)
+        proto.dataReceived(b.client_flags() + b.go())
+        drain(self.theirs)
+        # One READ in flight; the client sends more that the server has not read.
+        proto.dataReceived(b.read(1, 0, 4096))
+        self.call = self.device.take("read")
+
+    def test_answered_before_closing(self) -> None:
+        self.theirs.sendall(b.read(2, 4096, 4096) + b.read(3, 8192, 512))
+        self.proto.shutdown()
+        self.assertFalse(self.transport.disconnecting)
+        self.call.deferred.callback(b"r" * 4096)
+        replies = drain(self.theirs)
+        self.assertEqual(b.parse_simple_replies(replies[:16]), [(0, 1)])
+        self.assertEqual(replies[16 : 16 + 4096], b"r" * 4096)
+        self.assertEqual(
+            b.parse_simple_replies(replies[16 + 4096 :]),
+            [(w.Errno.ESHUTDOWN, 2), (w.Errno.ESHUTDOWN, 3)],
+        )
+        self.assertEqual(self.device.calls, [])
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_nothing_late(self) -> None:
+        """Nothing waiting: the connection closes once the READ is answered."""
+        self.proto.shutdown()
+        self.call.deferred.callback(b"r" * 4096)
+        self.assertEqual(b.parse_simple_replies(drain(self.theirs)[:16]), [(0, 1)])
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_disc_among_them(self) -> None:
+        """A DISC among the late requests: what came before it is answered, then it closes."""
+        self.theirs.sendall(b.read(2, 4096, 4096) + b.request(w.Cmd.DISC, 3))
+        self.proto.shutdown()
+        self.call.deferred.callback(b"r" * 4096)
+        replies = drain(self.theirs)
+        self.assertEqual(b.parse_simple_replies(replies[16 + 4096 :]), [(w.Errno.ESHUTDOWN, 2)])
+        self.assertTrue(self.transport.disconnecting)

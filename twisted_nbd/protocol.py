@@ -306,6 +306,8 @@ class NBDServerProtocol(Protocol):
         self._read_buffer: Callable[[int, int], Any] | None = None
         self._out_views = False
         # The device's IImmediateIO methods, if it has them (see _simple).
+        # Whether _late_requests is reading (it parses, which may close).
+        self._late_reading = False
         #: See _make_simple_kit; None until needed, and whenever what it
         #: holds changes.
         self._simple_kit: _SimpleKit | None = None
@@ -1854,6 +1856,8 @@ class NBDServerProtocol(Protocol):
         """After DISC or ABORT: close once every reply has been written (C-06)."""
         self._update_reading()
         if self.in_flight == 0 and not self._closed and self.transport is not None:
+            if self._conn.shutting_down and self._late_requests():
+                return
             self._flush_outbox()
             self._flush_out()
             # A transport with a registered producer never finishes closing: once its
@@ -1861,6 +1865,45 @@ class NBDServerProtocol(Protocol):
             # FileDescriptor.doWrite), so stop being one first.
             cast(IConsumer, self.transport).unregisterProducer()
             self.transport.loseConnection()
+
+    def _late_requests(self) -> bool:
+        """
+        The server is shutting down and the last request in flight has
+        finished: take what the client sent meanwhile that still waits in
+        the socket (reading was paused at the queue limits, say), so those
+        requests too are answered, with ESHUTDOWN (C-07), not cut off by
+        the close. What arrives after this is cut off (the spec's hard
+        close).
+
+        @return: whether closing must wait: a request went in flight after
+            all (its end comes back here). A payload still on its way is
+            cut off with the rest.
+        """
+        sock = self._socket
+        if sock is None or self._late_reading or self._parsing:
+            return False
+        self._late_reading = True
+        try:
+            # Bounded: at most 64 reads; a client that keeps sending is cut off.
+            for _ in range(64):
+                try:
+                    data = sock.recv(READ_SIZE, socket.MSG_DONTWAIT)
+                except OSError:
+                    break
+                if not data:
+                    break
+                self._conn.receive_data(data)
+                self._parse()
+                if self._closed or getattr(self.transport, "disconnecting", False):
+                    return True  # a DISC among them closed it already
+                if self.in_flight:
+                    return True
+                receiver = self._receiver
+                if receiver is not None and receiver.active:
+                    break
+        finally:
+            self._late_reading = False
+        return False
 
 
 class NBDServerFactory(Factory):
