@@ -6,8 +6,11 @@ otherwise, always in order and whole.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
+import termios
+from array import array
 from typing import Any, cast
 from unittest import SkipTest
 
@@ -758,8 +761,8 @@ class ReadSizeTests(SynchronousTestCase):
             self.assertEqual(f.read(MiB), payload)
 
 
-class ClosingTransport(PollingTransport):
-    """A L{PollingTransport} that records being closed."""
+class ClosingTransport(ReadingTransport):
+    """A L{ReadingTransport} that records being closed."""
 
     def loseConnection(self) -> None:  # noqa: N802
         self.disconnecting = True
@@ -818,3 +821,23 @@ class LateRequestTests(SynchronousTestCase):
         replies = drain(self.theirs)
         self.assertEqual(b.parse_simple_replies(replies[16 + 4096 :]), [(w.Errno.ESHUTDOWN, 2)])
         self.assertTrue(self.transport.disconnecting)
+
+    def test_not_while_receiving_a_payload(self) -> None:
+        """
+        A large WRITE's payload being received when the READ ends: the
+        socket's bytes are the payload's, so none are read as requests;
+        the connection closes as before (the WRITE is cut off).
+        """
+        message = b.write(2, 0, b"p" * (512 * 1024))
+        self.proto.dataReceived(message[:4096])
+        receiver = self.proto._receiver
+        assert receiver is not None
+        self.assertTrue(receiver.active)
+        self.theirs.sendall(message[4096:65536])
+        self.proto.shutdown()
+        self.call.deferred.callback(b"r" * 4096)
+        self.assertEqual(b.parse_simple_replies(drain(self.theirs)[:16]), [(0, 1)])
+        self.assertTrue(self.transport.disconnecting)
+        waiting = array("i", [0])
+        fcntl.ioctl(self.ours.fileno(), termios.FIONREAD, waiting)
+        self.assertEqual(waiting[0], 65536 - 4096)

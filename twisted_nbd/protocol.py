@@ -305,9 +305,9 @@ class NBDServerProtocol(Protocol):
         # replies waiting in _out may be views of its memory.
         self._read_buffer: Callable[[int, int], Any] | None = None
         self._out_views = False
-        # The device's IImmediateIO methods, if it has them (see _simple).
         # Whether _late_requests is reading (it parses, which may close).
         self._late_reading = False
+        # The device's IImmediateIO methods, if it has them (see _simple).
         #: See _make_simple_kit; None until needed, and whenever what it
         #: holds changes.
         self._simple_kit: _SimpleKit | None = None
@@ -1880,7 +1880,14 @@ class NBDServerProtocol(Protocol):
             cut off with the rest.
         """
         sock = self._socket
-        if sock is None or self._late_reading or self._parsing:
+        receiver = self._receiver
+        if (
+            sock is None
+            or self._late_reading
+            or self._parsing
+            # The socket's next bytes are a payload's, not requests.
+            or (receiver is not None and receiver.active)
+        ):
             return False
         self._late_reading = True
         try:
@@ -1898,7 +1905,6 @@ class NBDServerProtocol(Protocol):
                     return True  # a DISC among them closed it already
                 if self.in_flight:
                     return True
-                receiver = self._receiver
                 if receiver is not None and receiver.active:
                     break
         finally:
