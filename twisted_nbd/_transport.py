@@ -274,25 +274,9 @@ class ReplyWriter:
         ):
             t.writeSequence(_as_bytes(pieces))
             return
-        rest: Sequence[Piece] = pieces
-        while rest:
-            batch = rest[:_MAX_IOV] if len(rest) > _MAX_IOV else rest
-            try:
-                sent = sock.sendmsg(batch)
-            except OSError as e:
-                if e.errno not in _RETRY:
-                    # Let the transport find the error on its next write and
-                    # close the connection its usual way.
-                    self.transport.writeSequence(_as_bytes(rest))
-                    return
-                sent = 0
-            total = sum(map(len, batch))
-            if sent < total:
-                # Queue what the kernel did not take: copies of those bytes
-                # only, since the caller may reuse its buffers once we return.
-                self.transport.writeSequence(_unsent(rest, sent))
-                return
-            rest = rest[len(batch) :]
+        unsent = _send(sock, pieces, 0)
+        if unsent is not None:
+            t.writeSequence(unsent)
 
     def _write_piped(self, pieces: Sequence[Any]) -> None:
         """
@@ -309,22 +293,11 @@ class ReplyWriter:
         if sock is None or not self._idle():
             self.transport.writeSequence(_as_bytes(head) + [_drain(source, piped.length)])
             return
-        rest: Sequence[Piece] = head
-        while rest:
-            batch = rest[:_MAX_IOV] if len(rest) > _MAX_IOV else rest
-            try:
-                sent = sock.sendmsg(batch, (), socket.MSG_MORE)
-            except OSError as e:
-                if e.errno not in _RETRY:
-                    sent = -1
-                else:
-                    sent = 0
-            if sent < sum(map(len, batch)):
-                self.splice_fallbacks += 1
-                unsent = _as_bytes(rest) if sent < 0 else _unsent(rest, sent)
-                self.transport.writeSequence(unsent + [_drain(source, piped.length)])
-                return
-            rest = rest[len(batch) :]
+        unsent = _send(sock, head, socket.MSG_MORE)
+        if unsent is not None:
+            self.splice_fallbacks += 1
+            self.transport.writeSequence(unsent + [_drain(source, piped.length)])
+            return
         splice = _SPLICE
         assert splice is not None
         fd = sock.fileno()
@@ -342,6 +315,32 @@ class ReplyWriter:
         if left:
             self.splice_fallbacks += 1
             self.transport.writeSequence([_drain(source, left)])
+
+
+def _send(sock: socket.socket, pieces: Sequence[Piece], flags: int) -> list[bytes] | None:
+    """
+    Send C{pieces} with C{sendmsg} (C{flags}), as many per call as Linux
+    takes.
+
+    @return: C{None} once all went; else what the kernel did not take, as
+        copies (the caller may reuse its buffers once this returns), for
+        the transport to queue: all that is left after an error other than
+        a full socket, so that the transport finds the error on its next
+        write and closes the connection its usual way.
+    """
+    rest = pieces
+    while rest:
+        batch = rest[:_MAX_IOV] if len(rest) > _MAX_IOV else rest
+        try:
+            sent = sock.sendmsg(batch, (), flags)
+        except OSError as e:
+            if e.errno not in _RETRY:
+                return _as_bytes(rest)
+            sent = 0
+        if sent < sum(map(len, batch)):
+            return _unsent(rest, sent)
+        rest = rest[len(batch) :]
+    return None
 
 
 def _unsent(pieces: Sequence[Piece], sent: int) -> list[bytes]:
