@@ -79,6 +79,7 @@ from twisted_nbd._transport import (
     PayloadReceiver,
     Piece,
     PipedPayload,
+    PipedRead,
     ReplyWriter,
 )
 from twisted_nbd._wire import CmdFlags, Errno
@@ -521,12 +522,13 @@ class NBDServerProtocol(Protocol):
         try:
             if pipe_read is not None and length >= PIPE_READ_MIN:
                 value = self._writer.piped_read(pipe_read, offset, length)  # type: ignore[union-attr]
-            if value is None:
-                if read_buffer is not None:
-                    if length < sparse_min or flags & _DF:
-                        value = read_buffer(offset, length)
-                elif read_now is not None:
-                    value = read_now(offset, length)
+            if value is not None:
+                pass
+            elif read_buffer is not None:
+                if length < sparse_min or flags & _DF:
+                    value = read_buffer(offset, length)
+            elif read_now is not None:
+                value = read_now(offset, length)
         except Exception:
             value = None
         if value is None or len(value) != length:
@@ -1375,17 +1377,9 @@ class NBDServerProtocol(Protocol):
                         data = self._writer.piped_read(  # type: ignore[union-attr]
                             pipe_read, offset, length
                         )
-                        if data is not None:
-                            # Sent now: the pipe holds the device's pages,
-                            # which a later WRITE would change.
-                            info.requests += 1
-                            info.bytes_read += length
-                            out.append(read_head(cookie, offset, length))
-                            out.append(data)
-                            self._flush_out()
-                            out = self._out
-                            continue
-                    if read_buffer is not None:
+                    if data is not None:
+                        pass
+                    elif read_buffer is not None:
                         if length < sparse_min or flags & _DF:
                             data = read_buffer(offset, length)
                     elif read_now is not None:
@@ -1406,6 +1400,12 @@ class NBDServerProtocol(Protocol):
                     # these bytes comes before it is sent (see _flush_views).
                     self._view_pieces.append((len(out), offset, offset + length))
                 out.append(data)
+                if type(data) is PipedRead:
+                    # Sent now: the pipe holds the device's pages, which a
+                    # later WRITE would change, and is needed for the next.
+                    self._flush_out()
+                    out = self._out
+                    continue
             else:
                 if self._view_pieces or self._out_views:
                     self._flush_views(offset, length)
