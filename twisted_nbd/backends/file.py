@@ -87,28 +87,44 @@ _log = Logger()
 _fdatasync: Callable[[int], None] = getattr(os, "fdatasync", os.fsync)
 
 _FallocateFunction = Callable[[int, int, int, int], int]
-_fallocate_function: list[_FallocateFunction | None] = []
+_libc_functions: dict[str, Any] = {}
 
 
-def _libc_fallocate() -> _FallocateFunction | None:
+def _libc_function(
+    names: Sequence[str], argtypes: list[Any] | None, restype: Any
+) -> Callable[..., int] | None:
     """
-    Find libc's C{fallocate} on first use (so importing this module costs
-    nothing and works where there is none), or C{None} if it has none.
+    The first of C{names} that libc has, set up with C{argtypes} and
+    C{restype}, found on first use (so importing this module costs nothing
+    and works where there is none), or C{None} if it has none of them.
     """
-    if not _fallocate_function:
-        function: _FallocateFunction | None = None
+    key = names[0]
+    if key not in _libc_functions:
+        raw = None
         try:
             libc = ctypes.CDLL(None, use_errno=True)
-            # fallocate64 takes 64-bit offsets even on 32-bit builds.
-            raw = getattr(libc, "fallocate64", None) or getattr(libc, "fallocate", None)
+            for name in names:
+                raw = getattr(libc, name, None)
+                if raw is not None:
+                    break
         except (OSError, AttributeError):
             raw = None
         if raw is not None:
-            raw.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-            raw.restype = ctypes.c_int
-            function = cast(_FallocateFunction, raw)
-        _fallocate_function.append(function)
-    return _fallocate_function[0]
+            if argtypes is not None:
+                raw.argtypes = argtypes
+            raw.restype = restype
+        _libc_functions[key] = raw
+    return cast("Callable[..., int] | None", _libc_functions[key])
+
+
+def _libc_fallocate() -> _FallocateFunction | None:
+    """libc's C{fallocate} (see L{_libc_function}), or C{None}."""
+    # fallocate64 takes 64-bit offsets even on 32-bit builds.
+    return _libc_function(
+        ("fallocate64", "fallocate"),
+        [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64],
+        ctypes.c_int,
+    )
 
 
 def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
@@ -143,23 +159,13 @@ class _Cachestat(ctypes.Structure):
 #: cachestat(2)'s number: the same on every architecture (it came after
 #: the tables were unified), Linux 6.5 and later.
 _NR_CACHESTAT = 451
-_cachestat_function: list[Callable[..., int] | None] = []
 
 
 def _libc_syscall() -> Callable[..., int] | None:
-    """libc's C{syscall}, set up for cachestat; C{None} off Linux."""
-    if not _cachestat_function:
-        function: Callable[..., int] | None = None
-        if sys.platform.startswith("linux"):
-            try:
-                raw = ctypes.CDLL(None, use_errno=True).syscall
-            except (OSError, AttributeError):
-                raw = None
-            if raw is not None:
-                raw.restype = ctypes.c_long
-                function = cast(Callable[..., int], raw)
-        _cachestat_function.append(function)
-    return _cachestat_function[0]
+    """libc's C{syscall} (see L{_libc_function}), for cachestat; C{None} off Linux."""
+    if not sys.platform.startswith("linux"):
+        return None
+    return _libc_function(("syscall",), None, ctypes.c_long)
 
 
 def cached_pages(fd: int, offset: int, length: int) -> int:
@@ -635,9 +641,9 @@ class FileBlockDevice:
         """
         Splice the C{length} bytes at C{offset} into the pipe C{sink}
         (L{IPipeRead}) when the file has no holes (else the server may
-        answer sparsely) and the page cache holds every page of the range (C{cachestat}: a splice
-        from the file would otherwise wait for the disk in the reactor
-        thread).
+        answer sparsely) and the page cache holds every page of the range
+        (C{cachestat}: a splice from the file would otherwise wait for the
+        disk in the reactor thread).
 
         A page evicted between the check and the splice is read from disk
         there after all: rare, and bounded by one read of at most the
@@ -653,14 +659,13 @@ class FileBlockDevice:
         ):
             return 0
         fd = self._fd
-        first = offset // _PAGE
         try:
             cached = self._cached_pages(fd, offset, length)
         except OSError:
             # No cachestat here (or it is forbidden): never splice.
             self._splice_reads = False
             return 0
-        if cached < (offset + length - 1) // _PAGE - first + 1:
+        if cached < (offset + length - 1) // _PAGE - offset // _PAGE + 1:
             return 0
         moved = 0
         splice = self._splice
