@@ -10,13 +10,10 @@ copy with the same bytes in the same order.
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import random
 import socket
 import struct
-import termios
-from array import array
 from typing import Any, cast
 from unittest import SkipTest
 
@@ -32,10 +29,18 @@ from tests.test_transport import (
     PollingTransport,
     drain,
     socket_pair,
+    waiting,
 )
 from twisted_nbd import _transport
 from twisted_nbd import _wire as w
-from twisted_nbd._transport import PIPE_READ_MIN, PIPE_SIZE, PipedRead, ReplyWriter
+from twisted_nbd._transport import (
+    PIPE_READ_MIN,
+    PIPE_SIZE,
+    PipedRead,
+    ReplyWriter,
+    _drain,
+    _new_pipe,
+)
 from twisted_nbd.backends.file import FileBlockDevice, cached_pages
 from twisted_nbd.client import connect
 from twisted_nbd.exports import Export, ExportRegistry
@@ -77,25 +82,11 @@ def dense_file(case: SynchronousTestCase, size: int = SIZE) -> tuple[str, bytes]
 
 def new_pipe(case: SynchronousTestCase) -> tuple[int, int]:
     """An empty non-blocking pipe of L{PIPE_SIZE} bytes, closed after the test."""
-    read, write_ = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    case.addCleanup(os.close, read)
-    case.addCleanup(os.close, write_)
-    fcntl.fcntl(write_, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-    return read, write_
-
-
-def waiting(fd: int) -> int:
-    """How many bytes the pipe or socket C{fd} holds for reading."""
-    count = array("i", [0])
-    fcntl.ioctl(fd, termios.FIONREAD, count)
-    return count[0]
-
-
-def read_pipe(fd: int, length: int) -> bytes:
-    out = b""
-    while len(out) < length:
-        out += os.read(fd, length - len(out))
-    return out
+    pipe = _new_pipe()
+    assert pipe is not None
+    case.addCleanup(os.close, pipe[0])
+    case.addCleanup(os.close, pipe[1])
+    return pipe
 
 
 class ReadToPipeTests(SynchronousTestCase):
@@ -119,13 +110,13 @@ class ReadToPipeTests(SynchronousTestCase):
         """
         offset, length = 3 * 4096 + 5, 300 * KiB + 7
         self.assertEqual(self.device.read_to_pipe(self.pipe[1], offset, length), length)
-        self.assertEqual(read_pipe(self.pipe[0], length), self.data[offset : offset + length])
+        self.assertEqual(_drain(self.pipe[0], length), self.data[offset : offset + length])
         self.assertEqual(waiting(self.pipe[0]), 0)
 
     def test_whole_pipe(self) -> None:
         """As much as the pipe holds (1 MiB) in one call."""
         self.assertEqual(self.device.read_to_pipe(self.pipe[1], MiB, PIPE_SIZE), PIPE_SIZE)
-        self.assertEqual(read_pipe(self.pipe[0], PIPE_SIZE), self.data[MiB : MiB + PIPE_SIZE])
+        self.assertEqual(_drain(self.pipe[0], PIPE_SIZE), self.data[MiB : MiB + PIPE_SIZE])
 
     def test_page_not_cached(self) -> None:
         """
@@ -404,7 +395,7 @@ class PipedReplyTests(SynchronousTestCase):
     def test_stop_direct(self) -> None:
         """Switching to TLS closes the pipe and ends splicing."""
         pipe = self.piped(0, 64 * KiB).pipe
-        drain_bytes = read_pipe(pipe[0], 64 * KiB)
+        drain_bytes = _drain(pipe[0], 64 * KiB)
         self.assertEqual(drain_bytes, self.data[: 64 * KiB])
         self.writer.stop_direct()
         self.assertFalse(self.writer.splice)

@@ -77,6 +77,13 @@ def socket_pair(case: SynchronousTestCase) -> tuple[socket.socket, socket.socket
     return ours, theirs
 
 
+def waiting(fd: int) -> int:
+    """How many bytes the pipe or socket C{fd} holds for reading."""
+    count = array("i", [0])
+    fcntl.ioctl(fd, termios.FIONREAD, count)
+    return count[0]
+
+
 def drain(sock: socket.socket) -> bytes:
     """Everything readable from C{sock} right now."""
     out = b""
@@ -838,6 +845,4 @@ class LateRequestTests(SynchronousTestCase):
         self.call.deferred.callback(b"r" * 4096)
         self.assertEqual(b.parse_simple_replies(drain(self.theirs)[:16]), [(0, 1)])
         self.assertTrue(self.transport.disconnecting)
-        waiting = array("i", [0])
-        fcntl.ioctl(self.ours.fileno(), termios.FIONREAD, waiting)
-        self.assertEqual(waiting[0], 65536 - 4096)
+        self.assertEqual(waiting(self.ours.fileno()), 65536 - 4096)

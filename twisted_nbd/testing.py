@@ -25,6 +25,7 @@ from twisted.internet.defer import Deferred, gatherResults
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from twisted_nbd._transport import _drain
 from twisted_nbd._wire import Errno
 from twisted_nbd.errors import NBDError
 from twisted_nbd.interfaces import (
@@ -725,9 +726,7 @@ class BlockDeviceConformanceMixin(_ConformanceBase):
             for offset, length in [(0, 64 * _KiB), (_MiB, 256 * _KiB), (3 * _MiB, 64 * _KiB)]:
                 moved = device.read_to_pipe(sink, offset, length)
                 self._expect(0 <= moved <= length, f"read_to_pipe moved {moved} of {length}")
-                data = b""
-                while len(data) < moved:
-                    data += os.read(source, moved - len(data))
+                data = _drain(source, moved)
                 self._assert_bytes(data, bytes(model[offset : offset + moved]), "read_to_pipe")
         finally:
             os.close(source)
