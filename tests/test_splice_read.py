@@ -45,7 +45,7 @@ from twisted_nbd.backends.file import FileBlockDevice, cached_pages
 from twisted_nbd.client import connect
 from twisted_nbd.exports import Export, ExportRegistry
 from twisted_nbd.interfaces import IPipeRead
-from twisted_nbd.protocol import NBDServerFactory, NBDServerProtocol
+from twisted_nbd.protocol import _NOT_TAKEN, _TAKEN, NBDServerFactory, NBDServerProtocol
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -543,7 +543,7 @@ class SplicedServerTests(SynchronousTestCase):
     def test_lone_read(self) -> None:
         """A lone large READ taken while polling is spliced too."""
         proto = self.serve()
-        self.assertTrue(proto._lone_read(b.read(5, 3 * MiB, 256 * KiB)))
+        self.assertIs(proto._lone_read(b.read(5, 3 * MiB, 256 * KiB)), _TAKEN)
         self.simple_reads(self.received(), (5, 3 * MiB, 256 * KiB))
         self.assertEqual(self.moved, [(3 * MiB, 256 * KiB, 256 * KiB)])
 
@@ -551,7 +551,7 @@ class SplicedServerTests(SynchronousTestCase):
         """A lone READ the device will not splice is read into a buffer."""
         proto = self.serve()
         self.device._cached_pages = lambda fd, offset, length: 0
-        self.assertTrue(proto._lone_read(b.read(5, 0, 64 * KiB)))
+        self.assertIsNot(proto._lone_read(b.read(5, 0, 64 * KiB)), _NOT_TAKEN)
         self.simple_reads(self.received(), (5, 0, 64 * KiB))
         self.assertEqual(self.moved, [(0, 64 * KiB, 0)])
 

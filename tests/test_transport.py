@@ -16,6 +16,7 @@ from unittest import SkipTest
 
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -30,9 +31,12 @@ from twisted_nbd.backends.ram import MappedMemoryDevice
 from twisted_nbd.client import connect
 from twisted_nbd.exports import Export, ExportRegistry
 from twisted_nbd.protocol import (
+    _NOT_TAKEN,
+    _TAKEN,
     LARGE_READ_SIZE,
     PIPE_READ_SIZE,
     POLL_BUFFER,
+    POLL_REQUESTS,
     READ_SIZE,
     NBDServerFactory,
     NBDServerProtocol,
@@ -497,6 +501,182 @@ class PollingTests(_SocketServerCase):
         self.theirs.sendall(b.read(2, 0, 512))
         self.proto.dataReceived(b.read(1, 0, 512))
         self.assertEqual(len(drain(self.theirs)), 16 + 512)
+
+
+class PollRoundsTests(_SocketServerCase):
+    """
+    Polling serves lone READs one after another (L{NBDServerProtocol._poll}
+    with L{NBDServerProtocol._lone_kit}) and lets the reactor run every
+    L{POLL_REQUESTS} requests only when it has something to do
+    (L{NBDServerProtocol._reactor_idle}).
+    """
+
+    def setUp(self) -> None:
+        self.proto = self.serve(poll_max=1e-3)
+        self.reactor = EPollReactor()
+        self.addCleanup(close_reactor, self.reactor)
+        cast(Any, self.proto.transport).reactor = self.reactor
+        self.clock = [0.0]
+        self.proto._now = self.now
+        self.proto.dataReceived(b.client_flags() + b.go())
+        drain(self.theirs)
+        self.device.write_now(0, bytes(range(256)) * 16)
+        #: Requests the client still has to send, one per reply.
+        self.to_send: list[bytes] = []
+        self.answered: list[bytes] = []
+        self.idle_asked = [0]
+        real = self.proto._reactor_idle
+
+        def idle() -> bool:
+            self.idle_asked[0] += 1
+            return real()
+
+        self.proto._reactor_idle = idle  # type: ignore[method-assign]
+
+    def now(self) -> float:
+        """
+        The clock polling looks at, which is also the client: it sends its
+        next request once the last one's reply has arrived, as a client at
+        queue depth 1 does.
+        """
+        self.clock[0] += 1e-6
+        if waiting(self.theirs.fileno()) >= 16 + 512:
+            self.answered.append(self.theirs.recv(16 + 512))
+            if self.to_send:
+                self.theirs.sendall(self.to_send.pop(0))
+        return self.clock[0]
+
+    def start(self, count: int) -> None:
+        """A quick client's first READ, then C{count} more one at a time."""
+        self.to_send = [b.read(cookie, 512 * (cookie % 8), 512) for cookie in range(2, count + 2)]
+        self.clock[0] += 50e-6
+        self.proto.dataReceived(b.read(1, 0, 512))
+
+    def check_answers(self, count: int) -> None:
+        self.assertEqual(len(self.answered), count)
+        for cookie, reply in enumerate(self.answered, 1):
+            self.assertEqual(b.parse_simple_replies(reply[:16]), [(0, cookie)])
+            start = 512 * (cookie % 8) if cookie > 1 else 0
+            self.assertEqual(reply[16:], (bytes(range(256)) * 16)[start : start + 512])
+
+    def test_idle_reactor_keeps_polling(self) -> None:
+        """
+        With nothing else for the reactor to do, one turn of polling serves
+        all 40 lone READs, asking the reactor every 16.
+        """
+        self.start(39)
+        self.assertEqual(self.to_send, [])
+        self.check_answers(40)
+        self.assertEqual(self.idle_asked[0], 40 // POLL_REQUESTS)
+        self.assertEqual(self.proto.info.requests, 40)
+
+    def test_busy_reactor_gets_its_turn(self) -> None:
+        """A timed call that is due ends polling after POLL_REQUESTS requests."""
+        self.reactor.callLater(0, lambda: None)
+        self.start(39)
+        self.assertEqual(self.idle_asked[0], 1)
+        # The first READ came through dataReceived; then polling took 16.
+        self.assertEqual(len(self.answered), 1 + POLL_REQUESTS)
+        self.assertEqual(len(self.to_send), 39 - POLL_REQUESTS - 1)
+
+    def test_reactor_idle(self) -> None:
+        """
+        Idle is: no other descriptor ready, no timed call due, no call from
+        a thread waiting; this connection's own socket being readable does
+        not count, its being registered for writing (bytes queued) does.
+        """
+        idle = NBDServerProtocol._reactor_idle.__get__(self.proto)
+        reactor = self.reactor
+        self.assertTrue(idle())
+        reactor.callLater(10, lambda: None)
+        self.assertTrue(idle())
+        # Its own socket, readable: still idle.
+        ours = cast(Any, Selectable(self.ours))
+        reactor.addReader(ours)
+        self.addCleanup(reactor.removeAll)
+        self.theirs.sendall(b"x")
+        self.assertTrue(idle())
+        # Registered for writing too (and writable): not idle.
+        reactor.addWriter(ours)
+        self.assertFalse(idle())
+        reactor.removeWriter(ours)
+        self.assertTrue(idle())
+        # Another descriptor readable.
+        other, other_peer = socket_pair(self)
+        reactor.addReader(cast(Any, Selectable(other)))
+        self.assertTrue(idle())
+        other_peer.sendall(b"y")
+        self.assertFalse(idle())
+        reactor.removeReader(cast(Any, Selectable(other)))
+        self.assertTrue(idle())
+        # A timed call due.
+        reactor.callLater(0, lambda: None)
+        self.assertFalse(idle())
+
+    def test_call_from_thread(self) -> None:
+        """A call from a thread waiting: not idle."""
+        self.reactor.callFromThread(lambda: None)
+        self.assertFalse(self.proto._reactor_idle())
+
+    def test_other_reactors_never_idle(self) -> None:
+        """Without an epoll reactor (or any reactor) polling stops every 16 requests."""
+        cast(Any, self.proto.transport).reactor = object()
+        self.assertFalse(self.proto._reactor_idle())
+        del cast(Any, self.proto.transport).reactor
+        self.assertFalse(self.proto._reactor_idle())
+
+    def test_reply_socket_full(self) -> None:
+        """
+        A lone READ whose reply the socket cannot take at once: what is left
+        is copied to the transport's queue (the device's memory may change
+        once control leaves), and polling stops serving lone READs straight
+        to the socket until the transport is idle again.
+        """
+        self.start(0)
+        self.check_answers(1)
+        filled = 0
+        while True:
+            try:
+                filled += self.ours.send(b"\0" * 65536)
+            except BlockingIOError:
+                break
+        transport = cast(FakeTCPTransport, self.proto.transport)
+        # Queued, as Twisted's transport does.
+        transport.writeSequence = FakeTCPTransport.writeSequence.__get__(transport)  # type: ignore[method-assign]
+        kit = self.proto._lone_kit()
+        assert kit is not None
+        served = self.proto._lone_read(b.read(7, 1024, 512), kit)
+        self.assertIs(served, _TAKEN)
+        self.assertEqual(b"".join(transport.queued)[16:], (bytes(range(256)) * 16)[1024:1536])
+        self.assertEqual(b.parse_simple_replies(b"".join(transport.queued)[:16]), [(0, 7)])
+        self.device.write_now(1024, b"z" * 512)
+        self.assertEqual(b"".join(transport.queued)[16:], (bytes(range(256)) * 16)[1024:1536])
+        self.assertIsNone(self.proto._lone_kit())
+        self.assertIs(self.proto._lone_read(b.read(8, 0, 512)), _NOT_TAKEN)
+
+
+class Selectable:
+    """The least the epoll reactor registers: a descriptor."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Selectable) and other.fileno() == self.fileno()
+
+    def __hash__(self) -> int:
+        return self.fileno()
+
+
+def close_reactor(reactor: EPollReactor) -> None:
+    """Close what an epoll reactor that never ran holds open."""
+    reactor.removeAll()
+    reactor.removeReader(reactor.waker)
+    reactor.waker.connectionLost(None)
+    reactor._poller.close()
 
 
 class DrainedTests(_SocketServerCase):

@@ -234,6 +234,7 @@ class ServerConnection(SansIOConnection[Event]):
         self._received_payload: bytes | bytearray | memoryview | None = None
         # Copies of what transmission needs on every request (see _enter_transmission).
         self._fast = False
+        self._lone_read_parser: Callable[[bytes], tuple[int, int, int, int] | None] | None = None
         self._fast_write = False
         self._extended = False
         self._structured = False
@@ -840,29 +841,65 @@ class ServerConnection(SansIOConnection[Event]):
 
         @return: C{(flags, cookie, offset, length)}.
         """
-        if (
-            len(data) != self._header_size
-            or self._buffer._length
+        if not self.lone_reads_ready():
+            return None
+        return self.lone_read_parser()(data)
+
+    def lone_reads_ready(self) -> bool:
+        """
+        Whether L{take_lone_read} may take requests now: in transmission,
+        nothing buffered, nothing half received, not shutting down. Only
+        this object's own methods change that (L{receive_data} and the
+        events it leads to, L{start_shutdown}), so a caller that passes
+        what it receives to L{lone_read_parser} alone for as long as that
+        takes it need not ask again in between.
+        """
+        return not (
+            self._buffer._length
             or not self._fast
             or self._pending_write is not None
             or self._discard
             or self.shutting_down
             or self.phase is not Phase.TRANSMISSION
-        ):
-            return None
-        magic, flags, command, cookie, offset, length = self._request_struct.unpack(data)
-        if (
-            command != _READ
-            or flags & self._fast_read_refused
-            # The same checks as take_simple's and _request's fast path.
-            or magic != self._request_magic
-            or offset > self._fast_size
-            or length > self._fast_size - offset
-            or length > self._fast_max
-            or (offset | length) & self._fast_mask
-        ):
-            return None
-        return flags, cookie, offset, length
+        )
+
+    def lone_read_parser(self) -> Callable[[bytes], tuple[int, int, int, int] | None]:
+        """
+        A function that takes what was just received when it is exactly one
+        plain READ that the fast path of L{next_event} accepts, returning
+        C{(flags, cookie, offset, length)}, and C{None} for anything else
+        (then the caller passes the bytes to L{receive_data}). Only for use
+        while L{lone_reads_ready}; the same for the rest of the connection.
+        """
+        parser = self._lone_read_parser
+        if parser is not None:
+            return parser
+        # Everything the checks need, as the closure's own variables: this
+        # runs once per request of a client at queue depth 1.
+        size, unpack = self._header_size, self._request_struct.unpack
+        refused, request_magic = self._fast_read_refused, self._request_magic
+        export_size, most, mask = self._fast_size, self._fast_max, self._fast_mask
+
+        def parse(data: bytes) -> tuple[int, int, int, int] | None:
+            if len(data) != size:
+                return None
+            magic, flags, command, cookie, offset, length = unpack(data)
+            if (
+                command != _READ
+                or flags & refused
+                # The same checks as take_simple's and _request's fast path.
+                or magic != request_magic
+                or offset > export_size
+                or length > export_size - offset
+                or length > most
+                or (offset | length) & mask
+            ):
+                return None
+            return flags, cookie, offset, length
+
+        if self._fast:
+            self._lone_read_parser = parse
+        return parse
 
     def take_simple(self) -> tuple[int, int, int, int, int, memoryview | None] | None:
         """

@@ -240,6 +240,26 @@ class ReplyWriter:
             and not getattr(t, "_writeDisconnected", False)
         )
 
+    def direct_socket(self) -> socket.socket | None:
+        """
+        The socket, when a reply may be sent straight to it now (no TLS,
+        nothing queued in the transport): the caller sends with C{sendmsg}
+        and gives what the kernel did not take to L{queue}, and must ask
+        again after that.
+        """
+        if self.tls is None and self._socket is not None and self._idle():
+            return self._socket
+        return None
+
+    def queue(self, pieces: Sequence[Piece], sent: int) -> None:
+        """
+        Queue in the transport (copied: the caller may reuse its buffers)
+        what is left of C{pieces} after the first C{sent} bytes, which were
+        sent straight to the L{direct_socket}; C{0} after an error, which
+        the transport then finds on its next write.
+        """
+        self.transport.writeSequence(_unsent(pieces, sent))
+
     def write(self, message: Sequence[Piece | PipedRead]) -> None:
         """
         Write the pieces of C{message} as one message, in order after

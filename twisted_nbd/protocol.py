@@ -33,6 +33,7 @@ of the export being chosen and of the connection being lost.
 from __future__ import annotations
 
 import os
+import select
 import socket
 import time
 from typing import Any, Callable, ClassVar, Iterable, Sequence, cast
@@ -165,6 +166,11 @@ _CORK_LIMIT = 256 * 1024
 SPARSE_READ_MIN = 256 * 1024
 
 _DF = int(CmdFlags.DF)
+_EPOLL: Any = getattr(select, "epoll", type(None))
+_EPOLLIN = getattr(select, "EPOLLIN", 1)
+
+#: What L{NBDServerProtocol._lone_read} did with what it was given.
+_SERVED, _TAKEN, _NOT_TAKEN = object(), object(), object()
 
 #: What NBDServerProtocol._simple works with (see _make_simple_kit).
 _SimpleKit = tuple[
@@ -177,6 +183,13 @@ _SimpleKit = tuple[
     int,
     ConnectionInfo,
     "Callable[[int, int, int], int] | None",
+]
+#: See NBDServerProtocol._lone_kit.
+_LoneKit = tuple[
+    Callable[[bytes], "tuple[int, int, int, int] | None"],
+    Callable[..., int],
+    ReplyWriter,
+    _SimpleKit,
 ]
 _FUA = int(CmdFlags.FUA)
 
@@ -437,8 +450,9 @@ class NBDServerProtocol(Protocol):
         microseconds. Like QEMU's adaptive polling, this waits actively, but
         only as long as this client has recently taken to answer (the
         window is set by dataReceived from the last gap, at most
-        C{poll_max}, and halves each time it expires unused), and for at
-        most L{POLL_REQUESTS} rounds before other connections get their turn.
+        C{poll_max}, and halves each time it expires unused). Every
+        L{POLL_REQUESTS} requests it lets the reactor run, unless the
+        reactor has nothing else to do (L{_reactor_idle}).
         """
         sock = self._socket
         receiver = self._receiver
@@ -448,13 +462,19 @@ class NBDServerProtocol(Protocol):
         window = self._poll_window
         deadline = now() + window
         conn = self._conn
-        for _ in range(POLL_REQUESTS):
+        recv = sock.recv
+        size = self._read_size
+        # Lone READs are served with what _lone_kit gathers once, for as
+        # long as nothing but lone READs happens.
+        kit = self._lone_kit()
+        rounds = POLL_REQUESTS
+        while True:
             while True:
                 try:
                     # Straight into a new bytes object, as Twisted's doRead
                     # does: the payloads in it are not copied again in Python
                     # (a try that finds nothing costs a malloc and a free).
-                    data = sock.recv(self._read_size, socket.MSG_DONTWAIT)
+                    data = recv(size, socket.MSG_DONTWAIT)
                 except BlockingIOError:
                     if now() >= deadline:
                         self._poll_window = window / 2 if window > POLL_MIN else 0.0
@@ -472,28 +492,61 @@ class NBDServerProtocol(Protocol):
             if not data:
                 return  # end of stream: the reactor will see it too
             self._poll_misses = 0
-            if self._lone_read(data):
-                # Served then and there: nothing else can have changed.
-                if self.in_flight or self._transport_paused or self._closed:
+            served = self._lone_read(data, kit) if kit is not None else _NOT_TAKEN
+            if served is not _SERVED:
+                if served is _TAKEN:
+                    # Served the general way: anything may have changed.
+                    if self.in_flight or self._transport_paused or self._closed:
+                        return
+                else:
+                    conn.receive_data(data)
+                    if not self._lean_step():
+                        self._parse()
+                    if (
+                        self._closed
+                        or self._must_wait()
+                        or (receiver is not None and receiver.active)
+                    ):
+                        return
+                kit = self._lone_kit()
+                size = self._read_size
+            rounds -= 1
+            if not rounds:
+                if not self._reactor_idle():
                     return
-            else:
-                conn.receive_data(data)
-                if not self._lean_step():
-                    self._parse()
-                if self._closed or self._must_wait() or (receiver is not None and receiver.active):
-                    return
+                rounds = POLL_REQUESTS
             deadline = now() + window
 
-    def _lone_read(self, data: bytes) -> bool:
+    def _reactor_idle(self) -> bool:
         """
-        What the poll loop just received, served at once if it is a lone
-        plain READ (L{ServerConnection.take_lone_read}) that the device
-        answers at once: the queue depth 1 case, in fewer steps than even
-        L{_lean_step} (the bytes are not buffered, the reply is written
-        as soon as it is made).
+        Whether the reactor has nothing to do but wait for this connection's
+        next request: no other descriptor ready (this socket being writable
+        counts: the transport has bytes to send), no timed call due, no call
+        from a thread waiting. Asks the epoll reactor's poller without
+        waiting (level-triggered, so nothing is lost); any other reactor is
+        never taken to be idle.
+        """
+        reactor = getattr(self.transport, "reactor", None)
+        poller = getattr(reactor, "_poller", None)
+        if not isinstance(poller, _EPOLL) or self._socket is None:
+            return False
+        assert reactor is not None
+        if getattr(reactor, "threadCallQueue", None):
+            return False
+        delay = reactor.timeout()
+        if delay is not None and delay <= 0:
+            return False
+        mine = self._socket.fileno()
+        for fd, events in poller.poll(0):
+            if fd != mine or events & ~_EPOLLIN:
+                return False
+        return True
 
-        @return: whether C{data} was taken; if not, it is the caller's to
-            buffer and parse as usual.
+    def _lone_kit(self) -> _LoneKit | None:
+        """
+        What L{_lone_read} serves with, when a lone READ may be served
+        straight from what was received now; C{None} otherwise. It stays
+        valid for as long as L{_lone_read} returns L{_SERVED}.
         """
         if (
             self.in_flight
@@ -501,27 +554,54 @@ class NBDServerProtocol(Protocol):
             or self._parsing
             or self._transport_paused
             or self._closed
-            or self._conn.has_data_to_send()
             # _tight_loop_allowed, inline.
             or self._device is None
             or self._observers
             or self._freezing
             or self._disconnecting
         ):
-            return False
-        fields = self._conn.take_lone_read(data)
-        if fields is None:
-            return False
-        flags, cookie, offset, length = fields
+            return None
+        conn = self._conn
+        writer = self._writer
+        if conn.has_data_to_send() or not conn.lone_reads_ready() or writer is None:
+            return None
+        sock = writer.direct_socket()
+        if sock is None:
+            return None
         kit = self._simple_kit
         if kit is None:
             kit = self._simple_kit = self._make_simple_kit()
-        _, _, read_head, read_buffer, read_now, _, sparse_min, info, pipe_read = kit
+        return (conn.lone_read_parser(), sock.sendmsg, writer, kit)
+
+    def _lone_read(self, data: bytes, kit: _LoneKit | None = None) -> object:
+        """
+        What the poll loop just received, served at once if it is a lone
+        plain READ (L{ServerConnection.lone_read_parser}) that the device
+        answers at once: the queue depth 1 case, in fewer steps than even
+        L{_lean_step} (the bytes are not buffered, the reply is sent
+        straight to the socket as soon as it is made).
+
+        @param kit: from L{_lone_kit}, still valid; by default gathered now.
+        @return: L{_SERVED} (so served, and C{kit} is still valid),
+            L{_TAKEN} (taken and served or started the general way: look
+            again at everything), or L{_NOT_TAKEN} (it is the caller's to
+            buffer and parse as usual).
+        """
+        if kit is None:
+            kit = self._lone_kit()
+            if kit is None:
+                return _NOT_TAKEN
+        parse, sendmsg, writer, simple = kit
+        fields = parse(data)
+        if fields is None:
+            return _NOT_TAKEN
+        flags, cookie, offset, length = fields
+        _, _, read_head, read_buffer, read_now, _, sparse_min, info, pipe_read = simple
         value: Any = None
         # As in _simple.
         try:
             if pipe_read is not None and length >= PIPE_READ_MIN:
-                value = self._writer.piped_read(pipe_read, offset, length)  # type: ignore[union-attr]
+                value = writer.piped_read(pipe_read, offset, length)
             if value is not None:
                 pass
             elif read_buffer is not None:
@@ -535,18 +615,26 @@ class NBDServerProtocol(Protocol):
             # Taken, so served the general way, as _simple does.
             self._read(ReadRequest(cookie, offset, length, flags))
             self._parse()
-            return True
+            return _TAKEN
         info.requests += 1
         info.bytes_read += length
-        writer = self._writer
-        if writer is not None:
-            # Written before control leaves: the view of the device's memory
-            # cannot change first (what the kernel does not take is copied).
-            writer.write([read_head(cookie, offset, length), value])
-        # The write may have paused the transport (pauseProducing).
+        # Sent before control leaves: the view of the device's memory cannot
+        # change first (what the kernel does not take is copied).
+        pieces = [read_head(cookie, offset, length), value]
+        if type(value) is PipedRead:
+            writer.write(pieces)
+            return _TAKEN
+        try:
+            sent = sendmsg(pieces)
+        except OSError:
+            sent = 0
+        if sent == len(pieces[0]) + length:
+            return _SERVED
+        writer.queue(pieces, sent)
+        # Queueing may have paused the transport (pauseProducing).
         if self._transport_paused:
-            self._update_reading()  # type: ignore[unreachable]
-        return True
+            self._update_reading()
+        return _TAKEN
 
     def _lean_step(self) -> bool:
         """
