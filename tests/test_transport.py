@@ -88,6 +88,22 @@ def waiting(fd: int) -> int:
     return count[0]
 
 
+def count_calls(obj: object, name: str) -> list[int]:
+    """
+    Count the calls of C{obj}'s method C{name} from now on (it still does
+    what it did): the count is the returned list's one item.
+    """
+    calls = [0]
+    real = getattr(obj, name)
+
+    def counted(*args: Any) -> Any:
+        calls[0] += 1
+        return real(*args)
+
+    setattr(obj, name, counted)
+    return calls
+
+
 def drain(sock: socket.socket) -> bytes:
     """Everything readable from C{sock} right now."""
     out = b""
@@ -366,15 +382,7 @@ class PollingTests(_SocketServerCase):
         self.assertEqual(self.proto._poll_window, window / 2)
 
     def count_parses(self) -> list[int]:
-        calls = [0]
-        real = self.proto._parse
-
-        def parse() -> None:
-            calls[0] += 1
-            real()
-
-        self.proto._parse = parse  # type: ignore[method-assign]
-        return calls
+        return count_calls(self.proto, "_parse")
 
     def test_plain_requests_without_parse(self) -> None:
         """
@@ -397,16 +405,7 @@ class PollingTests(_SocketServerCase):
         self.assertEqual(calls[0], 0)
 
     def count_buffered(self) -> list[int]:
-        calls = [0]
-        conn = self.proto._conn
-        real = conn.receive_data
-
-        def receive_data(data: bytes) -> None:
-            calls[0] += 1
-            real(data)
-
-        conn.receive_data = receive_data  # type: ignore[method-assign]
-        return calls
+        return count_calls(self.proto._conn, "receive_data")
 
     def test_lone_read_not_buffered(self) -> None:
         """
@@ -418,14 +417,7 @@ class PollingTests(_SocketServerCase):
         self.proto.dataReceived(b.read(1, 0, 512))
         drain(self.theirs)
         parses, buffered = self.count_parses(), self.count_buffered()
-        simple = [0]
-        real_simple = self.proto._simple
-
-        def count_simple() -> bool:
-            simple[0] += 1
-            return real_simple()
-
-        self.proto._simple = count_simple  # type: ignore[method-assign]
+        simple = count_calls(self.proto, "_simple")
         for cookie in (2, 3):
             self.theirs.sendall(b.read(cookie, 8192, 512))
             self.proto._poll()
@@ -524,14 +516,7 @@ class PollRoundsTests(_SocketServerCase):
         #: Requests the client still has to send, one per reply.
         self.to_send: list[bytes] = []
         self.answered: list[bytes] = []
-        self.idle_asked = [0]
-        real = self.proto._reactor_idle
-
-        def idle() -> bool:
-            self.idle_asked[0] += 1
-            return real()
-
-        self.proto._reactor_idle = idle  # type: ignore[method-assign]
+        self.idle_asked = count_calls(self.proto, "_reactor_idle")
 
     def now(self) -> float:
         """
@@ -692,14 +677,7 @@ class DrainedTests(_SocketServerCase):
         self.assertFalse(self.conn.drained())  # still haggling over options
         self.proto.dataReceived(b.client_flags() + b.go())
         drain(self.theirs)
-        self.events = [0]
-        real = self.conn.next_event
-
-        def next_event() -> Any:
-            self.events[0] += 1
-            return real()
-
-        self.conn.next_event = next_event  # type: ignore[method-assign]
+        self.events = count_calls(self.conn, "next_event")
 
     def test_drained(self) -> None:
         """Only at a request boundary with nothing buffered."""
