@@ -44,6 +44,7 @@ from twisted_nbd.protocol import (
 from twisted_nbd.testing import ControllableBlockDevice
 
 MiB = 1 << 20
+KiB = 1 << 10
 
 
 class FakeTCPTransport:
@@ -638,6 +639,38 @@ class PollRoundsTests(_SocketServerCase):
         self.assertEqual(b"".join(transport.queued)[16:], (bytes(range(256)) * 16)[1024:1536])
         self.assertIsNone(self.proto._lone_kit())
         self.assertIs(self.proto._lone_read(b.read(8, 0, 512)), _NOT_TAKEN)
+
+
+class CorkTests(_SocketServerCase):
+    """
+    Replies to requests taken in one parse loop are written together, in
+    writes of about L{_CORK_LIMIT} bytes.
+    """
+
+    def test_replies_written_together(self) -> None:
+        """
+        Twenty 64 KiB READs received at once: their replies go out in two
+        writes (the first once 1 MiB is gathered), complete and in order.
+        """
+        proto = self.serve(poll_max=0)
+        proto.dataReceived(b.client_flags() + b.go())
+        drain(self.theirs)
+        data = bytes(range(256)) * (MiB // 256)
+        self.device.write_now(0, data)
+        transport = cast(FakeTCPTransport, proto.transport)
+        # Queued, as Twisted's transport does, when the socket is full.
+        transport.writeSequence = FakeTCPTransport.writeSequence.__get__(transport)  # type: ignore[method-assign]
+        assert proto._writer is not None
+        writes = count_calls(proto._writer, "write")
+        reads = [(cookie, 64 * KiB * (cookie % 16), 64 * KiB) for cookie in range(1, 21)]
+        proto.dataReceived(b"".join(b.read(*r) for r in reads))
+        self.assertEqual(writes[0], 2)
+        stream = drain(self.theirs) + b"".join(transport.queued)
+        self.assertEqual(len(stream), 20 * (16 + 64 * KiB))
+        for i, (cookie, offset, length) in enumerate(reads):
+            reply = stream[i * (16 + length) : (i + 1) * (16 + length)]
+            self.assertEqual(b.parse_simple_replies(reply[:16]), [(0, cookie)])
+            self.assertEqual(reply[16:], data[offset : offset + length])
 
 
 class Selectable:
