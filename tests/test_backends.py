@@ -30,10 +30,13 @@ from twisted_nbd.backends.file import (
     FALLOC_FL_PUNCH_HOLE,
     FALLOC_FL_ZERO_RANGE,
     INLINE_COOLDOWN,
+    INLINE_COOLDOWN_FACTOR,
+    INLINE_COOLDOWN_MAX,
     INLINE_WRITE_MAX,
     MAX_EXTENTS,
     NOWAIT_READ_MAX,
     SLOW_INLINE_WRITE,
+    SWITCHES_CHECK_MIN,
     ZERO_CHUNK,
     DirtyPageGuard,
     FileBlockDevice,
@@ -487,6 +490,104 @@ class FileBlockDeviceTests(TestCase):
         self.successResultOf(device.write(8192, b"g" * 4096))
         self.assertEqual(pool.jobs, [])
 
+    def test_long_wait_longer_cooldown(self) -> None:
+        """
+        The pool keeps the writes for INLINE_COOLDOWN_FACTOR times as long
+        as the slow one took (so inline writes hold the reactor up a small
+        share of the time at most), within bounds.
+        """
+        device, pool = self.inline_device()
+        now = [100.0]
+        device._now = lambda: now[0]
+        real = device._pwrite
+        took = [0.1]
+
+        def slow(fd: int, data: memoryview, offset: int) -> int:
+            now[0] += took[0]
+            return real(fd, data, offset)
+
+        self.patch(device, "_pwrite", slow)
+        self.successResultOf(device.write(0, b"e" * 4096))
+        took[0] = 0.0
+        now[0] += 0.1 * INLINE_COOLDOWN_FACTOR - 0.05
+        d = device.write(4096, b"f" * 4096)
+        self.assertNoResult(d)
+        self.assertIsNone(self.run_(pool, d))
+        now[0] += 0.2
+        self.successResultOf(device.write(8192, b"g" * 4096))
+        self.assertEqual(pool.jobs, [])
+        # A very long one: at most INLINE_COOLDOWN_MAX.
+        took[0] = 60.0
+        self.successResultOf(device.write(0, b"h" * 4096))
+        took[0] = 0.0
+        now[0] += INLINE_COOLDOWN_MAX + 0.1
+        self.successResultOf(device.write(0, b"i" * 4096))
+
+    def slow_clock(self, device: FileBlockDevice, slept: bool) -> list[int]:
+        """
+        Every write through C{device} takes twice L{SLOW_INLINE_WRITE} by
+        the clock, and sleeps in the kernel (a voluntary context switch) if
+        C{slept}; the returned list counts the switch counter's reads.
+        """
+        now = [100.0]
+        device._now = lambda: now[0]
+        switches = [0]
+        reads = [0]
+
+        def counted() -> int:
+            reads[0] += 1
+            return switches[0]
+
+        device._switches = counted
+        real_pwrite, real_splice = device._pwrite, device._splice
+
+        def slow_pwrite(fd: int, data: memoryview, offset: int) -> int:
+            now[0] += SLOW_INLINE_WRITE * 2
+            switches[0] += slept
+            return real_pwrite(fd, data, offset)
+
+        def slow_splice(*args: Any, **kwargs: Any) -> int:
+            now[0] += SLOW_INLINE_WRITE * 2
+            switches[0] += slept
+            return real_splice(*args, **kwargs)
+
+        self.patch(device, "_pwrite", slow_pwrite)
+        self.patch(device, "_splice", slow_splice)
+        return reads
+
+    def test_preempted_inline_write(self) -> None:
+        """
+        A large inline write that is slow without ever sleeping had its CPU
+        taken (steal, another task), not the disk's wait: inline writes go
+        on, and it is counted. One that slept turns them off, as ever.
+        """
+        device, pool = self.inline_device()
+        reads = self.slow_clock(device, slept=False)
+        size = SWITCHES_CHECK_MIN
+        self.successResultOf(device.write(0, b"e" * size))
+        self.successResultOf(device.write(size, b"f" * size))
+        self.assertEqual((device.preempted_writes, reads[0], pool.jobs), (2, 4, []))
+        device, pool = self.inline_device()
+        self.slow_clock(device, slept=True)
+        self.successResultOf(device.write(0, b"e" * size))
+        d = device.write(size, b"f" * size)
+        self.assertNoResult(d)
+        self.assertIsNone(self.run_(pool, d))
+        self.assertEqual(device.preempted_writes, 0)
+
+    def test_small_inline_write_not_counted(self) -> None:
+        """
+        Below L{SWITCHES_CHECK_MIN} the switches are not counted (the two
+        calls would cost as much as the write): slow means slow.
+        """
+        device, pool = self.inline_device()
+        reads = self.slow_clock(device, slept=False)
+        self.successResultOf(device.write(0, b"e" * 4096))
+        d = device.write(4096, b"f" * 4096)
+        self.assertNoResult(d)
+        self.assertIsNone(self.run_(pool, d))
+        self.assertEqual((device.preempted_writes, reads[0]), (0, 0))
+
     def test_inline_write_error(self) -> None:
         """An inline write that fails fails its Deferred with the mapped errno."""
         device, pool = self.inline_device()
@@ -554,6 +655,24 @@ class FileBlockDeviceTests(TestCase):
             with open(self.path, "rb") as f:
                 self.assertEqual(f.read(len(data)), data)
         self.assertEqual(len(synced), 1)
+
+    def test_pipe_write_preempted(self) -> None:
+        """
+        A move that is slow without sleeping leaves inline moves on; one
+        that slept sends the next to the pool.
+        """
+        for slept in (False, True):
+            device, pool = self.inline_device()
+            self.slow_clock(device, slept)
+            for offset in (0, MiB):
+                data = os.urandom(256 * 1024)
+                d = device.write_from_pipe(self.piped(data), offset, len(data), False)
+                if slept and offset:
+                    self.assertNoResult(d)
+                    self.run_(pool, d)
+            self.successResultOf(d)
+            self.assertEqual(device.preempted_writes, 0 if slept else 2)
+            self.assertEqual(len(pool.jobs), 0)
 
     def test_pipe_write_error(self) -> None:
         """A move that fails fails the Deferred with the mapped errno, inline or in the pool."""
