@@ -147,7 +147,9 @@ def _session(
     C{simple}, taking what L{ServerConnection.take_simple} gives first, as
     the server's tight loop does, turned into the events it stands for;
     with C{lone}, C{data} cut into those requests, each arriving alone and
-    offered to L{ServerConnection.take_lone_read} first, as polling does.
+    offered to L{ServerConnection.take_lone_read} first, as polling does,
+    then its header to L{ServerConnection.take_lone_write}, as the
+    server's streaming of large WRITEs does.
     """
     events: list[object] = []
     conn.receive_data(setup)
@@ -163,6 +165,15 @@ def _session(
             if lone_taken is not None:
                 flags, cookie, offset, length = lone_taken
                 events.append(ReadRequest(cookie, offset, length, flags))
+                continue
+            header = piece[: conn.header_size]
+            lone_taken = conn.take_lone_write(header)
+            if lone_taken is not None:
+                # The payload is the caller's to receive: the rest of the piece.
+                flags, cookie, offset, length = lone_taken
+                rest = piece[len(header) :]
+                assert len(rest) == length
+                events.append(WriteRequest(cookie, offset, rest, bool(flags & CmdFlags.FUA)))
                 continue
             if not _full_path(conn, piece, events):
                 break
@@ -305,6 +316,7 @@ class FastPathTests(SynchronousTestCase):
             alone._fast = False
 
         alone._enter_transmission = slow  # type: ignore[method-assign]
-        # With the fast path off, take_lone_read takes nothing: all goes the full way.
+        # With the fast path off, take_lone_read and take_lone_write take
+        # nothing: all goes the full way.
         expected = _session(alone, hello, data, shut, lone=pieces)
-        self.assertEqual(outcomes[3], expected, "take_lone_read")
+        self.assertEqual(outcomes[3], expected, "take_lone_read, take_lone_write")

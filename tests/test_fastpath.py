@@ -9,10 +9,11 @@ batch. Rule ids are from nbd-protocol.md.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
 import struct
-from typing import Any
+from typing import Any, cast
 from unittest import SkipTest
 
 from twisted.internet.address import IPv4Address
@@ -25,8 +26,10 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from tests import builders as b
+from tests.test_transport import count_calls
 from twisted_nbd import _wire as w
-from twisted_nbd._transport import PIPES_MAX
+from twisted_nbd import protocol as protocol_module
+from twisted_nbd._transport import PIPES_MAX, PayloadReceiver, PipedPayload
 from twisted_nbd._wire import Errno
 from twisted_nbd.backends.file import DirtyPageGuard, FileBlockDevice, create_image
 from twisted_nbd.backends.ram import MappedMemoryDevice
@@ -893,3 +896,260 @@ class PipeWriteTests(LargeWriteTestCase):
         self.assertEqual(simple_replies(transport.value(), {}), [(0, 7, b"")])
         self.assertEqual(self.writes, [len(payload)])
         self.assertEqual(self.contents(0, len(payload)), payload)
+
+
+class StreamWriteTests(LargeWriteTestCase):
+    """
+    Large WRITEs that wait whole in the socket are taken straight from it,
+    one after another (L{NBDServerProtocol._stream_writes}): header by
+    header, each payload spliced into a pipe at once; and every way out.
+    Payloads here are 32 KiB (the threshold is lowered to that), so that
+    several fit in a socket pair's buffer.
+    """
+
+    SIZE = 32 * 1024
+
+    def setUp(self) -> None:
+        if not hasattr(os, "splice") or not os.path.isdir("/proc/self/fd"):
+            raise SkipTest("splice is Linux's")
+        super().setUp()
+        self.patch(protocol_module, "PIPE_PAYLOAD_MIN", self.SIZE)
+        self.patch(protocol_module, "DIRECT_PAYLOAD_MIN", self.SIZE // 2)
+        self.device = PipeWriteDevice(16 * MiB)
+        self.proto, self.out = serve(self.device, transport=self.transport)
+        receiver = self.proto._receiver
+        assert receiver is not None
+        self.receiver = receiver
+        self.streamed = count_calls(receiver, "splice_waiting")
+        self.payloads: dict[int, bytes] = {}
+
+    def message(self, cookie: int, flags: int = 0, length: int = SIZE) -> bytes:
+        """A WRITE of a new random payload at C{cookie} MiB."""
+        payload = self.payloads[cookie] = os.urandom(length)
+        return b.write(cookie, cookie * MiB, payload, flags=flags)
+
+    def start(self, *rest: bytes) -> None:
+        """
+        WRITE 1: its header and first 1000 bytes through C{dataReceived};
+        the rest of it, then C{rest}, into the socket at once; then one
+        C{doRead}, as the reactor's, which receives what WRITE 1 lacks.
+        """
+        first = self.message(1)
+        head = len(first) - self.SIZE + 1000
+        self.proto.dataReceived(first[:head])
+        self.send(first[head:] + b"".join(rest))
+        self.transport.doRead()
+
+    def send(self, data: bytes) -> None:
+        """Into the socket, all of it, without blocking."""
+        self.transport.peer.setblocking(False)
+        self.assertEqual(self.transport.peer.send(data), len(data))
+
+    def reactor_reads(self) -> None:
+        """What the reactor does when the socket is readable."""
+        if "doRead" in self.transport.__dict__:
+            self.transport.doRead()
+        else:
+            # The transport's own doRead.
+            self.proto.dataReceived(self.transport.socket.recv(MiB))
+
+    def replies(self) -> list[tuple[int, int, bytes]]:
+        return simple_replies(self.out.value(), {})
+
+    def landed(self, *cookies: int) -> None:
+        """The payloads of these WRITEs are in the device's memory."""
+        for cookie in cookies:
+            start = cookie * MiB
+            self.assertEqual(
+                bytes(self.device.memory[start : start + len(self.payloads[cookie])]),
+                self.payloads[cookie],
+            )
+
+    def test_whole_writes_streamed(self) -> None:
+        """
+        T-12: three WRITEs waiting whole behind the first are served
+        without another turn of the reactor, each payload spliced at once
+        into a pipe (the same one, reused); FUA reaches the device.
+        """
+        fua = int(w.CmdFlags.FUA)
+        self.start(self.message(2), self.message(3, fua), self.message(4))
+        self.assertEqual(self.replies(), [(0, c, b"") for c in (1, 2, 3, 4)])
+        self.assertEqual(
+            self.device.pipe_calls,
+            [(c * MiB, self.SIZE, c == 3) for c in (1, 2, 3, 4)],
+        )
+        self.landed(1, 2, 3, 4)
+        self.assertEqual(self.streamed, [3])
+        self.assertEqual((self.receiver._pipes, len(self.receiver._spare_pipes)), (1, 1))
+        self.assertEqual(self.receiver.waiting(), 0)
+        self.assertNotIn("doRead", self.transport.__dict__)
+        self.assertEqual(self.proto.info.bytes_written, 4 * self.SIZE)
+
+    def test_other_request_passed_on(self) -> None:
+        """
+        T-12: a request that is not a large plain WRITE ends the stream: it
+        is parsed as usual (here a READ, answered when the device answers).
+        """
+        self.start(self.message(2), b.read(9, 0, 4096), self.message(3))
+        self.assertEqual(self.streamed, [1])
+        read = self.device.take("read")
+        self.assertEqual((read.args["offset"], read.args["length"]), (0, 4096))
+        read.succeed(b"r" * 4096)
+        replies = simple_replies(self.out.value(), {9: 4096})
+        self.assertEqual(replies, [(0, 1, b""), (0, 2, b""), (0, 9, b"r" * 4096)])
+        # WRITE 3 waits in the socket for the reactor, and goes the usual way.
+        self.out.clear()
+        self.reactor_reads()
+        write = self.device.take("write")
+        self.assertEqual(bytes(write.args["data"]), self.payloads[3])
+        write.succeed(None)
+        self.assertEqual(self.replies(), [(0, 3, b"")])
+        self.landed(1, 2)
+
+    def test_small_write_passed_on(self) -> None:
+        """A WRITE below the threshold is parsed as usual, through C{write}."""
+        self.record_writes(self.device)
+        self.start(self.message(2, length=4096))
+        self.assertEqual(self.streamed, [0])
+        # Its payload waits in the socket, for the transport's own doRead.
+        self.reactor_reads()
+        self.device.take("write").succeed(None)
+        self.assertEqual(self.replies(), [(0, 1, b""), (0, 2, b"")])
+        self.assertEqual(self.writes, [4096])
+
+    def test_write_not_all_there(self) -> None:
+        """
+        A WRITE whose payload has not all arrived is not taken from the
+        socket: its header goes to the parser, and its payload is received
+        as before once the rest comes.
+        """
+        second = self.message(2)
+        self.start(second[:5000])
+        self.assertEqual(self.streamed, [0])
+        self.assertEqual(self.replies(), [(0, 1, b"")])
+        self.assertIn("doRead", self.transport.__dict__)
+        self.out.clear()
+        self.send(second[5000:])
+        self.transport.doRead()
+        self.assertEqual(self.replies(), [(0, 2, b"")])
+        self.landed(1, 2)
+
+    def test_writes_in_flight(self) -> None:
+        """
+        WRITEs that the device finishes later stay in flight while the
+        stream goes on, until every pipe is in use; the rest waits in the
+        socket, and is taken as soon as a WRITE ends and frees its pipe.
+        """
+        self.device.pipe_answer = "wait"
+        cookies = range(2, PIPES_MAX + 3)
+        self.start(*(self.message(c) for c in cookies))
+        self.assertEqual(len(self.device.waiting), PIPES_MAX)
+        self.assertEqual(self.streamed, [PIPES_MAX - 1])
+        self.assertEqual(self.replies(), [])
+        self.assertEqual(self.proto.in_flight, PIPES_MAX)
+        self.assertEqual(self.receiver.waiting(), 2 * len(b.write(0, 0, bytes(self.SIZE))))
+        self.device.pipe_answer = "move"
+        self.device.finish()
+        self.assertEqual(sorted(r[1] for r in self.replies()), list(range(1, PIPES_MAX + 3)))
+        self.landed(*range(1, PIPES_MAX + 3))
+        self.assertEqual(self.proto.in_flight, 0)
+        self.assertEqual(self.receiver.waiting(), 0)
+
+    def test_queue_depth(self) -> None:
+        """
+        The stream stops where the queue depth says, and reading is paused
+        (the transport's producer) until the WRITEs in flight end.
+        """
+        self.proto.max_queue_depth = 2
+        self.device.pipe_answer = "wait"
+        self.start(self.message(2), self.message(3))
+        self.assertEqual((self.proto.in_flight, self.streamed), (2, [1]))
+        self.assertEqual(self.transport.producerState, "paused")
+        self.device.pipe_answer = "move"
+        self.device.finish()
+        self.assertEqual(sorted(r[1] for r in self.replies()), [1, 2, 3])
+        self.landed(1, 2, 3)
+
+    def test_receiving_fails(self) -> None:
+        """A payload the socket cannot give after all drops the client, no pipe left open."""
+        before = open_fds()
+
+        def broken(length: int) -> PipedPayload | None:
+            raise ConnectionResetError("reset")
+
+        self.receiver.splice_waiting = broken  # type: ignore[method-assign]
+        self.start(self.message(2))
+        self.assertEqual(self.replies(), [(0, 1, b"")])
+        self.assertTrue(self.proto._closed)
+        self.assertIn("reset", self.proto._lost_reason or "")
+        self.proto.connectionLost(Failure(ConnectionDone("aborted")))
+        self.assertEqual(open_fds(), before)
+
+
+class SpliceWaitingTests(SynchronousTestCase):
+    """L{PayloadReceiver.splice_waiting}'s ways out."""
+
+    def setUp(self) -> None:
+        if not hasattr(os, "splice") or not os.path.isdir("/proc/self/fd"):
+            raise SkipTest("splice is Linux's")
+        self.transport = SocketTransport()
+        self.addCleanup(self.transport.close_sockets)
+        self.receiver = PayloadReceiver(self.transport)
+        self.addCleanup(self.receiver.stop)
+
+    def small_pipe(self) -> None:
+        """Pipes of one slot: one piece of socket buffer fills them."""
+        real = self.receiver.pipe
+
+        def pipe() -> tuple[int, int] | None:
+            made = real()
+            assert made is not None
+            fcntl.fcntl(made[1], 1031, 4096)  # F_SETPIPE_SZ
+            return made
+
+        self.receiver.pipe = pipe  # type: ignore[method-assign]
+
+    def test_pipe_out_of_slots(self) -> None:
+        """
+        Bytes sent in three pieces and a pipe of one slot: all of them come
+        back in a buffer, in order (what the pipe took first), and the
+        pipe, emptied, is kept.
+        """
+        self.small_pipe()
+        pieces = [os.urandom(1000) for _ in range(3)]
+        for piece in pieces:
+            self.transport.peer.send(piece)
+        got = self.receiver.splice_waiting(3000)
+        self.assertIsInstance(got, bytearray)
+        self.assertEqual(bytes(cast(bytearray, got)), b"".join(pieces))
+        self.assertEqual(self.receiver.pipe_fallbacks, 1)
+        self.assertEqual(len(self.receiver._spare_pipes), 1)
+        self.assertEqual(self.receiver.received, 3000)
+
+    def test_fewer_bytes_than_said(self) -> None:
+        """
+        A peer that closed after fewer bytes than asked: an error, and the
+        pipe (holding some of them) closed, not kept.
+        """
+        before = open_fds()
+        self.transport.peer.sendall(b"x" * 1000)
+        self.transport.peer.shutdown(socket.SHUT_WR)
+        self.assertRaises(ConnectionError, self.receiver.splice_waiting, 3000)
+        self.assertEqual((self.receiver._pipes, self.receiver._spare_pipes), (0, []))
+        self.assertEqual(open_fds(), before)
+
+    def test_all_there(self) -> None:
+        """The usual case: one pipe holding the bytes, in order."""
+        data = os.urandom(64 * 1024)
+        self.transport.peer.sendall(data)
+        self.assertEqual(self.receiver.waiting(), len(data))
+        got = self.receiver.splice_waiting(len(data))
+        self.assertIsInstance(got, PipedPayload)
+        payload = cast(PipedPayload, got)
+        self.assertEqual(len(payload), len(data))
+        out = b""
+        while len(out) < len(data):
+            out += os.read(payload.source, len(data))
+        self.assertEqual(out, data)
+        self.receiver.return_pipe(payload.pipe, True)
+        self.assertEqual(self.receiver.waiting(), 0)

@@ -235,6 +235,7 @@ class ServerConnection(SansIOConnection[Event]):
         # Copies of what transmission needs on every request (see _enter_transmission).
         self._fast = False
         self._lone_read_parser: Callable[[bytes], tuple[int, int, int, int] | None] | None = None
+        self._lone_write_parser: Callable[[bytes], tuple[int, int, int, int] | None] | None = None
         self._fast_write = False
         self._extended = False
         self._structured = False
@@ -845,6 +846,21 @@ class ServerConnection(SansIOConnection[Event]):
             return None
         return self.lone_read_parser()(data)
 
+    def take_lone_write(self, header: bytes) -> tuple[int, int, int, int] | None:
+        """
+        When C{header}, just received, is exactly the header of one plain
+        WRITE and nothing is buffered before it, take it, leaving its
+        payload to the caller (who serves the WRITE with it, as if
+        L{take_simple} had given both); otherwise take nothing and return
+        C{None}, and the caller passes C{header} to L{receive_data} as
+        usual.
+
+        @return: C{(flags, cookie, offset, length)}.
+        """
+        if not self.lone_reads_ready():
+            return None
+        return self.lone_write_parser()(header)
+
     def lone_reads_ready(self) -> bool:
         """
         Whether L{take_lone_read} may take requests now: in transmission,
@@ -899,6 +915,51 @@ class ServerConnection(SansIOConnection[Event]):
 
         if self._fast:
             self._lone_read_parser = parse
+        return parse
+
+    @property
+    def header_size(self) -> int:
+        """How many bytes a request's header takes on this connection now."""
+        return self._header_size
+
+    def lone_write_parser(self) -> Callable[[bytes], tuple[int, int, int, int] | None]:
+        """
+        Like L{lone_read_parser}, for one plain WRITE's header on its own
+        (the caller receives its payload itself, then serves the WRITE
+        without passing its bytes here): C{(flags, cookie, offset, length)}
+        if it is one that the fast path of L{next_event} accepts, else
+        C{None} (then the caller passes the bytes to L{receive_data}).
+        Only for use while L{lone_reads_ready}.
+        """
+        parser = self._lone_write_parser
+        if parser is not None:
+            return parser
+        size, unpack = self._header_size, self._request_struct.unpack
+        refused, needs = self._fast_write_refused, self._fast_write_needs
+        request_magic, allowed = self._request_magic, self._fast_write
+        export_size, most, mask = self._fast_size, self._fast_max, self._fast_mask
+
+        def parse(data: bytes) -> tuple[int, int, int, int] | None:
+            if len(data) != size or not allowed:
+                return None
+            magic, flags, command, cookie, offset, length = unpack(data)
+            if (
+                command != _WRITE
+                or not length
+                or flags & refused
+                or flags & needs != needs
+                # The same checks as take_simple's.
+                or magic != request_magic
+                or offset > export_size
+                or length > export_size - offset
+                or length > most
+                or (offset | length) & mask
+            ):
+                return None
+            return flags, cookie, offset, length
+
+        if self._fast:
+            self._lone_write_parser = parse
         return parse
 
     def take_simple(self) -> tuple[int, int, int, int, int, memoryview | None] | None:

@@ -522,6 +522,10 @@ class PayloadReceiver:
         self._pipes += 1
         return pipe
 
+    def pipe_free(self) -> bool:
+        """Whether L{pipe} would give a pipe now."""
+        return bool(self._spare_pipes) or (self.pipes_possible and self._pipes < PIPES_MAX)
+
     def return_pipe(self, pipe: tuple[int, int], emptied: bool = False) -> None:
         """
         Take back a pipe that L{pipe} gave: kept for reuse if it is empty
@@ -542,6 +546,81 @@ class PayloadReceiver:
         self._pipes -= 1
         os.close(pipe[0])
         os.close(pipe[1])
+
+    def waiting(self) -> int:
+        """How many bytes the socket holds unread now (0 if it cannot say)."""
+        sock = self._socket
+        if sock is None:
+            return 0
+        waiting = array("i", [0])
+        try:
+            fcntl.ioctl(sock.fileno(), termios.FIONREAD, waiting)
+        except OSError:
+            return 0
+        return waiting[0]
+
+    def take(self, size: int) -> bytes:
+        """
+        Up to C{size} bytes from the socket, without waiting.
+
+        @raise OSError: nothing there yet (C{BlockingIOError}), or the
+            socket failed.
+        """
+        sock = self._socket
+        if sock is None:
+            raise BlockingIOError(errno.EAGAIN, "no socket")
+        return sock.recv(size, socket.MSG_DONTWAIT)
+
+    def splice_waiting(self, length: int) -> PipedPayload | bytearray | None:
+        """
+        Take C{length} bytes that the socket holds already (see L{waiting})
+        at once: spliced into a pipe, or, should the pipe run out of slots
+        first (see L{start_pipe}), all of them in a buffer.
+
+        @return: the pipe's payload or the buffer; C{None} if no pipe can
+            be had (then nothing was taken).
+        @raise OSError: the socket failed or held less than it said; what
+            was taken is lost, and so is the connection.
+        """
+        sock = self._socket
+        splice = _SPLICE
+        if sock is None or splice is None or self.active:
+            return None
+        pipe = self.pipe()
+        if pipe is None:
+            return None
+        fd = sock.fileno()
+        moved = 0
+        try:
+            while moved < length:
+                count = splice(fd, pipe[1], length - moved, flags=_SPLICE_FLAGS)
+                if not count:
+                    raise ConnectionError("the peer closed the connection mid-payload")
+                moved += count
+        except BlockingIOError:
+            # Out of slots (the bytes are there): take them all into a buffer.
+            self.pipe_fallbacks += 1
+            buffer = bytearray(length)
+            view = memoryview(buffer)
+            try:
+                position = 0
+                while position < moved:
+                    position += os.readv(pipe[0], [view[position:moved]])
+                while position < length:
+                    count = sock.recv_into(view[position:], length - position, socket.MSG_DONTWAIT)
+                    if not count:
+                        raise ConnectionError("the peer closed the connection mid-payload")
+                    position += count
+            finally:
+                view.release()
+                self.return_pipe(pipe)
+            self.received += length
+            return buffer
+        except BaseException:
+            self.return_pipe(pipe)
+            raise
+        self.received += length
+        return PipedPayload(pipe, length)
 
     def start_pipe(
         self,
