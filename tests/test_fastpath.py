@@ -898,16 +898,20 @@ class PipeWriteTests(LargeWriteTestCase):
         self.assertEqual(self.contents(0, len(payload)), payload)
 
 
-class StreamWriteTests(LargeWriteTestCase):
+class StreamTestCase(LargeWriteTestCase):
     """
-    Large WRITEs that wait whole in the socket are taken straight from it,
-    one after another (L{NBDServerProtocol._stream_writes}): header by
-    header, each payload spliced into a pipe at once; and every way out.
-    Payloads here are 32 KiB (the threshold is lowered to that), so that
-    several fit in a socket pair's buffer.
+    Large WRITEs waiting whole in the socket behind one received as usual
+    (see L{NBDServerProtocol._stream_writes}), to the device
+    L{make_device} gives. Payloads here are 32 KiB (the thresholds are
+    lowered to that), so that several fit in a socket pair's buffer.
     """
 
     SIZE = 32 * 1024
+    #: The receiver's method that takes a streamed payload.
+    streamed_by = "splice_waiting"
+
+    def make_device(self) -> Any:
+        return PipeWriteDevice(16 * MiB)
 
     def setUp(self) -> None:
         if not hasattr(os, "splice") or not os.path.isdir("/proc/self/fd"):
@@ -915,12 +919,12 @@ class StreamWriteTests(LargeWriteTestCase):
         super().setUp()
         self.patch(protocol_module, "PIPE_PAYLOAD_MIN", self.SIZE)
         self.patch(protocol_module, "DIRECT_PAYLOAD_MIN", self.SIZE // 2)
-        self.device = PipeWriteDevice(16 * MiB)
+        self.device = self.make_device()
         self.proto, self.out = serve(self.device, transport=self.transport)
         receiver = self.proto._receiver
         assert receiver is not None
         self.receiver = receiver
-        self.streamed = count_calls(receiver, "splice_waiting")
+        self.streamed = count_calls(receiver, self.streamed_by)
         self.payloads: dict[int, bytes] = {}
 
     def message(self, cookie: int, flags: int = 0, length: int = SIZE) -> bytes:
@@ -964,6 +968,14 @@ class StreamWriteTests(LargeWriteTestCase):
                 bytes(self.device.memory[start : start + len(self.payloads[cookie])]),
                 self.payloads[cookie],
             )
+
+
+class StreamWriteTests(StreamTestCase):
+    """
+    Large WRITEs that wait whole in the socket are taken straight from it,
+    one after another (L{NBDServerProtocol._stream_writes}): header by
+    header, each payload spliced into a pipe at once; and every way out.
+    """
 
     def test_whole_writes_streamed(self) -> None:
         """
@@ -1084,6 +1096,58 @@ class StreamWriteTests(LargeWriteTestCase):
         self.assertIn("reset", self.proto._lost_reason or "")
         self.proto.connectionLost(Failure(ConnectionDone("aborted")))
         self.assertEqual(open_fds(), before)
+
+
+class StreamInPlaceTests(StreamTestCase):
+    """
+    The same for a device that takes payloads into its memory
+    (L{IBufferWrite}, the RAM disk): each streamed payload is received
+    straight into it, under L{NBDServerProtocol._in_place_view}'s rules.
+    """
+
+    streamed_by = "receive_waiting"
+
+    def make_device(self) -> Any:
+        return BufferWriteDevice(16 * MiB)
+
+    def test_whole_writes_streamed(self) -> None:
+        """
+        T-12: WRITEs waiting whole behind the first land in the device's
+        memory without another turn of the reactor or a call to C{write};
+        a FUA one (which the device's C{write} must sync) is passed on.
+        """
+        self.record_writes(self.device)
+        fua = int(w.CmdFlags.FUA)
+        self.start(self.message(2), self.message(3), self.message(4, fua))
+        self.assertEqual(self.replies(), [(0, c, b"") for c in (1, 2, 3)])
+        self.assertEqual(self.streamed, [2])
+        self.assertEqual(self.writes, [])
+        self.landed(1, 2, 3)
+        self.assertIsNone(self.proto._received_in_place)
+        self.reactor_reads()
+        write = self.device.take("write")
+        self.assertEqual((bytes(write.args["data"]), write.args["fua"]), (self.payloads[4], True))
+        write.succeed(None)
+        self.assertEqual(self.replies()[3:], [(0, 4, b"")])
+
+    def test_not_while_in_flight(self) -> None:
+        """
+        With a request in flight (which must not see the new bytes), a
+        WRITE waiting whole is passed on, and lands through C{write}.
+        """
+        self.record_writes(self.device)
+        self.proto.dataReceived(b.read(9, 0, 4096))
+        self.start(self.message(2))
+        self.assertEqual(self.streamed, [0])
+        self.reactor_reads()
+        self.assertEqual(self.writes, [self.SIZE, self.SIZE])
+        self.device.take("read").succeed(b"r" * 4096)
+        for cookie in (1, 2):
+            write = self.device.take("write")
+            self.assertEqual(bytes(write.args["data"]), self.payloads[cookie])
+            write.succeed(None)
+        replies = simple_replies(self.out.value(), {9: 4096})
+        self.assertEqual(sorted(r[1] for r in replies), [1, 2, 9])
 
 
 class SpliceWaitingTests(SynchronousTestCase):

@@ -571,6 +571,25 @@ class PayloadReceiver:
             raise BlockingIOError(errno.EAGAIN, "no socket")
         return sock.recv(size, socket.MSG_DONTWAIT)
 
+    def receive_waiting(self, view: memoryview) -> None:
+        """
+        Fill C{view} with bytes that the socket holds already (see
+        L{waiting}), at once.
+
+        @raise OSError: the socket failed or held less than it said; the
+            connection is lost, and C{view} holds part of the bytes.
+        """
+        sock = self._socket
+        if sock is None:
+            raise BlockingIOError(errno.EAGAIN, "no socket")
+        position, size = 0, len(view)
+        while position < size:
+            count = sock.recv_into(view[position:], size - position, socket.MSG_DONTWAIT)
+            if not count:
+                raise ConnectionError("the peer closed the connection mid-payload")
+            position += count
+        self.received += size
+
     def splice_waiting(self, length: int) -> PipedPayload | bytearray | None:
         """
         Take C{length} bytes that the socket holds already (see L{waiting})

@@ -1080,7 +1080,7 @@ class NBDServerProtocol(Protocol):
             return
         if self._closed or self._reading_paused or (receiver is not None and receiver.active):
             return
-        if self._pipe_write is not None:
+        if self._pipe_write is not None or self._write_buffer is not None:
             if self._stream_writes():
                 return
             if self._closed or self._reading_paused or (receiver is not None and receiver.active):
@@ -1115,7 +1115,7 @@ class NBDServerProtocol(Protocol):
         if (
             self._streaming
             or receiver is None
-            or not receiver.pipes_possible
+            or not (receiver.pipes_possible or self._write_buffer is not None)
             or receiver.active
             or self._socket_tls is not None
             or self._parsing
@@ -1145,8 +1145,11 @@ class NBDServerProtocol(Protocol):
         recv = receiver.take
         guard = self._guard
         rounds = POLL_REQUESTS
+        piped = self._pipe_write is not None and receiver.pipes_possible
+        lowest = PIPE_PAYLOAD_MIN if piped else DIRECT_PAYLOAD_MIN
+        highest = PIPE_SIZE if piped else 1 << 32  # (the parser checks the limit)
         while True:
-            if not receiver.pipe_free():
+            if piped and not receiver.pipe_free():
                 # All in use by WRITEs in flight: one of them ending reads on.
                 return False
             waiting = receiver.waiting()
@@ -1157,17 +1160,21 @@ class NBDServerProtocol(Protocol):
             except OSError:
                 return False  # the reactor will see what it is
             fields = parse(data)
-            if (
-                fields is None
-                or not PIPE_PAYLOAD_MIN <= fields[3] <= PIPE_SIZE
-                or waiting < size + fields[3]
-            ):
+            if fields is None or not lowest <= fields[3] <= highest or waiting < size + fields[3]:
                 # Not one for here: parsed as if the transport had read it.
                 self.dataReceived(data)
                 return False
             flags, cookie, offset, length = fields
+            payload: Any
             try:
-                payload = receiver.splice_waiting(length)
+                if piped:
+                    payload = receiver.splice_waiting(length)
+                else:
+                    # Into the device's memory, as _in_place_view's rules allow.
+                    payload = self._stream_view(flags, offset, length)
+                    if payload is not None:
+                        receiver.receive_waiting(payload)
+                        self._received_in_place = payload
             except OSError as e:
                 self.log.warn("Dropping client {peer}: {reason}", peer=self.info.peer, reason=e)
                 self._lost_reason = f"receiving a payload failed: {e}"
@@ -1178,8 +1185,9 @@ class NBDServerProtocol(Protocol):
                 return False
             if guard is not None:
                 guard.active = True
-            # A pipe's payload, as _receive_into_pipe gives the parser.
-            self._write(WriteRequest(cookie, offset, cast(Any, payload), bool(flags & _FUA)))
+            # A pipe's payload, as _receive_into_pipe gives the parser; or
+            # the device's memory, as _receive_payload does.
+            self._write(WriteRequest(cookie, offset, payload, bool(flags & _FUA)))
             if self._must_wait() or self._out:
                 self._flush_out()
                 self._update_reading()
@@ -1189,6 +1197,24 @@ class NBDServerProtocol(Protocol):
                 if not self._reactor_idle():
                     return False
                 rounds = POLL_REQUESTS
+
+    def _stream_view(self, flags: int, offset: int, length: int) -> memoryview | None:
+        """
+        For L{_stream_writes}: the device's memory for a WRITE's payload to
+        be received into, as L{_in_place_view} gives it (the same rules),
+        or C{None}.
+        """
+        if flags & _FUA or self._observers or self.in_flight:
+            return None
+        assert self._write_buffer is not None
+        try:
+            view = self._write_buffer(offset, length)
+        except Exception:
+            self.log.failure("write_buffer failed; receiving into a buffer instead")
+            return None
+        if view is not None:
+            self._flush_out()
+        return view
 
     def _in_place_view(self) -> memoryview | None:
         """
