@@ -1473,18 +1473,20 @@ class DirtyPageGuardTests(SynchronousTestCase):
         return DirtyPageGuard(lambda: self.now, meminfo, directory)
 
     def test_far_from_limits(self) -> None:
-        """Below half the background limit (10% of available memory here), writes may go inline."""
+        """Below the background limit (10% of available memory here), writes may go inline."""
         self.assertTrue(self.guard(1000, 0, 1_000_000).allows())
-        self.assertTrue(self.guard(49_000, 0, 1_000_000).allows())
+        self.assertTrue(self.guard(99_000, 0, 1_000_000).allows())
 
     def test_near_limits(self) -> None:
-        """Dirty plus writeback pages at half the background limit stop inline writes."""
-        self.assertFalse(self.guard(30_000, 20_000, 1_000_000).allows())
+        """Dirty plus writeback pages at the background limit stop inline writes."""
+        self.assertFalse(self.guard(60_000, 40_000, 1_000_000).allows())
 
     def test_bytes_setting(self) -> None:
         """dirty_background_bytes, when set, is the limit instead of the ratio."""
-        self.assertFalse(self.guard(600, 0, 1_000_000, dirty_background_bytes=1024 * 1024).allows())
-        self.assertTrue(self.guard(400, 0, 1_000_000, dirty_background_bytes=1024 * 1024).allows())
+        self.assertFalse(
+            self.guard(1100, 0, 1_000_000, dirty_background_bytes=1024 * 1024).allows()
+        )
+        self.assertTrue(self.guard(900, 0, 1_000_000, dirty_background_bytes=1024 * 1024).allows())
 
     def test_sampled_lazily(self) -> None:
         """The counts are read at most every INTERVAL seconds."""

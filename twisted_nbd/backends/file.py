@@ -241,10 +241,16 @@ class DirtyPageGuard:
     it. Linux makes writers wait (C{balance_dirty_pages}) only once dirty
     page cache grows past the midpoint between the background and the
     foreground dirty limits; this allows writes while dirty and writeback
-    pages stay under half the I{background} limit, far from that point.
+    pages stay under the I{background} limit (with the default ratios, two
+    thirds of the way to that point: 5% of the memory away from it).
     C{/proc/meminfo} is read at most every L{INTERVAL} seconds (a read costs
-    about 10 microseconds); in between, even writing at 1 GB/s cannot cover
-    the distance to the throttling point.
+    about 10 microseconds); in between, even writing at 1 GB/s covers only
+    100 MB of that distance, and a write that the kernel throttles after
+    all is slow, which turns inline writes off for a while (see
+    L{SLOW_INLINE_WRITE}). (It used to stop at half the background limit:
+    then the benchmark's freshly copied images, 2.2 GB of dirty pages on a
+    24 GB machine that the kernel did not even start writing back, kept
+    every 1 MiB write in the pool, about 25% slower.)
 
     @ivar allowed: the answer at the last sample.
     """
@@ -280,7 +286,7 @@ class DirtyPageGuard:
             if not limit:
                 limit = fields[b"MemAvailable"] * self._read_int("dirty_background_ratio") // 100
             dirty = fields[b"Dirty"] + fields[b"Writeback"]
-            self.allowed = dirty < limit // 2
+            self.allowed = dirty < limit
         except (OSError, ValueError, KeyError, IndexError):
             # No /proc (not Linux), or a format we do not know: never inline.
             self.allowed = False
