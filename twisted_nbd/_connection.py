@@ -888,34 +888,11 @@ class ServerConnection(SansIOConnection[Event]):
         while L{lone_reads_ready}; the same for the rest of the connection.
         """
         parser = self._lone_read_parser
-        if parser is not None:
-            return parser
-        # Everything the checks need, as the closure's own variables: this
-        # runs once per request of a client at queue depth 1.
-        size, unpack = self._header_size, self._request_struct.unpack
-        refused, request_magic = self._fast_read_refused, self._request_magic
-        export_size, most, mask = self._fast_size, self._fast_max, self._fast_mask
-
-        def parse(data: bytes) -> tuple[int, int, int, int] | None:
-            if len(data) != size:
-                return None
-            magic, flags, command, cookie, offset, length = unpack(data)
-            if (
-                command != _READ
-                or flags & refused
-                # The same checks as take_simple's and _request's fast path.
-                or magic != request_magic
-                or offset > export_size
-                or length > export_size - offset
-                or length > most
-                or (offset | length) & mask
-            ):
-                return None
-            return flags, cookie, offset, length
-
-        if self._fast:
-            self._lone_read_parser = parse
-        return parse
+        if parser is None:
+            parser = self._lone_parser(_READ, self._fast_read_refused, 0, True)
+            if self._fast:
+                self._lone_read_parser = parser
+        return parser
 
     @property
     def header_size(self) -> int:
@@ -932,23 +909,41 @@ class ServerConnection(SansIOConnection[Event]):
         Only for use while L{lone_reads_ready}.
         """
         parser = self._lone_write_parser
-        if parser is not None:
-            return parser
+        if parser is None:
+            # No command matches -1: WRITEs are not for the fast path here.
+            command = _WRITE if self._fast_write else -1
+            parser = self._lone_parser(
+                command, self._fast_write_refused, self._fast_write_needs, False
+            )
+            if self._fast:
+                self._lone_write_parser = parser
+        return parser
+
+    def _lone_parser(
+        self, wanted: int, refused: int, needs: int, empty: bool
+    ) -> Callable[[bytes], tuple[int, int, int, int] | None]:
+        """
+        A parser for L{lone_read_parser} or L{lone_write_parser}: one
+        request header of command C{wanted}, none of the C{refused} flags,
+        all of the C{needs} ones, of length 0 only if C{empty}, and what
+        the fast path of L{next_event} checks.
+        """
+        # Everything the checks need, as the closure's own variables: this
+        # runs once per request of a client at queue depth 1.
         size, unpack = self._header_size, self._request_struct.unpack
-        refused, needs = self._fast_write_refused, self._fast_write_needs
-        request_magic, allowed = self._request_magic, self._fast_write
+        request_magic = self._request_magic
         export_size, most, mask = self._fast_size, self._fast_max, self._fast_mask
 
         def parse(data: bytes) -> tuple[int, int, int, int] | None:
-            if len(data) != size or not allowed:
+            if len(data) != size:
                 return None
             magic, flags, command, cookie, offset, length = unpack(data)
             if (
-                command != _WRITE
-                or not length
+                command != wanted
                 or flags & refused
                 or flags & needs != needs
-                # The same checks as take_simple's.
+                or not (length or empty)
+                # The same checks as take_simple's and _request's fast path.
                 or magic != request_magic
                 or offset > export_size
                 or length > export_size - offset
@@ -958,8 +953,6 @@ class ServerConnection(SansIOConnection[Event]):
                 return None
             return flags, cookie, offset, length
 
-        if self._fast:
-            self._lone_write_parser = parse
         return parse
 
     def take_simple(self) -> tuple[int, int, int, int, int, memoryview | None] | None:

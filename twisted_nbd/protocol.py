@@ -1171,7 +1171,7 @@ class NBDServerProtocol(Protocol):
                     payload = receiver.splice_waiting(length)
                 else:
                     # Into the device's memory, as _in_place_view's rules allow.
-                    payload = self._stream_view(flags, offset, length)
+                    payload = self._memory_view(offset, length, bool(flags & _FUA))
                     if payload is not None:
                         receiver.receive_waiting(payload)
                         self._received_in_place = payload
@@ -1198,24 +1198,6 @@ class NBDServerProtocol(Protocol):
                     return False
                 rounds = POLL_REQUESTS
 
-    def _stream_view(self, flags: int, offset: int, length: int) -> memoryview | None:
-        """
-        For L{_stream_writes}: the device's memory for a WRITE's payload to
-        be received into, as L{_in_place_view} gives it (the same rules),
-        or C{None}.
-        """
-        if flags & _FUA or self._observers or self.in_flight:
-            return None
-        assert self._write_buffer is not None
-        try:
-            view = self._write_buffer(offset, length)
-        except Exception:
-            self.log.failure("write_buffer failed; receiving into a buffer instead")
-            return None
-        if view is not None:
-            self._flush_out()
-        return view
-
     def _in_place_view(self) -> memoryview | None:
         """
         The device's memory for the waiting WRITE's payload to be received
@@ -1230,7 +1212,13 @@ class NBDServerProtocol(Protocol):
         gathered so far are sent first (what the socket does not take is
         copied): some may be views of the bytes about to change.
         """
-        offset, length, fua = self._conn.payload_request()
+        return self._memory_view(*self._conn.payload_request())
+
+    def _memory_view(self, offset: int, length: int, fua: bool) -> memoryview | None:
+        """
+        The device's memory for a WRITE's payload, under L{_in_place_view}'s
+        rules (for it and for L{_stream_writes}), or C{None}.
+        """
         if fua or self._observers or self.in_flight:
             return None
         assert self._write_buffer is not None
