@@ -617,7 +617,8 @@ class PayloadReceiver:
                     raise ConnectionError("the peer closed the connection mid-payload")
                 moved += count
         except BlockingIOError:
-            # Out of slots (the bytes are there): take them all into a buffer.
+            # Out of slots (the bytes are there): take them all into a buffer,
+            # what the pipe holds first, then the rest from the socket.
             self.pipe_fallbacks += 1
             buffer = bytearray(length)
             view = memoryview(buffer)
@@ -625,15 +626,11 @@ class PayloadReceiver:
                 position = 0
                 while position < moved:
                     position += os.readv(pipe[0], [view[position:moved]])
-                while position < length:
-                    count = sock.recv_into(view[position:], length - position, socket.MSG_DONTWAIT)
-                    if not count:
-                        raise ConnectionError("the peer closed the connection mid-payload")
-                    position += count
+                self.receive_waiting(view[moved:])
             finally:
                 view.release()
                 self.return_pipe(pipe)
-            self.received += length
+            self.received += moved
             return buffer
         except BaseException:
             self.return_pipe(pipe)
@@ -715,10 +712,7 @@ class PayloadReceiver:
                 # reactor call this again and again. The reactor calls this
                 # when the socket is readable, so only a call that moved
                 # nothing needs to ask which.
-                waiting = array("i", [0])
-                if not moved:
-                    fcntl.ioctl(fd, termios.FIONREAD, waiting)
-                if waiting[0]:
+                if not moved and self.waiting():
                     self.pipe_fallbacks += 1
                     full, remaining = self._full, self._remaining
                     self._finished()

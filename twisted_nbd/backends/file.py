@@ -305,15 +305,15 @@ class DirtyPageGuard:
 DIRTY_PAGES = DirtyPageGuard()
 
 
+_RUSAGE_THREAD: int = getattr(resource, "RUSAGE_THREAD", 1)
+
+
 def _voluntary_switches() -> int:
     """How often the calling thread has slept in the kernel (-1: unknown)."""
     try:
         return resource.getrusage(_RUSAGE_THREAD).ru_nvcsw
     except (OSError, ValueError):
         return -1
-
-
-_RUSAGE_THREAD: int = getattr(resource, "RUSAGE_THREAD", 1)
 
 
 def _no_preadv(fd: int, buffers: list[bytearray], offset: int, flags: int) -> int:
