@@ -182,12 +182,10 @@ _SimpleKit = tuple[
     Callable[[], "tuple[int, int, int, int, int, memoryview | None] | None"],
     Callable[[int, int], bytes],
     Callable[[int, int, int], bytes],
-    "Callable[[int, int], memoryview | bytes] | None",
-    "Callable[[int, int], Any] | None",
+    # (flags, offset, length): a plain READ's data if the device has it at once.
+    Callable[[int, int, int], Any],
     "Callable[[int, Any], int] | None",
-    int,
     ConnectionInfo,
-    "Callable[[int, int, int], int] | None",
 ]
 #: See NBDServerProtocol._lone_kit.
 _LoneKit = tuple[
@@ -603,21 +601,8 @@ class NBDServerProtocol(Protocol):
         if fields is None:
             return _NOT_TAKEN
         flags, cookie, offset, length = fields
-        _, _, read_head, read_buffer, read_now, _, sparse_min, info, pipe_read = simple
-        value: Any = None
-        # As in _simple.
-        try:
-            if pipe_read is not None and length >= PIPE_READ_MIN:
-                value = writer.piped_read(pipe_read, offset, length)
-            if value is not None:
-                pass
-            elif read_buffer is not None:
-                if length < sparse_min or flags & _DF:
-                    value = read_buffer(offset, length)
-            elif read_now is not None:
-                value = read_now(offset, length)
-        except Exception:
-            value = None
+        _, _, read_head, read_at_once, _, info = simple
+        value = read_at_once(flags, offset, length)
         if value is None or len(value) != length:
             # Taken, so served the general way, as _simple does.
             self._read(ReadRequest(cookie, offset, length, flags))
@@ -1553,17 +1538,7 @@ class NBDServerProtocol(Protocol):
         kit = self._simple_kit
         if kit is None:
             kit = self._simple_kit = self._make_simple_kit()
-        (
-            take,
-            encode_ok,
-            read_head,
-            read_buffer,
-            read_now,
-            write_now,
-            sparse_min,
-            info,
-            pipe_read,
-        ) = kit
+        take, encode_ok, read_head, read_at_once, write_now, info = kit
         out = self._out
         while not (
             self._closed
@@ -1576,25 +1551,7 @@ class NBDServerProtocol(Protocol):
                 return False
             command, flags, cookie, offset, length, payload = simple
             if payload is None:
-                data: Any = None
-                try:
-                    if pipe_read is not None and length >= PIPE_READ_MIN:
-                        # Declined where there are holes, so never a READ
-                        # the general path would rather answer sparsely.
-                        data = self._writer.piped_read(  # type: ignore[union-attr]
-                            pipe_read, offset, length
-                        )
-                    if data is not None:
-                        pass
-                    elif read_buffer is not None:
-                        if length < sparse_min or flags & _DF:
-                            data = read_buffer(offset, length)
-                    elif read_now is not None:
-                        # The device knows best whether a large READ would
-                        # be worth answering sparsely.
-                        data = read_now(offset, length)
-                except Exception:
-                    data = None
+                data = read_at_once(flags, offset, length)
                 if data is None or len(data) != length:
                     self._read(ReadRequest(cookie, offset, length, flags))
                     out = self._out
@@ -1648,19 +1605,47 @@ class NBDServerProtocol(Protocol):
         sparse_min = (
             SPARSE_READ_MIN if self._structured and device.capabilities.can_extents else 1 << 64
         )
+        read_buffer = self._read_buffer
+        read_now = self._read_now
+        writer = self._writer
+        # Large READs spliced from the page cache to the socket.
+        pipe_read = (
+            device.read_to_pipe
+            if IPipeRead.providedBy(device) and writer is not None and writer.splice
+            else None
+        )
+
+        def read_at_once(flags: int, offset: int, length: int) -> Any:
+            """
+            A plain READ's data if the device has it at once (spliced, a
+            view of its memory, bytes); else C{None}, and it goes the
+            general way (which may answer it sparsely, or report its error).
+            """
+            try:
+                if pipe_read is not None and length >= PIPE_READ_MIN:
+                    # Declined where there are holes, so never a READ the
+                    # general path would rather answer sparsely.
+                    data = writer.piped_read(pipe_read, offset, length)  # type: ignore[union-attr]
+                    if data is not None:
+                        return data
+                if read_buffer is not None:
+                    if length < sparse_min or flags & _DF:
+                        return read_buffer(offset, length)
+                elif read_now is not None:
+                    # The device knows best whether a large READ would be
+                    # worth answering sparsely.
+                    return read_now(offset, length)
+            except Exception:
+                pass
+            return None
+
         return (
             conn.take_simple,
             conn.encode_ok,
             conn.encode_read_head,
-            self._read_buffer,
-            self._read_now,
+            read_at_once,
             self._write_now,
-            sparse_min,
             self.info,
-            # Large READs spliced from the page cache to the socket.
-            device.read_to_pipe
-            if IPipeRead.providedBy(device) and self._writer is not None and self._writer.splice
-            else None,
         )
 
     def _read_sizes(self, large: bool | None) -> None:

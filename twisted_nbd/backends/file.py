@@ -836,26 +836,27 @@ class FileBlockDevice:
                 # Not for buffered writes on this file system: use the checks.
                 self._write_nowait = False
         length = len(data)
-        now = self._inline_allowed(offset, offset + length)
-        if now is None:
+        started = self._inline_allowed(offset, offset + length)
+        if started is None:
             return 0
-        switches = self._switches() if length >= SWITCHES_CHECK_MIN else -1
         self._write_all(offset, data)
-        self._inline_done(now, switches)
+        self._inline_done(*started)
         return length
 
-    def _inline_allowed(self, offset: int, end: int) -> float | None:
+    def _inline_allowed(self, offset: int, end: int) -> tuple[float, int] | None:
         """
         Whether a buffered write from C{offset} to C{end} may be done in the
-        reactor thread without asking the kernel (see L{_write_inline}): the
-        time now if so, else C{None}.
+        reactor thread without asking the kernel (see L{_write_inline}): if
+        so, what L{_inline_done} takes once it is done (the time now, and
+        the thread's voluntary context switches for a write of at least
+        L{SWITCHES_CHECK_MIN} bytes, else -1); else C{None}.
         """
         now = self._now()
         if now < self._inline_off_until or not self._dirty.allows():
             return None
         if (offset % _PAGE or end % _PAGE) and not self._edges_cached(offset, end):
             return None
-        return now
+        return now, self._switches() if end - offset >= SWITCHES_CHECK_MIN else -1
 
     def _inline_done(self, now: float, switches: int = -1) -> None:
         """
@@ -893,14 +894,13 @@ class FileBlockDevice:
             L{NBDError} (C{ENOSPC} when the file system is full).
         """
         if not fua and self._inline_writes and length <= INLINE_WRITE_MAX and not self._closing:
-            now = self._inline_allowed(offset, offset + length)
-            if now is not None:
-                switches = self._switches() if length >= SWITCHES_CHECK_MIN else -1
+            started = self._inline_allowed(offset, offset + length)
+            if started is not None:
                 try:
                     self._splice_all(source, offset, length)
                 except OSError as e:
                     return fail(_nbd_error("write", offset, e))
-                self._inline_done(now, switches)
+                self._inline_done(*started)
                 return succeed(None)
 
         def write() -> None:
