@@ -224,6 +224,10 @@ class Result(Usage):
     lat_mean_us: float = 0.0
     #: 99th percentile completion latency (the larger of read's and write's).
     clat_p99_us: float = 0.0
+    #: fio runs made for this result: more than one when the hypervisor's
+    #: steal spoiled the earlier ones (see L{Config.max_steal}); the one
+    #: with the least steal is kept.
+    runs: int = 1
 
 
 @dataclasses.dataclass
@@ -1337,6 +1341,12 @@ class Config:
     workers_supported: bool
     workdir: Path
     pyspy_dir: Path | None
+    #: A fio run during which the hypervisor took more than this percentage
+    #: of the CPUs from this machine (steal) is run again, at most
+    #: L{steal_retries} more times: it measured the neighbours' load, not
+    #: the server, and every server gets the same rule.
+    max_steal: float = 5.0
+    steal_retries: int = 2
 
     @property
     def copy_timeout(self) -> float:
@@ -1421,6 +1431,40 @@ class Runner:
         section: str = FIO,
         numjobs: int = 1,
         workers: int | None = None,
+    ) -> Result:
+        """
+        One fio run against a running server; run again while the
+        hypervisor's steal spoils it (L{Config.max_steal}, at most
+        L{Config.steal_retries} more runs), keeping the run with the least.
+        """
+        config = self.config
+        best = self.fio_once(server, workload, repeat, section, numjobs, workers)
+        runs = 1
+        while best.ok and best.steal_cpu_pct > config.max_steal and runs <= config.steal_retries:
+            print(
+                f"  ({server.name} {workload.name}: {best.steal_cpu_pct:.0f}% steal"
+                f" during run {runs}: running it again)",
+                flush=True,
+            )
+            if server.family == FILE:
+                # As between runs: the last run's dirty pages are flushed first.
+                os.sync()
+            runs += 1
+            again = self.fio_once(server, workload, repeat, section, numjobs, workers)
+            if not again.ok:
+                break
+            if again.steal_cpu_pct < best.steal_cpu_pct:
+                best = again
+        return dataclasses.replace(best, runs=runs)
+
+    def fio_once(
+        self,
+        server: Server,
+        workload: Workload,
+        repeat: int,
+        section: str,
+        numjobs: int,
+        workers: int | None,
     ) -> Result:
         """
         One fio run against a running server.
@@ -1745,6 +1789,7 @@ def describe_result(result: Result) -> str:
         f"  CPU: server {result.server_cpu_pct:3.0f}%  fio {result.client_cpu_pct:3.0f}%"
         f"  other {result.other_cpu_pct:3.0f}%  irq {result.irq_cpu_pct:3.0f}%"
         f"  steal {result.steal_cpu_pct:3.0f}%  RSS {result.peak_rss_bytes / MiB:5.0f} MiB"
+        + (f"  (best of {result.runs} runs)" if result.runs > 1 else "")
     )
 
 
@@ -2430,6 +2475,16 @@ def add_common_options(parser: argparse.ArgumentParser, smoke_help: str, keep_he
         metavar="S",
         help="first wait up to S seconds for the CPUs to be idle (default 0)",
     )
+    parser.add_argument(
+        "--max-steal",
+        type=float,
+        default=5.0,
+        metavar="PCT",
+        help=(
+            "run a fio run again (at most twice more, keeping the one with the least) when the"
+            " hypervisor took more than PCT%% of the CPUs during it (default 5; 100: never)"
+        ),
+    )
     parser.add_argument("--workdir", type=Path, help="where the images and logs go (default: /tmp)")
     parser.add_argument("--keep", action="store_true", help=keep_help)
 
@@ -2455,6 +2510,8 @@ def finish_common_options(parser: argparse.ArgumentParser, args: argparse.Namesp
         parser.error("--ramp must be 0..60 seconds")
     if not 0 <= args.wait_idle <= 3600:
         parser.error("--wait-idle must be 0..3600 seconds")
+    if not 0 <= args.max_steal <= 100:
+        parser.error("--max-steal must be 0..100 (percent)")
     if not 1 <= args.repeat <= 20:
         parser.error("--repeat must be 1..20")
     if args.size < 16 * MiB or args.size % MiB:
@@ -2659,6 +2716,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         workers_supported=supported,
         workdir=workdir,
         pyspy_dir=args.py_spy,
+        max_steal=args.max_steal,
     )
     runner: Runner | None = None
     try:

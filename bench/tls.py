@@ -573,6 +573,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         workers_supported=False,
         workdir=workdir,
         pyspy_dir=args.py_spy,
+        max_steal=args.max_steal,
     )
     runner: TLSRunner | None = None
     try:

@@ -314,3 +314,62 @@ class FloorTests(SynchronousTestCase):
         self.assertEqual(io.returncode, 0, io.stdout + io.stderr)
         self.assertNotIn("Pattern verification failed", io.stdout + io.stderr)
         self.assertEqual(server.wait(30), 0)
+
+
+def load_bench() -> Any:
+    """bench/run.py as a module (bench/ is scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("twisted_nbd_bench_run", BENCH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    # dataclasses look their module up in sys.modules.
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+class StealRetryTests(SynchronousTestCase):
+    """
+    A fio run spoiled by the hypervisor's steal is run again, at most twice
+    more, and the run with the least steal is kept; a clean run, a failed
+    run or C{--max-steal 100} runs once. (No fio here: the runs are faked.)
+    """
+
+    def runs(self, steals: list[float], max_steal: float = 5.0, fail_at: int = -1) -> Any:
+        bench = load_bench()
+        runner = object.__new__(bench.Runner)
+        runner.config = type("C", (), {"max_steal": max_steal, "steal_retries": 2})()
+        made: list[float] = []
+
+        def fio_once(*args: Any) -> Any:
+            steal = steals[len(made)]
+            ok = len(made) != fail_at
+            made.append(steal)
+            return bench.Result(ok=ok, steal_cpu_pct=steal, iops=1000 + len(made))
+
+        runner.fio_once = fio_once
+        server = type("S", (), {"name": "twisted-nbd", "family": bench.RAM})()
+        result = runner.fio_run(server, bench.WORKLOADS[0], 0)
+        return result, made
+
+    def test_clean_run_once(self) -> None:
+        result, made = self.runs([1.0, 0.0, 0.0])
+        self.assertEqual((made, result.runs, result.iops), ([1.0], 1, 1001))
+
+    def test_best_of_three(self) -> None:
+        result, made = self.runs([30.0, 8.0, 12.0])
+        self.assertEqual((len(made), result.runs), (3, 3))
+        self.assertEqual((result.steal_cpu_pct, result.iops), (8.0, 1002))
+
+    def test_stops_when_clean(self) -> None:
+        result, made = self.runs([30.0, 2.0, 0.0])
+        self.assertEqual((len(made), result.runs, result.iops), (2, 2, 1002))
+
+    def test_failed_retry_keeps_first(self) -> None:
+        result, made = self.runs([30.0, 0.0, 0.0], fail_at=1)
+        self.assertEqual((len(made), result.iops, result.ok), (2, 1001, True))
+
+    def test_never(self) -> None:
+        result, made = self.runs([60.0, 0.0, 0.0], max_steal=100.0)
+        self.assertEqual((made, result.runs), ([60.0], 1))
